@@ -1,0 +1,1 @@
+"""Wiring and modes on Ray: streaming actors, batch transcription, cluster jobs, CLI."""

@@ -1,0 +1,147 @@
+"""Configuration: one frozen dataclass per section, loaded from ``configs/*.yaml``.
+
+Command-line overrides are ``section.key=value`` strings (value parsed as YAML). An
+unknown section or key, or a value of the wrong type, raises ``ConfigError`` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workers.decoder import DecoderConfig
+from workers.features import FeatureConfig
+from workers.model import ModelConfig
+from workers.training import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sample_rate_hz: int = 16000  # model rate; inputs are resampled to it
+    raw_sample_rate_hz: int = 16000  # headerless .raw/.pcm input
+    raw_sample_width_bytes: int = 2
+    raw_big_endian: bool = True
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    chunk_ms: float = 300.0  # latency-controlled chunk
+    lookahead_ms: float = 150.0  # right context of each chunk
+    ingest_chunk_ms: float = 100.0  # audio is cut into pieces of this size on intake
+    endpoint_silence_ms: float = 1000.0  # trailing non-speech that finalises an utterance; 0 disables
+    max_batch_wait_ms: float = 10.0  # how long the acoustic actor waits to fill a batch
+    max_batch_streams: int = 64
+    max_inflight_chunks: int = 8  # per stream: backpressure bound
+    acoustic_num_gpus: float = -1  # -1: one GPU when the cluster has one, else 0
+    acoustic_resources: dict = field(default_factory=dict)
+    decoder_resources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    an4_root: str = "../shared/data/an4"
+    fsdd_root: str = "../shared/data/fsdd"
+    an4_dev_speakers: tuple[str, ...] = ("fbbh", "ftal", "mcfl", "mdxs", "mgah", "mmkw", "mrcb", "mtos")
+    fsdd_dev_speakers: tuple[str, ...] = ("theo",)
+    use_fsdd: bool = True
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _build_section(cls: type, values: dict, section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}]: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}]: {exc}") from exc
+
+
+def build_config(raw: dict | None) -> AppConfig:
+    raw = raw or {}
+    sections = {f.name: f for f in dataclasses.fields(AppConfig)}
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r} (known: {', '.join(sections)})")
+    hints = typing.get_type_hints(AppConfig)
+    built = {name: _build_section(hints[name], raw.get(name) or {}, name) for name in sections}
+    config = AppConfig(**built)
+    if config.model.input_dim != config.features.feature_dim:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, input_dim=config.features.feature_dim))
+    return config
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["model.hidden_size=128", ...]`` -> nested dict."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} is not section.key=value")
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
+    """Read a YAML file (default ``configs/default.yaml``) and apply overrides."""
+    path = Path(path) if path else CONFIG_DIR / "default.yaml"
+    if not path.is_file() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").is_file():
+        path = CONFIG_DIR / f"{path}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for section, values in parse_overrides(overrides or []).items():
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: section {section} must be a mapping")
+        raw[section].update(values)
+    return build_config(raw)

@@ -1,0 +1,61 @@
+"""`asr train`: build the speaker-disjoint split, train, export a bundle with lexicon and LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import AppConfig
+from workers.corpus import Utterance, read_an4, read_fsdd, split_by_speaker, write_manifest
+
+
+def build_split(config: AppConfig, log=print) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
+    """-> (train, an4_dev, fsdd_dev). Dev speakers never appear in train."""
+    data = config.data
+    an4 = read_an4(data.an4_root)
+    for source, reason in an4.skipped:
+        log(f"skipped {source}: {reason}")
+    train, an4_dev = split_by_speaker(an4.utterances, data.an4_dev_speakers)
+    fsdd_dev: list[Utterance] = []
+    if data.use_fsdd:
+        fsdd = read_fsdd(data.fsdd_root)
+        for source, reason in fsdd.skipped:
+            log(f"skipped {source}: {reason}")
+        fsdd_train, fsdd_dev = split_by_speaker(fsdd.utterances, data.fsdd_dev_speakers)
+        train = train + fsdd_train
+    return train, an4_dev, fsdd_dev
+
+
+def language_model_files(run_dir: Path, texts: list[str], order: int = 3) -> dict:
+    """Lexicon and ARPA LM estimated from the training transcripts only (cached in the run dir)."""
+    from workers.lm import build_arpa, word_vocabulary, write_lexicon
+
+    lexicon, arpa = run_dir / "lexicon.txt", run_dir / "lm.arpa"
+    if not (lexicon.is_file() and arpa.is_file()):
+        write_lexicon(word_vocabulary(texts), lexicon)
+        build_arpa(texts, order=order, path=arpa)
+    return {"lexicon_path": lexicon, "lm_path": arpa}
+
+
+def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, export_dir: str | Path | None = None,
+                 max_steps_per_epoch: int | None = None, show_progress: bool = True, log=print):
+    from workers.training import Trainer
+
+    run_dir = Path(run_dir)
+    train, an4_dev, fsdd_dev = build_split(config, log)
+    write_manifest(train, run_dir / "train.jsonl")
+    write_manifest(an4_dev, run_dir / "dev_an4.jsonl")
+    write_manifest(fsdd_dev, run_dir / "dev_fsdd.jsonl")
+    texts = [u.text for u in train]
+    trainer = Trainer(run_dir, train, an4_dev, config.features, config.model, config.train, log)
+
+    def extras(_run_dir: Path) -> dict:
+        try:
+            return language_model_files(run_dir, texts)
+        except Exception as exc:  # the acoustic model is still worth exporting without an LM
+            log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
+            return {}
+
+    progress = trainer.run(resume, Path(export_dir) if export_dir else None, max_steps_per_epoch, show_progress, extras)
+    (run_dir / "history.json").write_text(json.dumps(progress.history, indent=1))
+    return progress

@@ -1,0 +1,157 @@
+"""Audio intake: read, validate, downmix and resample to the model's rate.
+
+Every failure raises ``AudioError`` naming the file and the reason, so a pipeline can
+record the bad input and go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+#: Suffixes read as headerless PCM when no header is present (AN4 ships ``.raw``).
+RAW_SUFFIXES = frozenset({".raw", ".pcm"})
+
+
+class AudioError(Exception):
+    """Input that cannot become a model-rate waveform. ``str()`` names file and reason."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RawFormat:
+    """How to read headerless PCM."""
+
+    sample_rate_hz: int = 16000
+    sample_width_bytes: int = 2  # 1 (unsigned 8-bit), 2, or 4 (signed)
+    big_endian: bool = True  # AN4's raw files are big-endian
+    channels: int = 1
+
+
+def _raw_dtype(fmt: RawFormat) -> np.dtype:
+    if fmt.sample_width_bytes == 1:
+        return np.dtype("u1")
+    if fmt.sample_width_bytes not in (2, 4):
+        raise ValueError(f"sample_width_bytes must be 1, 2 or 4, got {fmt.sample_width_bytes}")
+    order = ">" if fmt.big_endian else "<"
+    return np.dtype(f"{order}i{fmt.sample_width_bytes}")
+
+
+def decode_raw_pcm(data: bytes, fmt: RawFormat, source: str = "<bytes>") -> np.ndarray:
+    """Headerless PCM bytes -> float32 array (samples, channels) in [-1, 1]."""
+    dtype = _raw_dtype(fmt)
+    frame_bytes = dtype.itemsize * fmt.channels
+    if len(data) == 0:
+        raise AudioError(source, "empty file")
+    if len(data) % frame_bytes:
+        raise AudioError(source, f"truncated raw PCM: {len(data)} bytes is not a multiple of {frame_bytes}")
+    ints = np.frombuffer(data, dtype=dtype).reshape(-1, fmt.channels)
+    if fmt.sample_width_bytes == 1:
+        return (ints.astype(np.float32) - 128.0) / 128.0
+    scale = float(2 ** (8 * fmt.sample_width_bytes - 1))
+    return ints.astype(np.float32) / scale
+
+
+def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[np.ndarray, int]:
+    """Read a file as float32 (samples, channels) and its sample rate, validating it.
+
+    WAV/FLAC/OGG (anything libsndfile reads) by header; ``.raw``/``.pcm`` or any file
+    given ``raw_format`` as headerless PCM.
+    """
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise AudioError(source, "no such file")
+    if p.stat().st_size == 0:
+        raise AudioError(source, "empty file")
+    if raw_format is not None or p.suffix.lower() in RAW_SUFFIXES:
+        fmt = raw_format or RawFormat()
+        samples = decode_raw_pcm(p.read_bytes(), fmt, source)
+        rate = fmt.sample_rate_hz
+    else:
+        try:
+            samples, rate = sf.read(str(p), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+            raise AudioError(source, f"not readable audio ({exc})") from exc
+    validate_samples(samples, source)
+    return samples, int(rate)
+
+
+def validate_samples(samples: np.ndarray, source: str) -> None:
+    """Reject empty or non-finite signals."""
+    if samples.size == 0:
+        raise AudioError(source, "no audio samples (header only or truncated)")
+    if not np.all(np.isfinite(samples)):
+        raise AudioError(source, "NaN or infinite samples")
+
+
+def to_model_rate(samples: np.ndarray, rate_hz: int, target_rate_hz: int) -> torch.Tensor:
+    """(samples, channels) or (samples,) float array -> mono float32 tensor (samples,) at target rate."""
+    x = torch.as_tensor(np.ascontiguousarray(samples), dtype=torch.float32)
+    if x.dim() == 2:
+        x = x.mean(dim=1)
+    if rate_hz != target_rate_hz:
+        x = AF.resample(x, rate_hz, target_rate_hz)
+    return x
+
+
+def load_audio(
+    path: str | Path,
+    target_rate_hz: int = 16000,
+    raw_format: RawFormat | None = None,
+    min_samples: int = 1,
+) -> torch.Tensor:
+    """Read, validate, downmix and resample a file: returns float32 (samples,) at target rate.
+
+    ``min_samples`` is the shortest acceptable signal after resampling (one feature
+    window, typically); shorter signals raise ``AudioError``.
+    """
+    samples, rate = read_audio(path, raw_format)
+    wave = to_model_rate(samples, rate, target_rate_hz)
+    if wave.numel() < min_samples:
+        ms = 1000.0 * wave.numel() / target_rate_hz
+        raise AudioError(str(path), f"signal too short ({ms:.1f} ms) to give one feature frame")
+    return wave
+
+
+class StreamingIngest:
+    """Accepts chunks of any size and rate; emits fixed-size model-rate chunks.
+
+    Resampling is done per input chunk with torchaudio; for exactness across chunk
+    boundaries at a changing rate use the offline path. At the model rate the output
+    is sample-exact.
+    """
+
+    def __init__(self, target_rate_hz: int = 16000, out_chunk_samples: int = 1600) -> None:
+        self.target_rate_hz = target_rate_hz
+        self.out_chunk_samples = out_chunk_samples
+        self._pending = torch.zeros(0)
+
+    def push(self, samples: np.ndarray | torch.Tensor, rate_hz: int, source: str = "<stream>") -> list[torch.Tensor]:
+        """Add a chunk (samples,) or (samples, channels); return the complete output chunks."""
+        arr = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+        if arr.size == 0:
+            return []
+        if not np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
+        validate_samples(arr, source)
+        wave = to_model_rate(arr.astype(np.float32), rate_hz, self.target_rate_hz)
+        self._pending = torch.cat([self._pending, wave])
+        n_full = self._pending.numel() // self.out_chunk_samples
+        out = list(self._pending[: n_full * self.out_chunk_samples].split(self.out_chunk_samples))
+        self._pending = self._pending[n_full * self.out_chunk_samples :]
+        return out
+
+    def flush(self) -> torch.Tensor:
+        """Return the remaining (partial) chunk and reset."""
+        rest, self._pending = self._pending, torch.zeros(0)
+        return rest

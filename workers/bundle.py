@@ -1,0 +1,153 @@
+"""Model bundle: one directory holding everything needed to recognise speech.
+
+```
+config.json    feature + model config, frame rate, training provenance
+weights.pt     state dict (tensors only; loaded with torch.load(weights_only=True)),
+               including the normalisation statistics under "normalizer.mean/std"
+tokens.txt     the CTC token list, one per line (workers.tokens.TOKENS)
+lexicon.txt    optional: word -> spelling, for beam search
+lm.arpa        optional: word n-gram LM in ARPA form
+```
+
+``load_bundle`` validates every part and raises ``BundleError`` naming the file and the
+problem for a corrupt or mismatched bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from workers.features import FeatureConfig, Normalizer
+from workers.model import BiLSTMCTC, ModelConfig
+from workers.tokens import TOKENS
+
+BUNDLE_VERSION = 1
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+class BundleError(Exception):
+    """A model bundle that is missing, corrupt or inconsistent."""
+
+
+@dataclass
+class Bundle:
+    path: Path
+    features: FeatureConfig
+    model_config: ModelConfig
+    model: BiLSTMCTC
+    normalizer: Normalizer
+    lexicon_path: Path | None = None
+    lm_path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.path / "tokens.txt"
+
+
+def save_bundle(
+    path: str | Path,
+    model: BiLSTMCTC,
+    features: FeatureConfig,
+    normalizer: Normalizer,
+    lexicon_path: Path | None = None,
+    lm_path: Path | None = None,
+    info: dict | None = None,
+) -> Path:
+    """Write a bundle directory atomically (a temporary sibling renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state["normalizer.mean"] = normalizer.mean.clone()
+    state["normalizer.std"] = normalizer.std.clone()
+    torch.save(state, tmp / "weights.pt")
+    (tmp / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    for src, name in ((lexicon_path, "lexicon.txt"), (lm_path, "lm.arpa")):
+        if src is not None:
+            shutil.copyfile(src, tmp / name)
+    config = {
+        "version": BUNDLE_VERSION,
+        "features": asdict(features),
+        "model": asdict(model.config),
+        "info": info or {},
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _dataclass_from(cls, values: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise BundleError(f"{where}: unknown keys {sorted(unknown)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{where}: {exc}") from exc
+
+
+def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
+    """Load and validate a bundle (default: the shipped ``models/default``)."""
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    if not path.is_dir():
+        raise BundleError(f"{path}: model bundle directory not found")
+    for name in ("config.json", "weights.pt", "tokens.txt"):
+        if not (path / name).is_file():
+            raise BundleError(f"{path / name}: missing from the model bundle")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+    if config.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{path / 'config.json'}: bundle version {config.get('version')!r}, expected {BUNDLE_VERSION}")
+    features = _dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
+    model_config = _dataclass_from(ModelConfig, config.get("model", {}), f"{path / 'config.json'} [model]")
+    tokens = (path / "tokens.txt").read_text().split("\n")[:-1]
+    if tuple(tokens) != TOKENS or model_config.num_tokens != len(TOKENS):
+        raise BundleError(f"{path / 'tokens.txt'}: token list does not match this version's {len(TOKENS)} tokens")
+    if model_config.input_dim != features.feature_dim:
+        raise BundleError(
+            f"{path / 'config.json'}: model.input_dim {model_config.input_dim} != feature dim {features.feature_dim}"
+        )
+    try:
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, pickle refused, truncated file...
+        raise BundleError(f"{path / 'weights.pt'}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    try:
+        normalizer = Normalizer(state.pop("normalizer.mean"), state.pop("normalizer.std"))
+        if normalizer.mean.shape != (features.n_mfcc,) or normalizer.std.shape != (features.n_mfcc,):
+            raise BundleError(f"{path / 'weights.pt'}: normalisation statistics do not have shape ({features.n_mfcc},)")
+        model = BiLSTMCTC(model_config)
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError) as exc:
+        raise BundleError(f"{path / 'weights.pt'}: weights do not match the config ({exc})") from exc
+    model.to(device).eval()
+    lexicon = path / "lexicon.txt"
+    lm = path / "lm.arpa"
+    return Bundle(
+        path=path,
+        features=features,
+        model_config=model_config,
+        model=model,
+        normalizer=normalizer,
+        lexicon_path=lexicon if lexicon.is_file() else None,
+        lm_path=lm if lm.is_file() else None,
+        info=config.get("info", {}),
+    )
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` ("cpu", "cuda", "cuda:1") or CUDA when available, else CPU."""
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,314 @@
+"""CTC decoding of log-probability emissions: greedy, or beam search with lexicon and LM.
+
+Emissions are float32 tensors of shape ``(frames, len(TOKENS))`` (29 columns, in
+``workers.tokens.TOKENS`` order) holding per-frame log-probabilities; one frame lasts
+``frame_ms`` milliseconds. Beam search is torchaudio's ``ctc_decoder`` (flashlight-text):
+with a lexicon it only spells lexicon words and can use a word ARPA LM; without one it
+is lexicon-free and can use a character LM whose vocabulary is ``tokens.txt``.
+
+Streaming: ``begin()`` gives a state, ``step(state, chunk)`` feeds frames and returns the
+partial hypothesis, ``end(state)`` the final one, equal to ``decode`` on the joined
+chunks. A flashlight decoder holds the search of one stream, so every state (and every
+offline ``decode``) gets its own, built from a language model and dictionaries loaded
+once per ``CtcDecoder``: many streams can be decoded side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flashlight.lib.text.decoder import (
+    CriterionType,
+    LexiconDecoderOptions,
+    LexiconFreeDecoderOptions,
+)
+from flashlight.lib.text.dictionary import load_words
+from torchaudio.models.decoder import CTCDecoder, CTCHypothesis, ctc_decoder
+
+from workers.tokens import BLANK, BLANK_ID, SEPARATOR_ID, TOKENS, WORD_SEPARATOR
+
+NUM_TOKENS = len(TOKENS)
+UNK_WORD = "<unk>"
+# Log-probability of the non-separator tokens in the separator frame appended before a
+# lexicon search ends: the model never emits "|" after the last word, and spellings end
+# in "|", so without that frame the last word is dropped.
+_OFF = -1.0e4
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Decoder settings; scores are in natural-log units added to path log-probabilities."""
+
+    kind: str = "beam"  # "greedy" or "beam"
+    beam_size: int = 32  # hypotheses kept after each frame
+    beam_threshold: float = 25.0  # drop hypotheses this far below the best one
+    lm_weight: float = 2.0  # weight of the LM log-probability (ignored without an LM)
+    word_score: float = 0.0  # added per word (insertion bonus); lexicon search only
+    unk_score: float = float("-inf")  # added per out-of-lexicon word; -inf forbids them
+    sil_score: float = 0.0  # added per word separator / silence token
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("greedy", "beam"):
+            raise ValueError(f"decoder.kind must be 'greedy' or 'beam', got {self.kind!r}")
+        if self.beam_size < 1:
+            raise ValueError(f"decoder.beam_size must be >= 1, got {self.beam_size}")
+        if not self.beam_threshold > 0:
+            raise ValueError(f"decoder.beam_threshold must be > 0, got {self.beam_threshold}")
+        if not (0 <= self.lm_weight < math.inf):
+            raise ValueError(f"decoder.lm_weight must be finite and >= 0, got {self.lm_weight}")
+        for name in ("word_score", "sil_score"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"decoder.{name} must be finite, got {getattr(self, name)}")
+        if math.isnan(self.unk_score) or self.unk_score == math.inf:
+            raise ValueError(f"decoder.unk_score must be a number or -inf, got {self.unk_score}")
+
+
+@dataclass
+class WordTiming:
+    """One recognised word and its time span in seconds from the start of the stream."""
+
+    word: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Hypothesis:
+    """A decoding result: text (words joined by single spaces), word timings, and score
+    (greedy: best-path log-probability; beam: flashlight's total search score)."""
+
+    text: str
+    words: list[WordTiming]
+    score: float
+
+
+@dataclass
+class StreamState:
+    """One stream's decoding state; create with ``CtcDecoder.begin()``."""
+
+    frames: int = 0  # emission frames fed so far
+    best_ids: list[int] = field(default_factory=list)  # greedy: argmax token per frame
+    best_logprobs: list[float] = field(default_factory=list)  # greedy: max log-prob per frame
+    search: CTCDecoder | None = None  # beam: this stream's own flashlight search
+    finished: bool = False
+
+
+def check_emissions(emissions: torch.Tensor) -> torch.Tensor:
+    """Validate ``(frames, 29)`` log-probs; return a contiguous float32 CPU copy or view."""
+    if emissions.ndim != 2 or emissions.shape[1] != NUM_TOKENS:
+        raise ValueError(
+            f"emissions must have shape (frames, {NUM_TOKENS}), got {tuple(emissions.shape)}"
+        )
+    return emissions.detach().to("cpu", torch.float32).contiguous()
+
+
+def _words_from_path(
+    token_ids: list[int], first_frames: list[int], last_frames: list[int], frame_ms: float
+) -> list[WordTiming]:
+    """Group collapsed non-blank tokens into words at separators.
+
+    ``first_frames[i]`` / ``last_frames[i]``: first / last emission frame of token i.
+    A word spans from its first letter's first frame to the end of its last letter's
+    last frame.
+    """
+    words: list[WordTiming] = []
+    letters: list[str] = []
+    start = end = 0
+    for token, first, last in zip(token_ids, first_frames, last_frames, strict=True):
+        if token == SEPARATOR_ID:
+            if letters:
+                words.append(WordTiming("".join(letters), start * frame_ms / 1000, end * frame_ms / 1000))
+            letters = []
+            continue
+        if not letters:
+            start = first
+        letters.append(TOKENS[token])
+        end = last + 1
+    if letters:
+        words.append(WordTiming("".join(letters), start * frame_ms / 1000, end * frame_ms / 1000))
+    return words
+
+
+def _greedy_from_best(best_ids: list[int], best_logprobs: list[float], frame_ms: float) -> Hypothesis:
+    """Collapse a per-frame best path (argmax ids and their log-probs) into a hypothesis."""
+    token_ids: list[int] = []
+    first_frames: list[int] = []
+    last_frames: list[int] = []
+    previous = BLANK_ID
+    for frame, token in enumerate(best_ids):
+        if token != BLANK_ID and token == previous:
+            last_frames[-1] = frame
+        elif token != BLANK_ID:
+            token_ids.append(token)
+            first_frames.append(frame)
+            last_frames.append(frame)
+        previous = token
+    words = _words_from_path(token_ids, first_frames, last_frames, frame_ms)
+    text = " ".join(w.word for w in words)
+    return Hypothesis(text, words, math.fsum(best_logprobs))
+
+
+def greedy_decode(emissions: torch.Tensor, frame_ms: float) -> Hypothesis:
+    """Best-path CTC decoding of ``(frames, 29)`` log-probs: argmax per frame, collapse
+    repeats, drop blanks. Word times come from the frames of each word's letters."""
+    best_logprobs, best_ids = check_emissions(emissions).max(dim=1)
+    return _greedy_from_best(best_ids.tolist(), best_logprobs.tolist(), frame_ms)
+
+
+class CtcDecoder:
+    """Greedy or beam-search CTC decoder, offline (``decode``) and streaming
+    (``begin`` / ``step`` / ``end``).
+
+    ``lexicon_path``: flashlight lexicon (``workers.lm.write_lexicon``); ``lm_path``: ARPA
+    model (``workers.lm.build_arpa``), a word LM with a lexicon or a character LM over
+    ``tokens.txt`` without one (needs ``tokens_path``); ``tokens_path``: ``tokens.txt``,
+    checked to match ``workers.tokens.TOKENS``. Paths are ignored by the greedy kind.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        frame_ms: float,
+        lexicon_path: str | Path | None = None,
+        lm_path: str | Path | None = None,
+        tokens_path: str | Path | None = None,
+    ) -> None:
+        if not frame_ms > 0:
+            raise ValueError(f"frame_ms must be > 0, got {frame_ms}")
+        self.config = config
+        self.frame_ms = frame_ms
+        self._lexicon = None
+        if config.kind == "beam":
+            self._lexicon = load_words(str(lexicon_path)) if lexicon_path else None
+            self._shared = self._load_shared(lexicon_path, lm_path, tokens_path)
+
+    def _load_shared(
+        self, lexicon_path: str | Path | None, lm_path: str | Path | None, tokens_path: str | Path | None
+    ) -> CTCDecoder:
+        """Load the LM and dictionaries once, through ``ctc_decoder``; per-stream searches
+        reuse them (the KenLM model is only read while decoding)."""
+        if tokens_path is not None:
+            listed = tuple(Path(tokens_path).read_text(encoding="utf-8").split())
+            if listed != TOKENS:
+                raise ValueError(f"{tokens_path} lists {listed}, expected {TOKENS}")
+        if lm_path is not None and lexicon_path is None and tokens_path is None:
+            raise ValueError("a character LM (lm_path without lexicon_path) needs tokens_path")
+        cfg = self.config
+        return ctc_decoder(
+            lexicon=str(lexicon_path) if lexicon_path else None,
+            tokens=str(tokens_path) if tokens_path else list(TOKENS),
+            lm=str(lm_path) if lm_path else None,
+            # A character LM's indices must follow tokens.txt, or they don't match.
+            lm_dict=str(tokens_path) if lm_path and not lexicon_path else None,
+            beam_size=cfg.beam_size,
+            beam_threshold=cfg.beam_threshold,
+            lm_weight=cfg.lm_weight,
+            word_score=cfg.word_score,
+            unk_score=cfg.unk_score,
+            sil_score=cfg.sil_score,
+            blank_token=BLANK,
+            sil_token=WORD_SEPARATOR,
+            unk_word=UNK_WORD,
+        )
+
+    def _new_search(self) -> CTCDecoder:
+        """A fresh flashlight search sharing the loaded LM and dictionaries. Costs one
+        pass over the lexicon (its trie); keeps every hypothesis so the best partial one
+        can be picked (flashlight returns them unsorted before ``decode_end``)."""
+        cfg = self.config
+        common = dict(
+            beam_size=cfg.beam_size,
+            beam_size_token=NUM_TOKENS,
+            beam_threshold=cfg.beam_threshold,
+            lm_weight=cfg.lm_weight,
+            sil_score=cfg.sil_score,
+            log_add=False,
+            criterion_type=CriterionType.CTC,
+        )
+        if self._lexicon:
+            options = LexiconDecoderOptions(word_score=cfg.word_score, unk_score=cfg.unk_score, **common)
+        else:
+            options = LexiconFreeDecoderOptions(**common)
+        shared = self._shared
+        return CTCDecoder(
+            nbest=cfg.beam_size,
+            lexicon=self._lexicon,
+            word_dict=shared.word_dict,
+            tokens_dict=shared.tokens_dict,
+            lm=shared.lm,
+            decoder_options=options,
+            blank_token=BLANK,
+            sil_token=WORD_SEPARATOR,
+            unk_word=UNK_WORD,
+        )
+
+    def decode(self, emissions: torch.Tensor) -> Hypothesis:
+        """Decode a whole utterance of ``(frames, 29)`` log-probs."""
+        if self.config.kind == "greedy":
+            return greedy_decode(emissions, self.frame_ms)
+        state = self.begin()
+        self._feed(state, check_emissions(emissions))
+        return self.end(state)
+
+    def begin(self) -> StreamState:
+        """Start a stream; the state is this stream's alone."""
+        if self.config.kind == "greedy":
+            return StreamState()
+        search = self._new_search()
+        search.decode_begin()
+        return StreamState(search=search)
+
+    def step(self, state: StreamState, emissions: torch.Tensor) -> Hypothesis:
+        """Feed ``(frames, 29)`` more log-probs; return the partial hypothesis so far
+        (for beam, its last word may be an unfinished prefix of a lexicon word)."""
+        self._feed(state, check_emissions(emissions))
+        if state.search is None:
+            return _greedy_from_best(state.best_ids, state.best_logprobs, self.frame_ms)
+        return self._best(state.search)
+
+    def end(self, state: StreamState) -> Hypothesis:
+        """Finish a stream and return its final hypothesis."""
+        if state.finished:
+            raise RuntimeError("decoder stream already ended")
+        state.finished = True
+        if state.search is None:
+            return _greedy_from_best(state.best_ids, state.best_logprobs, self.frame_ms)
+        if self._lexicon:
+            separator = torch.full((1, NUM_TOKENS), _OFF)
+            separator[0, SEPARATOR_ID] = 0.0
+            state.search.decode_step(separator)
+        state.search.decode_end()
+        hypothesis = self._best(state.search)
+        state.search = None  # free the search graph
+        return hypothesis
+
+    def _feed(self, state: StreamState, emissions: torch.Tensor) -> None:
+        if state.finished:
+            raise RuntimeError("decoder stream already ended")
+        state.frames += emissions.shape[0]
+        if state.search is None:
+            best_logprobs, best_ids = emissions.max(dim=1)
+            state.best_ids += best_ids.tolist()
+            state.best_logprobs += best_logprobs.tolist()
+        elif emissions.shape[0]:
+            state.search.decode_step(emissions)
+
+    def _best(self, search: CTCDecoder) -> Hypothesis:
+        hypotheses = search.get_final_hypothesis()
+        if not hypotheses:
+            return Hypothesis("", [], float("-inf"))
+        return self._from_ctc_hypothesis(max(hypotheses, key=lambda h: h.score))
+
+    def _from_ctc_hypothesis(self, hyp: CTCHypothesis) -> Hypothesis:
+        """flashlight's ``timesteps`` count from 1 (0 is the start state, reported as a
+        separator); a letter's span is known only by its first frame, so a word ends
+        one frame after the first frame of its last letter."""
+        frames = (hyp.timesteps - 1).tolist()
+        pairs = [(t, f) for t, f in zip(hyp.tokens.tolist(), frames, strict=True) if f >= 0]
+        token_ids = [t for t, _ in pairs]
+        starts = [f for _, f in pairs]
+        words = _words_from_path(token_ids, starts, starts, self.frame_ms)
+        return Hypothesis(" ".join(w.word for w in words), words, float(hyp.score))

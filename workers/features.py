@@ -1,0 +1,141 @@
+"""MFCC features: torchaudio MFCC, global mean/variance normalisation, frame stacking.
+
+Frames are computed without centre padding (frame k covers samples
+``[k*hop, k*hop + win)``) and with ``log(mel + eps)`` rather than decibels with a
+``top_db`` floor, so each frame depends only on its own window: this is what lets the
+streaming extractor reproduce the offline features exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torchaudio
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """MFCC settings. Output frame rate is ``1000 / (hop_ms * stack_frames)`` Hz."""
+
+    sample_rate_hz: int = 16000
+    window_ms: float = 25.0
+    hop_ms: float = 10.0
+    n_mels: int = 40
+    n_mfcc: int = 40
+    stack_frames: int = 3  # adjacent 10 ms frames concatenated into one model frame
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.sample_rate_hz * self.window_ms / 1000))
+
+    @property
+    def hop_samples(self) -> int:
+        return int(round(self.sample_rate_hz * self.hop_ms / 1000))
+
+    @property
+    def frame_ms(self) -> float:
+        """Duration of one model frame (after stacking) in milliseconds."""
+        return self.hop_ms * self.stack_frames
+
+    @property
+    def feature_dim(self) -> int:
+        return self.n_mfcc * self.stack_frames
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest signal that yields one model frame."""
+        return self.window_samples + (self.stack_frames - 1) * self.hop_samples
+
+
+@dataclass
+class Normalizer:
+    """Global mean/variance statistics over MFCC frames, each of shape (n_mfcc,)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        return (frames - self.mean) / self.std
+
+    @classmethod
+    def identity(cls, n_mfcc: int) -> Normalizer:
+        return cls(torch.zeros(n_mfcc), torch.ones(n_mfcc))
+
+    @classmethod
+    def from_frames(cls, frame_batches: list[torch.Tensor]) -> Normalizer:
+        """Statistics from a list of (frames, n_mfcc) raw MFCC tensors (training data only)."""
+        total = torch.cat(frame_batches).double()
+        return cls(total.mean(0).float(), total.std(0).clamp_min(1e-5).float())
+
+
+class MfccExtractor:
+    """Offline feature extraction: waveform (samples,) -> normalised stacked features (frames, feature_dim)."""
+
+    def __init__(self, config: FeatureConfig, normalizer: Normalizer | None = None) -> None:
+        self.config = config
+        self.normalizer = normalizer or Normalizer.identity(config.n_mfcc)
+        self._mfcc = torchaudio.transforms.MFCC(
+            sample_rate=config.sample_rate_hz,
+            n_mfcc=config.n_mfcc,
+            log_mels=True,
+            melkwargs={
+                "n_fft": config.window_samples,
+                "win_length": config.window_samples,
+                "hop_length": config.hop_samples,
+                "n_mels": config.n_mels,
+                "center": False,
+            },
+        )
+
+    def raw_mfcc(self, wave: torch.Tensor) -> torch.Tensor:
+        """(samples,) -> un-normalised MFCC (frames_10ms, n_mfcc); zero frames if too short."""
+        if wave.numel() < self.config.window_samples:
+            return torch.zeros(0, self.config.n_mfcc)
+        with torch.no_grad():
+            return self._mfcc(wave.float()).transpose(0, 1).contiguous()
+
+    def stack(self, frames: torch.Tensor) -> torch.Tensor:
+        """(frames_10ms, n_mfcc) -> (frames_10ms // stack, n_mfcc * stack); a partial group is dropped."""
+        k = self.config.stack_frames
+        n = frames.shape[0] // k
+        return frames[: n * k].reshape(n, k * frames.shape[1])
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.stack(self.normalizer(self.raw_mfcc(wave)))
+
+
+@dataclass
+class FeatureState:
+    """What a streaming extractor carries between chunks."""
+
+    pending_samples: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    pending_frames: torch.Tensor | None = None  # (< stack_frames, n_mfcc) not yet stacked
+
+
+class StreamingFeatures:
+    """Chunk-wise extraction whose concatenated output equals ``MfccExtractor`` on the whole signal.
+
+    ``online_inference(chunk, state) -> (features, state)``: chunk is (samples,) at the
+    model rate, features is (new_frames, feature_dim).
+    """
+
+    def __init__(self, extractor: MfccExtractor) -> None:
+        self.extractor = extractor
+        self.config = extractor.config
+
+    def initial_state(self) -> FeatureState:
+        return FeatureState(pending_frames=torch.zeros(0, self.config.n_mfcc))
+
+    def online_inference(self, chunk: torch.Tensor, state: FeatureState) -> tuple[torch.Tensor, FeatureState]:
+        cfg = self.config
+        samples = torch.cat([state.pending_samples, chunk.float()])
+        n_frames = 0 if samples.numel() < cfg.window_samples else 1 + (samples.numel() - cfg.window_samples) // cfg.hop_samples
+        used = n_frames * cfg.hop_samples
+        raw = self.extractor.raw_mfcc(samples[: used - cfg.hop_samples + cfg.window_samples]) if n_frames else torch.zeros(0, cfg.n_mfcc)
+        pending = state.pending_frames if state.pending_frames is not None else torch.zeros(0, cfg.n_mfcc)
+        frames = torch.cat([pending, self.extractor.normalizer(raw)])
+        n_stacked = frames.shape[0] // cfg.stack_frames
+        out = self.extractor.stack(frames)
+        new_state = FeatureState(pending_samples=samples[used:].clone(), pending_frames=frames[n_stacked * cfg.stack_frames :].clone())
+        return out, new_state

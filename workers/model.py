@@ -1,0 +1,169 @@
+"""BiLSTM-CTC acoustic model with latency-controlled (chunked) streaming.
+
+Shapes: features ``x`` are (batch, frames, feature_dim); ``lengths`` (batch,) counts valid
+frames; the output is CTC log-probabilities (batch, frames, num_tokens). The model does
+not subsample: one output per input (stacked) frame.
+
+Latency-controlled BLSTM (LC-BLSTM): the utterance is cut into chunks of
+``chunk_frames``; each chunk is processed with ``right_context_frames`` of lookahead.
+At every layer the forward direction continues from the state it had at the end of the
+previous chunk (so the lookahead frames never change the carried state), and the
+backward direction starts from zeros at the end of chunk + lookahead. Only the chunk's
+frames are emitted. Training runs the same windows, so what is learned is what streams.
+Offline decoding is the special case of one chunk covering the utterance.
+
+Each direction is a one-direction ``nn.LSTM`` (cuDNN on a GPU); the backward one runs on
+sequences reversed within their own length, which gives the outputs of a packed
+bidirectional LSTM on padded batches at about twice the CPU speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+COMBINE_MODES = ("concat", "sum", "mean", "product")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    input_dim: int = 120
+    hidden_size: int = 256
+    num_layers: int = 3
+    num_tokens: int = 29
+    bidirectional: bool = True  # False: forward-only LSTM, zero lookahead
+    combine: str = "concat"  # how the two directions' outputs are merged
+    dropout: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"model.combine must be one of {COMBINE_MODES}, got {self.combine!r}")
+        for name in ("input_dim", "hidden_size", "num_layers", "num_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def layer_output_dim(self) -> int:
+        return 2 * self.hidden_size if self.bidirectional and self.combine == "concat" else self.hidden_size
+
+
+LstmState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, batch, hidden)
+
+
+def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each sequence of (batch, frames, dim) within its first ``lengths[b]`` frames.
+
+    Frames past a sequence's length stay where they are (still padding).
+    """
+    batch, frames = x.shape[:2]
+    t = torch.arange(frames, device=x.device).unsqueeze(0)  # (1, frames)
+    lens = lengths.to(x.device).unsqueeze(1)
+    idx = torch.where(t < lens, lens - 1 - t, t)  # (batch, frames)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+class BiLSTMCTC(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        dims = [config.input_dim] + [config.layer_output_dim] * (config.num_layers - 1)
+        self.forward_lstms = nn.ModuleList(nn.LSTM(d, config.hidden_size, batch_first=True) for d in dims)
+        self.backward_lstms = nn.ModuleList(
+            nn.LSTM(d, config.hidden_size, batch_first=True) for d in dims if config.bidirectional
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.layer_output_dim, config.num_tokens)
+
+    # ---- state ---------------------------------------------------------------------
+    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> LstmState:
+        """Zero forward-direction state: h and c each (num_layers, batch, hidden)."""
+        shape = (self.config.num_layers, batch, self.config.hidden_size)
+        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+
+    def _combine(self, fwd: torch.Tensor, bwd: torch.Tensor) -> torch.Tensor:
+        mode = self.config.combine
+        if mode == "concat":
+            return torch.cat([fwd, bwd], dim=-1)
+        if mode == "sum":
+            return fwd + bwd
+        if mode == "mean":
+            return 0.5 * (fwd + bwd)
+        return fwd * bwd
+
+    # ---- one window ----------------------------------------------------------------
+    def forward_window(
+        self,
+        x: torch.Tensor,
+        window_lengths: torch.Tensor,
+        chunk_frames: int,
+        state: LstmState,
+    ) -> tuple[torch.Tensor, LstmState]:
+        """Process one chunk plus its lookahead for a batch of streams.
+
+        x: (batch, window_frames, feature_dim), window_frames <= chunk_frames + lookahead;
+        window_lengths: (batch,) valid frames per stream in this window;
+        chunk_frames: frames [0, chunk_frames) are the chunk, the rest is lookahead;
+        state: forward-direction (h, c) at the end of the previous chunk.
+        Returns log-probs (batch, min(chunk_frames, window_frames), num_tokens) and the
+        forward state after the chunk (valid for streams whose chunk was complete).
+        """
+        h0, c0 = state
+        n_chunk = min(chunk_frames, x.shape[1])
+        new_h, new_c = [], []
+        layer_in = x
+        for layer in range(self.config.num_layers):
+            fwd_lstm = self.forward_lstms[layer]
+            init = (h0[layer : layer + 1].contiguous(), c0[layer : layer + 1].contiguous())
+            fwd_chunk, (h, c) = fwd_lstm(layer_in[:, :n_chunk], init)
+            new_h.append(h)
+            new_c.append(c)
+            if layer_in.shape[1] > n_chunk:  # lookahead: continue from the chunk state, then discard it
+                fwd_rc, _ = fwd_lstm(layer_in[:, n_chunk:], (h, c))
+                fwd = torch.cat([fwd_chunk, fwd_rc], dim=1)
+            else:
+                fwd = fwd_chunk
+            if self.config.bidirectional:
+                rev = reverse_within_lengths(layer_in, window_lengths)
+                bwd, _ = self.backward_lstms[layer](rev)
+                out = self._combine(fwd, reverse_within_lengths(bwd, window_lengths))
+            else:
+                out = fwd
+            layer_in = self.dropout(out)
+        logits = self.output(layer_in[:, :n_chunk])
+        return logits.log_softmax(dim=-1), (torch.cat(new_h), torch.cat(new_c))
+
+    # ---- whole utterances ----------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        chunk_frames: int | None = None,
+        right_context_frames: int = 0,
+    ) -> torch.Tensor:
+        """(batch, frames, feature_dim) -> log-probs (batch, frames, num_tokens).
+
+        ``chunk_frames=None`` is full-utterance (offline) mode; otherwise the utterance
+        is processed as latency-controlled chunks, exactly as a stream would be.
+        """
+        batch, frames = x.shape[:2]
+        if chunk_frames is None or chunk_frames >= frames:
+            chunk_frames, right_context_frames = max(frames, 1), 0
+        if not self.config.bidirectional:
+            right_context_frames = 0
+        state = self.initial_state(batch, x.device)
+        outputs = []
+        for start in range(0, frames, chunk_frames):
+            end = min(start + chunk_frames + right_context_frames, frames)
+            window_lengths = (lengths.to(x.device) - start).clamp(0, end - start)
+            out, state = self.forward_window(x[:, start:end], window_lengths, chunk_frames, state)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1)
+
+    def latency_ms(self, chunk_frames: int, right_context_frames: int, frame_ms: float) -> float:
+        """Algorithmic latency (chunk + lookahead) in milliseconds."""
+        lookahead = right_context_frames if self.config.bidirectional else 0
+        return (chunk_frames + lookahead) * frame_ms

@@ -1,0 +1,135 @@
+"""In-process recognition: the reference that the Ray modes must match.
+
+``StreamingRecognizer`` chains the four stages for one stream; ``Recognizer`` transcribes
+whole files (offline, or chunked exactly as a stream would be).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.audio import RawFormat, load_audio
+from workers.bundle import Bundle, load_bundle, pick_device
+from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
+from workers.features import MfccExtractor
+from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult
+
+
+def frames_for_ms(ms: float, frame_ms: float) -> int:
+    """Milliseconds -> whole model frames (rounded)."""
+    return int(round(ms / frame_ms))
+
+
+def build_decoder(bundle: Bundle, config: DecoderConfig) -> CtcDecoder:
+    """A decoder for this bundle: beam search uses the bundle's lexicon and LM when present."""
+    return CtcDecoder(config, bundle.features.frame_ms, bundle.lexicon_path, bundle.lm_path, bundle.tokens_path)
+
+
+@dataclass
+class Transcript:
+    """Result of transcribing one file."""
+
+    path: str
+    text: str
+    duration_s: float
+    words: list[WordTiming] = field(default_factory=list)
+    compute_s: float = 0.0
+
+
+class Recognizer:
+    """Offline transcription of files or waveforms with one bundle.
+
+    ``chunk_ms=None`` runs the BiLSTM over the whole utterance; otherwise latency-controlled
+    chunks of ``chunk_ms`` with ``lookahead_ms`` of right context, as streaming does.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path | None = None,
+        decoder_config: DecoderConfig | None = None,
+        chunk_ms: float | None = None,
+        lookahead_ms: float = 0.0,
+        device: str | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, self.device)
+        frame_ms = self.bundle.features.frame_ms
+        self.chunk_frames = None if chunk_ms is None else max(1, frames_for_ms(chunk_ms, frame_ms))
+        self.right_context_frames = frames_for_ms(lookahead_ms, frame_ms) if chunk_ms is not None else 0
+        self.extractor = MfccExtractor(self.bundle.features, self.bundle.normalizer)
+        self.acoustic = AcousticStage(self.bundle.model, self.chunk_frames or 1, self.right_context_frames, self.device)
+        self.decoder = build_decoder(self.bundle, decoder_config or DecoderConfig())
+
+    def features(self, path: str | Path, raw_format: RawFormat | None = None) -> torch.Tensor:
+        wave = load_audio(path, self.bundle.features.sample_rate_hz, raw_format, self.bundle.features.min_samples)
+        return self.extractor(wave)
+
+    def transcribe_features(self, features: list[torch.Tensor]) -> list[tuple[str, list[WordTiming]]]:
+        """A batch of (frames, feature_dim) -> (text, words) per item."""
+        emissions = self.acoustic.offline(features, self.chunk_frames, self.right_context_frames)
+        hyps = [self.decoder.decode(e) for e in emissions]
+        return [(h.text, h.words) for h in hyps]
+
+    def transcribe_file(self, path: str | Path, raw_format: RawFormat | None = None) -> Transcript:
+        """Raises ``AudioError`` (naming the file) for input that cannot be read."""
+        t0 = time.perf_counter()
+        feats = self.features(path, raw_format)
+        (text, words), = self.transcribe_features([feats])
+        duration_s = len(feats) * self.bundle.features.frame_ms / 1000
+        return Transcript(str(path), text, duration_s, words, time.perf_counter() - t0)
+
+
+class StreamingRecognizer:
+    """Push audio chunks of any size and rate; get partial and final results.
+
+    >>> rec = StreamingRecognizer()
+    >>> for chunk in chunks: results = rec.push(chunk, 16000)   # partial (and endpoint finals)
+    >>> finals = rec.finish()                                    # the last final result
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path | None = None,
+        decoder_config: DecoderConfig | None = None,
+        chunk_ms: float = 300.0,
+        lookahead_ms: float = 150.0,
+        endpoint_silence_ms: float = 0.0,
+        ingest_chunk_ms: float = 100.0,
+        device: str | None = None,
+        stream_id: str = "stream",
+    ) -> None:
+        device_t = pick_device(device)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device_t)
+        feats = self.bundle.features
+        self.stream_id = stream_id
+        self.ingest = IngestStage(feats.sample_rate_hz, max(1, int(feats.sample_rate_hz * ingest_chunk_ms / 1000)))
+        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer))
+        self.acoustic = AcousticStage(
+            self.bundle.model, max(1, frames_for_ms(chunk_ms, feats.frame_ms)), frames_for_ms(lookahead_ms, feats.frame_ms), device_t
+        )
+        self.decoder = DecoderStage(build_decoder(self.bundle, decoder_config or DecoderConfig()), endpoint_silence_ms)
+
+    @property
+    def latency_ms(self) -> float:
+        """Algorithmic latency: chunk + lookahead."""
+        return self.bundle.model.latency_ms(self.acoustic.chunk_frames, self.acoustic.right_context_frames, self.bundle.features.frame_ms)
+
+    def push(self, samples: np.ndarray | torch.Tensor, rate_hz: int = 16000) -> list[RecognitionResult]:
+        results = []
+        for wave in self.ingest.push(self.stream_id, samples, rate_hz):
+            feats = self.features.push(self.stream_id, wave)
+            (log_probs,) = self.acoustic.process([(self.stream_id, feats, False)])
+            if len(log_probs):
+                results += self.decoder.push(self.stream_id, log_probs)
+        return results
+
+    def finish(self) -> list[RecognitionResult]:
+        """Flush everything buffered and return the remaining final result(s); the recognizer can be reused."""
+        feats = self.features.finish(self.stream_id, self.ingest.finish(self.stream_id))
+        (log_probs,) = self.acoustic.process([(self.stream_id, feats, True)])
+        return self.decoder.push(self.stream_id, log_probs, is_last=True)

@@ -1,0 +1,199 @@
+"""The four stages as plain classes that keep per-stream state keyed by stream id.
+
+The in-process ``StreamingRecognizer`` chains them directly; the Ray pipeline wraps each
+one in an actor shared by many streams. Same classes, same numbers.
+
+    IngestStage    audio of any size/rate  -> fixed-size model-rate chunks (samples,)
+    FeatureStage   model-rate chunk        -> normalised stacked MFCC (frames, feature_dim)
+    AcousticStage  features of many streams -> CTC log-probs (frames, num_tokens), batched
+    DecoderStage   log-probs               -> partial / final ``RecognitionResult``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from workers.audio import StreamingIngest
+from workers.decoder import CtcDecoder, Hypothesis, StreamState, WordTiming
+from workers.features import FeatureState, MfccExtractor, StreamingFeatures
+from workers.model import BiLSTMCTC
+from workers.tokens import BLANK_ID, SEPARATOR_ID
+
+
+@dataclass
+class RecognitionResult:
+    """A partial (``is_final=False``) or final result of one stream; times in seconds from stream start."""
+
+    stream_id: str
+    text: str
+    is_final: bool
+    start_s: float
+    end_s: float
+    words: list[WordTiming] = field(default_factory=list)
+
+
+class IngestStage:
+    def __init__(self, target_rate_hz: int, chunk_samples: int) -> None:
+        self.target_rate_hz = target_rate_hz
+        self.chunk_samples = chunk_samples
+        self._streams: dict[str, StreamingIngest] = {}
+
+    def push(self, stream_id: str, samples: np.ndarray | torch.Tensor, rate_hz: int) -> list[torch.Tensor]:
+        ingest = self._streams.setdefault(stream_id, StreamingIngest(self.target_rate_hz, self.chunk_samples))
+        return ingest.push(samples, rate_hz, source=f"stream {stream_id}")
+
+    def finish(self, stream_id: str) -> torch.Tensor:
+        ingest = self._streams.pop(stream_id, None)
+        return ingest.flush() if ingest else torch.zeros(0)
+
+
+class FeatureStage:
+    def __init__(self, extractor: MfccExtractor) -> None:
+        self.streaming = StreamingFeatures(extractor)
+        self._states: dict[str, FeatureState] = {}
+
+    def push(self, stream_id: str, wave: torch.Tensor) -> torch.Tensor:
+        state = self._states.get(stream_id) or self.streaming.initial_state()
+        feats, self._states[stream_id] = self.streaming.online_inference(wave, state)
+        return feats
+
+    def finish(self, stream_id: str, wave: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.push(stream_id, wave if wave is not None else torch.zeros(0))
+        self._states.pop(stream_id, None)
+        return feats
+
+
+@dataclass
+class _AcousticStream:
+    h: torch.Tensor  # (num_layers, 1, hidden)
+    c: torch.Tensor
+    pending: torch.Tensor  # (frames, feature_dim) not yet run through the model
+
+
+class AcousticStage:
+    """Runs latency-controlled chunks of many streams in one forward pass per round."""
+
+    def __init__(self, model: BiLSTMCTC, chunk_frames: int, right_context_frames: int, device: torch.device | str = "cpu") -> None:
+        if chunk_frames < 1 or right_context_frames < 0:
+            raise ValueError(f"chunk_frames must be >= 1 and right_context_frames >= 0, got {chunk_frames}, {right_context_frames}")
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.chunk_frames = chunk_frames
+        self.right_context_frames = right_context_frames if model.config.bidirectional else 0
+        self._streams: dict[str, _AcousticStream] = {}
+
+    def _stream(self, stream_id: str) -> _AcousticStream:
+        if stream_id not in self._streams:
+            h, c = self.model.initial_state(1, self.device)
+            self._streams[stream_id] = _AcousticStream(h, c, torch.zeros(0, self.model.config.input_dim))
+        return self._streams[stream_id]
+
+    def process(self, items: list[tuple[str, torch.Tensor, bool]]) -> list[torch.Tensor]:
+        """items: (stream_id, new features (frames, dim), is_last). Returns log-probs per item.
+
+        Every chunk whose lookahead has arrived is run (all streams batched together);
+        on the last call of a stream the remaining frames are run with whatever lookahead
+        exists, and the stream's state is dropped.
+        """
+        window = self.chunk_frames + self.right_context_frames
+        streams = []
+        for stream_id, feats, _ in items:
+            s = self._stream(stream_id)
+            s.pending = torch.cat([s.pending, feats.to(s.pending.dtype)])
+            streams.append(s)
+        outputs: list[list[torch.Tensor]] = [[] for _ in items]
+        while True:
+            ready = [i for i, (s, (_, _, last)) in enumerate(zip(streams, items)) if len(s.pending) >= window or (last and len(s.pending))]
+            if not ready:
+                break
+            windows = [streams[i].pending[:window] for i in ready]
+            lengths = torch.tensor([len(w) for w in windows])
+            x = torch.nn.utils.rnn.pad_sequence(windows, batch_first=True).to(self.device)
+            h = torch.cat([streams[i].h for i in ready], dim=1)
+            c = torch.cat([streams[i].c for i in ready], dim=1)
+            with torch.no_grad():
+                log_probs, (h, c) = self.model.forward_window(x, lengths, self.chunk_frames, (h, c))
+            log_probs = log_probs.cpu()
+            for j, i in enumerate(ready):
+                s = streams[i]
+                n = min(self.chunk_frames, len(s.pending))
+                outputs[i].append(log_probs[j, :n])
+                s.h, s.c = h[:, j : j + 1], c[:, j : j + 1]
+                s.pending = s.pending[n:]
+        for stream_id, _, last in items:
+            if last:
+                self._streams.pop(stream_id, None)
+        num_tokens = self.model.config.num_tokens
+        return [torch.cat(o) if o else torch.zeros(0, num_tokens) for o in outputs]
+
+    def offline(self, features: list[torch.Tensor], chunk_frames: int | None = None, right_context_frames: int = 0) -> list[torch.Tensor]:
+        """Whole utterances (each (frames, dim)) in one padded batch -> log-probs per utterance."""
+        lengths = torch.tensor([len(f) for f in features])
+        x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(self.device)
+        with torch.no_grad():
+            log_probs = self.model(x, lengths, chunk_frames, right_context_frames).cpu()
+        return [log_probs[i, : lengths[i]] for i in range(len(features))]
+
+
+class _Segment:
+    """Decoder state of the current utterance of one stream, for endpointing."""
+
+    def __init__(self, state: StreamState, start_frame: int) -> None:
+        self.state = state
+        self.start_frame = start_frame
+        self.frames = 0
+        self.last_speech_frame = -1  # within the segment
+        self.latest = Hypothesis("", [], 0.0)
+
+
+class DecoderStage:
+    """Streaming CTC decoding with endpointing: after ``endpoint_silence_ms`` of frames whose
+    best token is blank or the word separator, following speech, the utterance is finalised
+    and a new one begins. ``endpoint_silence_ms=0`` disables endpointing."""
+
+    def __init__(self, decoder: CtcDecoder, endpoint_silence_ms: float = 0.0) -> None:
+        self.decoder = decoder
+        self.frame_ms = decoder.frame_ms
+        self.endpoint_frames = int(round(endpoint_silence_ms / self.frame_ms)) if endpoint_silence_ms > 0 else 0
+        self._segments: dict[str, _Segment] = {}
+        self._emitted_final: set[str] = set()
+
+    def _result(self, stream_id: str, seg: _Segment, hyp: Hypothesis, final: bool) -> RecognitionResult:
+        offset_s = seg.start_frame * self.frame_ms / 1000
+        words = [WordTiming(w.word, w.start_s + offset_s, w.end_s + offset_s) for w in hyp.words]
+        end_s = (seg.start_frame + seg.frames) * self.frame_ms / 1000
+        return RecognitionResult(stream_id, hyp.text, final, offset_s, end_s, words)
+
+    def push(self, stream_id: str, log_probs: torch.Tensor, is_last: bool = False) -> list[RecognitionResult]:
+        """Feed (frames, num_tokens) log-probs; returns finals (endpoints, end of stream) and the latest partial."""
+        seg = self._segments.get(stream_id) or self._segments.setdefault(stream_id, _Segment(self.decoder.begin(), 0))
+        results: list[RecognitionResult] = []
+        start = 0
+        if self.endpoint_frames:
+            best = log_probs.argmax(-1).tolist()
+            for t, token in enumerate(best):
+                if token not in (BLANK_ID, SEPARATOR_ID):
+                    seg.last_speech_frame = seg.frames + (t - start)
+                elif seg.last_speech_frame >= 0 and seg.frames + (t - start) - seg.last_speech_frame >= self.endpoint_frames:
+                    self.decoder.step(seg.state, log_probs[start : t + 1])
+                    seg.frames += t + 1 - start
+                    results.append(self._result(stream_id, seg, self.decoder.end(seg.state), True))
+                    self._emitted_final.add(stream_id)
+                    seg = self._segments[stream_id] = _Segment(self.decoder.begin(), seg.start_frame + seg.frames)
+                    start = t + 1
+        rest = log_probs[start:]
+        if len(rest) or is_last:
+            seg.latest = self.decoder.step(seg.state, rest)
+            seg.frames += len(rest)
+        if is_last:
+            hyp = self.decoder.end(seg.state)
+            if hyp.text or seg.last_speech_frame >= 0 or stream_id not in self._emitted_final:
+                results.append(self._result(stream_id, seg, hyp, True))
+            self._segments.pop(stream_id, None)
+            self._emitted_final.discard(stream_id)
+        elif len(rest):
+            results.append(self._result(stream_id, seg, seg.latest, False))
+        return results

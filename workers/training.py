@@ -1,0 +1,336 @@
+"""Training of the BiLSTM-CTC model on CPU or GPU, resumable, with chunk-aware passes.
+
+Features are computed once per (utterance, speed factor) and cached on disk; batches
+are bucketed by length; each batch is run either full-utterance or as latency-controlled
+chunks with a randomly drawn chunk size and lookahead, so that the exported model
+streams at any latency without a large loss against offline decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torchaudio
+from torch import nn
+
+from workers.audio import load_audio
+from workers.bundle import save_bundle
+from workers.corpus import Utterance
+from workers.features import FeatureConfig, MfccExtractor, Normalizer
+from workers.model import BiLSTMCTC, ModelConfig
+from workers.tokens import BLANK_ID, decode_ids, encode
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    max_batch_frames: int = 2400  # model frames per batch (after stacking), padding included
+    max_batch_utterances: int = 16
+    learning_rate: float = 1.5e-3
+    warmup_steps: int = 300
+    weight_decay: float = 1e-5
+    grad_clip: float = 5.0
+    seed: int = 1234
+    speed_factors: tuple[float, ...] = (0.9, 1.0, 1.1)
+    freq_mask_param: int = 8  # SpecAugment, in MFCC coefficients
+    time_mask_param: int = 5  # SpecAugment, in model frames
+    num_time_masks: int = 2
+    full_utterance_prob: float = 0.25  # share of batches run without chunking
+    chunk_frames_range: tuple[int, int] = (4, 20)  # drawn per batch, inclusive
+    right_context_frames_range: tuple[int, int] = (2, 10)
+    eval_chunk_frames: int = 10  # dev WER is also reported at this streaming setting
+    eval_right_context_frames: int = 5
+    num_threads: int = 0  # 0: all cores
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.full_utterance_prob <= 1:
+            raise ValueError(f"train.full_utterance_prob must be in [0, 1], got {self.full_utterance_prob}")
+        if self.chunk_frames_range[0] < 1 or self.chunk_frames_range[0] > self.chunk_frames_range[1]:
+            raise ValueError(f"train.chunk_frames_range must be 1 <= lo <= hi, got {self.chunk_frames_range}")
+
+
+@dataclass
+class Example:
+    """One cached training example: normalised stacked features (frames, dim) and target ids."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    text: str
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step: int = 0
+    best_wer: float = math.inf
+    history: list[dict] = field(default_factory=list)
+
+
+def _cache_key(utts: list[Utterance], features: FeatureConfig, speeds: tuple[float, ...]) -> str:
+    h = hashlib.sha1(json.dumps([asdict(features), list(speeds), [u.audio for u in utts]]).encode())
+    return h.hexdigest()[:16]
+
+
+def compute_raw_features(
+    utts: list[Utterance], features: FeatureConfig, speeds: tuple[float, ...], cache_dir: Path | None, log: Callable[[str], None] = print
+) -> dict[float, list[torch.Tensor]]:
+    """Un-normalised MFCC (frames_10ms, n_mfcc) per utterance per speed factor, cached on disk."""
+    cache = cache_dir / f"mfcc_{_cache_key(utts, features, speeds)}.pt" if cache_dir else None
+    if cache and cache.is_file():
+        return torch.load(cache, weights_only=True)
+    extractor = MfccExtractor(features)
+    out: dict[float, list[torch.Tensor]] = {s: [] for s in speeds}
+    t0 = time.time()
+    for i, u in enumerate(utts):
+        wave = load_audio(u.audio, features.sample_rate_hz)
+        for s in speeds:
+            w = wave if s == 1.0 else torchaudio.functional.resample(wave, int(round(features.sample_rate_hz * s)), features.sample_rate_hz)
+            out[s].append(extractor.raw_mfcc(w))
+        if (i + 1) % 500 == 0:
+            log(f"features: {i + 1}/{len(utts)} utterances ({time.time() - t0:.0f} s)")
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+    return out
+
+
+def make_examples(raw: list[torch.Tensor], utts: list[Utterance], extractor: MfccExtractor) -> list[Example]:
+    examples = []
+    for feats, u in zip(raw, utts):
+        x = extractor.stack(extractor.normalizer(feats))
+        y = torch.tensor(encode(u.text), dtype=torch.long)
+        if x.shape[0] >= max(1, y.numel()):  # CTC needs at least one frame per label
+            examples.append(Example(x, y, u.text))
+    return examples
+
+
+def length_buckets(lengths: list[int], max_frames: int, max_utts: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_frames or len(current) >= max_utts:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> x (B, T, D), lengths (B,), targets (sum of target lengths,), target_lengths (B,)."""
+    lengths = torch.tensor([e.features.shape[0] for e in examples])
+    x = nn.utils.rnn.pad_sequence([e.features for e in examples], batch_first=True)
+    targets = torch.cat([e.targets for e in examples])
+    target_lengths = torch.tensor([e.targets.numel() for e in examples])
+    return x, lengths, targets, target_lengths
+
+
+class SpecAugment(nn.Module):
+    """Frequency masks on the MFCC axis (shared by the stacked sub-frames) and time masks, via torchaudio."""
+
+    def __init__(self, stack_frames: int, freq_mask_param: int, time_mask_param: int, num_time_masks: int) -> None:
+        super().__init__()
+        self.stack = stack_frames
+        self.freq = torchaudio.transforms.FrequencyMasking(freq_mask_param, iid_masks=True)
+        self.time = torchaudio.transforms.TimeMasking(time_mask_param * stack_frames, iid_masks=True)
+        self.num_time_masks = num_time_masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, stack * n_mfcc) -> same shape, masked. Time masks count 10 ms frames."""
+        b, t, d = x.shape
+        n_mfcc = d // self.stack
+        # (B, 1, n_mfcc, T * stack): the time axis in 10 ms frames, so a frequency mask covers all sub-frames.
+        spec = x.reshape(b, t, self.stack, n_mfcc).permute(0, 3, 1, 2).reshape(b, 1, n_mfcc, t * self.stack)
+        spec = self.freq(spec)
+        for _ in range(self.num_time_masks):
+            spec = self.time(spec)
+        return spec.reshape(b, n_mfcc, t, self.stack).permute(0, 2, 3, 1).reshape(b, t, d)
+
+
+def greedy_texts(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    """(B, T, V) log-probs -> greedy CTC transcripts."""
+    best = log_probs.argmax(-1)
+    texts = []
+    for b in range(best.shape[0]):
+        ids = torch.unique_consecutive(best[b, : lengths[b]]).tolist()
+        texts.append(decode_ids([i for i in ids if i != BLANK_ID]))
+    return texts
+
+
+def evaluate_greedy(model: BiLSTMCTC, examples: list[Example], device: torch.device, chunk: int | None, rc: int) -> float:
+    """Greedy WER (fraction) of ``examples`` in offline (chunk=None) or chunked mode."""
+    import jiwer
+
+    model.eval()
+    hyps, refs = [], []
+    with torch.no_grad():
+        for idx in length_buckets([e.features.shape[0] for e in examples], 4000, 32):
+            batch = [examples[i] for i in idx]
+            x, lengths, _, _ = collate(batch)
+            hyps += greedy_texts(model(x.to(device), lengths, chunk, rc).cpu(), lengths)
+            refs += [e.text for e in batch]
+    model.train()
+    return jiwer.wer(refs, hyps)
+
+
+class Trainer:
+    """Holds the data, model, optimiser and progress of one run directory."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        train_utts: list[Utterance],
+        dev_utts: list[Utterance],
+        features: FeatureConfig,
+        model_config: ModelConfig,
+        train: TrainConfig,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = train
+        self.features = features
+        self.log = log
+        if train.num_threads > 0:
+            torch.set_num_threads(train.num_threads)
+        self.device = torch.device("cuda" if train.device == "auto" and torch.cuda.is_available() else ("cpu" if train.device == "auto" else train.device))
+        random.seed(train.seed)
+        torch.manual_seed(train.seed)
+        cache_dir = self.run_dir.parent / "feature_cache"
+        raw_train = compute_raw_features(train_utts, features, train.speed_factors, cache_dir, log)
+        raw_dev = compute_raw_features(dev_utts, features, (1.0,), cache_dir, log)[1.0]
+        # Global statistics from the training speakers' unperturbed audio only.
+        self.normalizer = Normalizer.from_frames(raw_train[1.0])
+        extractor = MfccExtractor(features, self.normalizer)
+        self.train_sets = {s: make_examples(raw_train[s], train_utts, extractor) for s in train.speed_factors}
+        self.dev = make_examples(raw_dev, dev_utts, extractor)
+        self.train_texts = [u.text for u in train_utts]
+        self.model = BiLSTMCTC(model_config).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+        steps_per_epoch = len(length_buckets([e.features.shape[0] for e in self.train_sets[1.0]], train.max_batch_frames, train.max_batch_utterances))
+        self.total_steps = steps_per_epoch * train.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.ctc = nn.CTCLoss(blank=BLANK_ID, zero_infinity=True)
+        self.augment = SpecAugment(features.stack_frames, train.freq_mask_param, train.time_mask_param, train.num_time_masks)
+        self.progress = Progress()
+        log(
+            f"train: {len(self.train_sets[1.0])} utterances x {len(train.speed_factors)} speeds, dev: {len(self.dev)}, "
+            f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, device {self.device}, "
+            f"{torch.get_num_threads()} threads, {steps_per_epoch} steps/epoch"
+        )
+
+    def _lr_factor(self, step: int) -> float:
+        if step < self.cfg.warmup_steps:
+            return (step + 1) / self.cfg.warmup_steps
+        frac = (step - self.cfg.warmup_steps) / max(1, self.total_steps - self.cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    # ---- checkpoints ----------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())},
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def load_checkpoint(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        py = json.loads(state["rng"]["python"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.log(f"resumed from {self.checkpoint_path} after epoch {self.progress.epoch}")
+        return True
+
+    # ---- training -------------------------------------------------------------------
+    def _draw_chunking(self) -> tuple[int | None, int]:
+        if random.random() < self.cfg.full_utterance_prob:
+            return None, 0
+        return random.randint(*self.cfg.chunk_frames_range), random.randint(*self.cfg.right_context_frames_range)
+
+    def train_epoch(self, max_steps: int | None = None, show_progress: bool = True) -> float:
+        from tqdm import tqdm
+
+        epoch = self.progress.epoch
+        speed = self.cfg.speed_factors[epoch % len(self.cfg.speed_factors)] if epoch > 0 else 1.0
+        examples = self.train_sets[speed]
+        batches = length_buckets([e.features.shape[0] for e in examples], self.cfg.max_batch_frames, self.cfg.max_batch_utterances)
+        if epoch > 0:  # the first epoch runs shortest-first, which leaves the all-blank stage sooner
+            random.shuffle(batches)
+        if max_steps is not None:
+            batches = batches[:max_steps]
+        self.model.train()
+        total, count = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not show_progress, mininterval=5)
+        for idx in bar:
+            x, lengths, targets, target_lengths = collate([examples[i] for i in idx])
+            x = self.augment(x.to(self.device))
+            chunk, rc = self._draw_chunking()
+            log_probs = self.model(x, lengths, chunk, rc)
+            loss = self.ctc(log_probs.transpose(0, 1), targets, lengths, target_lengths)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.progress.step += 1
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        return total / max(count, 1)
+
+    def run(self, resume: bool = False, export_dir: Path | None = None, max_steps_per_epoch: int | None = None,
+            show_progress: bool = True, export_extras: Callable[[Path], dict] | None = None) -> Progress:
+        """Train to ``cfg.epochs``; checkpoint every epoch; export the best-dev-WER model as a bundle."""
+        if resume:
+            self.load_checkpoint()
+        export_dir = export_dir or self.run_dir / "bundle"
+        while self.progress.epoch < self.cfg.epochs:
+            t0 = time.time()
+            loss = self.train_epoch(max_steps_per_epoch, show_progress)
+            wer = evaluate_greedy(self.model, self.dev, self.device, None, 0) if self.dev else math.nan
+            wer_stream = (
+                evaluate_greedy(self.model, self.dev, self.device, self.cfg.eval_chunk_frames, self.cfg.eval_right_context_frames)
+                if self.dev
+                else math.nan
+            )
+            self.progress.epoch += 1
+            record = {"epoch": self.progress.epoch, "loss": round(loss, 4), "dev_wer_greedy": round(wer, 4),
+                      "dev_wer_greedy_streaming": round(wer_stream, 4), "epoch_s": round(time.time() - t0, 1)}
+            self.progress.history.append(record)
+            self.log(json.dumps(record))
+            score = wer_stream if not math.isnan(wer_stream) else loss
+            if score < self.progress.best_wer or not (export_dir / "config.json").exists():
+                self.progress.best_wer = min(score, self.progress.best_wer)
+                extras = export_extras(self.run_dir) if export_extras else {}
+                save_bundle(export_dir, self.model, self.features, self.normalizer, info={"epoch": self.progress.epoch, **record}, **extras)
+            self.save_checkpoint()
+        return self.progress
