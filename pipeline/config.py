@@ -55,6 +55,8 @@ class DataConfig:
     an4_dev_speakers: tuple[str, ...] = ("fbbh", "ftal", "mcfl", "mdxs", "mgah", "mmkw", "mrcb", "mtos")
     fsdd_dev_speakers: tuple[str, ...] = ("theo",)
     use_fsdd: bool = True
+    max_train_utterances: int = 0  # 0: all; a small number makes smoke-test runs
+    max_dev_utterances: int = 0
 
 
 @dataclass(frozen=True)

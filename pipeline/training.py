@@ -23,16 +23,20 @@ def build_split(config: AppConfig, log=print) -> tuple[list[Utterance], list[Utt
             log(f"skipped {source}: {reason}")
         fsdd_train, fsdd_dev = split_by_speaker(fsdd.utterances, data.fsdd_dev_speakers)
         train = train + fsdd_train
+    if data.max_train_utterances:
+        train = train[:: max(1, len(train) // data.max_train_utterances)][: data.max_train_utterances]
+    if data.max_dev_utterances:
+        an4_dev, fsdd_dev = an4_dev[: data.max_dev_utterances], fsdd_dev[: data.max_dev_utterances]
     return train, an4_dev, fsdd_dev
 
 
 def language_model_files(run_dir: Path, texts: list[str], order: int = 3) -> dict:
     """Lexicon and ARPA LM estimated from the training transcripts only (cached in the run dir)."""
-    from workers.lm import build_arpa, word_vocabulary, write_lexicon
+    from workers.lm import build_arpa, vocabulary, write_lexicon
 
     lexicon, arpa = run_dir / "lexicon.txt", run_dir / "lm.arpa"
     if not (lexicon.is_file() and arpa.is_file()):
-        write_lexicon(word_vocabulary(texts), lexicon)
+        write_lexicon(vocabulary(texts), lexicon)
         build_arpa(texts, order=order, path=arpa)
     return {"lexicon_path": lexicon, "lm_path": arpa}
 
@@ -59,3 +63,20 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
     progress = trainer.run(resume, Path(export_dir) if export_dir else None, max_steps_per_epoch, show_progress, extras)
     (run_dir / "history.json").write_text(json.dumps(progress.history, indent=1))
     return progress
+
+
+def run_training_cli(args, config: AppConfig) -> int:
+    """`asr train`: in-process (resumable) or, with ``--workers N``, data-parallel on Ray Train."""
+    if args.workers > 0:
+        from pipeline.distributed import train_distributed
+
+        train, _, _ = build_split(config)
+        export = args.export or str(Path(args.run_dir) / "bundle")
+        path = train_distributed(train, config.features, config.model, config.train, args.workers, export,
+                                 storage_path=Path(args.run_dir) / "ray_train")
+        print(f"exported {path}")
+        return 0
+    progress = run_training(config, args.run_dir, resume=args.resume, export_dir=args.export,
+                            max_steps_per_epoch=args.max_steps_per_epoch)
+    print(f"done: {progress.epoch} epochs, best dev WER (greedy, streaming) {progress.best_wer:.4f}")
+    return 0

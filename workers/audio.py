@@ -147,7 +147,8 @@ class StreamingIngest:
         wave = to_model_rate(arr.astype(np.float32), rate_hz, self.target_rate_hz)
         self._pending = torch.cat([self._pending, wave])
         n_full = self._pending.numel() // self.out_chunk_samples
-        out = list(self._pending[: n_full * self.out_chunk_samples].split(self.out_chunk_samples))
+        # an empty tensor splits into one empty piece, so no full chunk must mean no output
+        out = list(self._pending[: n_full * self.out_chunk_samples].split(self.out_chunk_samples)) if n_full else []
         self._pending = self._pending[n_full * self.out_chunk_samples :]
         return out
 

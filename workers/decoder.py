@@ -33,8 +33,9 @@ from workers.tokens import BLANK, BLANK_ID, SEPARATOR_ID, TOKENS, WORD_SEPARATOR
 NUM_TOKENS = len(TOKENS)
 UNK_WORD = "<unk>"
 # Log-probability of the non-separator tokens in the separator frame appended before a
-# lexicon search ends: the model never emits "|" after the last word, and spellings end
-# in "|", so without that frame the last word is dropped.
+# lexicon search ends. Spellings end in "|" and the model never emits one after the last
+# word, so without that frame flashlight's word list drops the last word, and the best
+# hypothesis can even stop inside a word (its tokens spelling no lexicon word).
 _OFF = -1.0e4
 
 
@@ -99,15 +100,11 @@ class StreamState:
 def check_emissions(emissions: torch.Tensor) -> torch.Tensor:
     """Validate ``(frames, 29)`` log-probs; return a contiguous float32 CPU copy or view."""
     if emissions.ndim != 2 or emissions.shape[1] != NUM_TOKENS:
-        raise ValueError(
-            f"emissions must have shape (frames, {NUM_TOKENS}), got {tuple(emissions.shape)}"
-        )
+        raise ValueError(f"emissions must have shape (frames, {NUM_TOKENS}), got {tuple(emissions.shape)}")
     return emissions.detach().to("cpu", torch.float32).contiguous()
 
 
-def _words_from_path(
-    token_ids: list[int], first_frames: list[int], last_frames: list[int], frame_ms: float
-) -> list[WordTiming]:
+def _words_from_path(token_ids: list[int], first_frames: list[int], last_frames: list[int], frame_ms: float) -> list[WordTiming]:
     """Group collapsed non-blank tokens into words at separators.
 
     ``first_frames[i]`` / ``last_frames[i]``: first / last emission frame of token i.

@@ -109,9 +109,7 @@ def _discount(adjusted: Counter[NGram]) -> float:
     return min(max(n1 / (n1 + 2 * n2), 0.1), 0.9)
 
 
-def _kneser_ney(
-    counts: list[Counter[NGram]], order: int
-) -> tuple[list[dict[NGram, float]], dict[NGram, float]]:
+def _kneser_ney(counts: list[Counter[NGram]], order: int) -> tuple[list[dict[NGram, float]], dict[NGram, float]]:
     """Interpolated probabilities of every seen n-gram, and each context's backoff weight.
 
     ``p(w | h) = (a(hw) - D) / a(h.) + gamma(h) p(w | h[1:])`` with
@@ -137,13 +135,11 @@ def _kneser_ney(
             own = max(count - discount, 0.0) / totals[context]
             probs[n][gram] = own + gammas[context] * lower
         if n > 1:
-            backoffs.update({h: g * 0.9 for h, g in gammas.items()})
+            backoffs.update(gammas)
     return probs, backoffs
 
 
-def _write_arpa(
-    probs: list[dict[NGram, float]], backoffs: dict[NGram, float], order: int, path: Path
-) -> Path:
+def _write_arpa(probs: list[dict[NGram, float]], backoffs: dict[NGram, float], order: int, path: Path) -> Path:
     """Write log10 probabilities and backoff weights in ARPA text format."""
     unigrams = {(BOS,): 0.0, **probs[1]}
     tables = [unigrams, *probs[2:]]

@@ -1,0 +1,89 @@
+"""The `asr` command: transcribe | stream | eval | train | bench | submit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set decoder.beam_size=64 (repeatable)")
+    if not any(a.dest == "model" for a in parser._actions):
+        parser.add_argument("--model", default=None, help="model bundle directory (default: the shipped models/default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.batch import add_transcribe_arguments
+    from pipeline.cluster import add_submit_arguments
+    from pipeline.evaluate import add_eval_arguments
+    from pipeline.streaming import add_stream_arguments
+
+    parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("transcribe", help="batch-transcribe a file, directory or manifest (Ray Data)")
+    add_transcribe_arguments(p)
+    _common(p)
+    p = sub.add_parser("stream", help="stream from the microphone or a file through the Ray actor pipeline")
+    add_stream_arguments(p)
+    _common(p)
+    p = sub.add_parser("eval", help="WER/CER of a mode against reference transcripts")
+    add_eval_arguments(p)
+    _common(p)
+    p = sub.add_parser("train", help="train a model and export a bundle")
+    p.add_argument("--run-dir", default="runs/default", help="checkpoints, logs and the exported bundle go here")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
+    p.add_argument("--export", default=None, help="bundle directory to export the best model to (default RUN_DIR/bundle)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="for smoke tests")
+    p.add_argument("--workers", type=int, default=0, help="train data-parallel with this many Ray Train workers (0: in-process)")
+    _common(p)
+    p = sub.add_parser("bench", help="throughput and latency benchmark (prints JSON)")
+    _common(p)
+    p.add_argument("--data", default="../shared/data/an4", help="corpus root or manifest to benchmark on")
+    p.add_argument("--seconds", type=float, default=60.0, help="audio seconds for the batch benchmark")
+    p = sub.add_parser("submit", help="submit an asr command to a Ray cluster as a job")
+    add_submit_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "submit":
+        from pipeline.cluster import run_submit
+
+        return run_submit(args)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "transcribe":
+        from pipeline.batch import run_transcribe
+
+        return run_transcribe(args, config)
+    if args.command == "stream":
+        from pipeline.streaming import run_stream
+
+        return run_stream(args, config)
+    if args.command == "eval":
+        from pipeline.evaluate import run_eval
+
+        return run_eval(args, config)
+    if args.command == "train":
+        from pipeline.training import run_training_cli
+
+        return run_training_cli(args, config)
+    if args.command == "bench":
+        from pipeline.bench import run_bench
+
+        return run_bench(args, config)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared fixtures: paths to the real corpora and a tiny untrained model bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.bundle import save_bundle
+from workers.features import FeatureConfig, Normalizer
+from workers.model import BiLSTMCTC, ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+AN4 = DATA / "an4"
+FSDD = DATA / "fsdd"
+
+
+def make_tiny_bundle(path: Path, seed: int = 0, hidden_size: int = 24, with_lm: bool = False) -> Path:
+    """An untrained 2-layer bundle (fast); optionally with a lexicon and LM from a few sentences."""
+    torch.manual_seed(seed)
+    features = FeatureConfig()
+    model = BiLSTMCTC(ModelConfig(input_dim=features.feature_dim, hidden_size=hidden_size, num_layers=2))
+    extras = {}
+    if with_lm:
+        from workers.lm import build_arpa, vocabulary, write_lexicon
+
+        texts = ["yes", "no", "go", "stop", "erase one two three", "enter", "rubout", "a b c"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        extras = {
+            "lexicon_path": write_lexicon(vocabulary(texts), path.parent / f"{path.name}_lexicon.txt"),
+            "lm_path": build_arpa(texts, order=3, path=path.parent / f"{path.name}_lm.arpa"),
+        }
+    return save_bundle(path, model, features, Normalizer(torch.full((40,), -5.0), torch.full((40,), 8.0)), **extras)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_lm(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle_lm") / "tiny_lm", with_lm=True)
+
+
+@pytest.fixture(scope="session")
+def an4_root() -> Path:
+    if not AN4.is_dir():
+        pytest.skip(f"{AN4} not present")
+    return AN4
