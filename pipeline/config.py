@@ -76,8 +76,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(hint)
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, where) for v in value)
+        if not args or args[-1] is Ellipsis:  # tuple[X, ...]: any length
+            inner = args[0] if args else Any
+            return tuple(_coerce(v, inner, where) for v in value)
+        if len(value) != len(args):  # tuple[X, Y]: exactly that many items
+            raise ConfigError(f"{where}: expected a list of {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, h, where) for v, h in zip(value, args))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -142,7 +146,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for section, values in parse_overrides(overrides or []).items():
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or written as an empty `section:` line
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{path}: section {section} must be a mapping")
         raw[section].update(values)

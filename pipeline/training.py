@@ -30,6 +30,16 @@ def build_split(config: AppConfig, log=print) -> tuple[list[Utterance], list[Utt
     return train, an4_dev, fsdd_dev
 
 
+def data_info(train: list[Utterance], dev: list[Utterance]) -> dict:
+    """What a bundle records about its data: who it was trained on, who was held out."""
+    return {
+        "train_speakers": sorted({u.speaker for u in train}),
+        "dev_speakers": sorted({u.speaker for u in dev}),
+        "train_utterances": len(train),
+        "train_audio_h": round(sum(u.duration_s for u in train) / 3600, 3),
+    }
+
+
 def language_model_files(run_dir: Path, texts: list[str], order: int = 3) -> dict:
     """Lexicon and ARPA LM estimated from the training transcripts only (cached in the run dir)."""
     from workers.lm import build_arpa, vocabulary, write_lexicon
@@ -60,7 +70,8 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
             log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
             return {}
 
-    progress = trainer.run(resume, Path(export_dir) if export_dir else None, max_steps_per_epoch, show_progress, extras)
+    info = data_info(train, an4_dev + fsdd_dev)
+    progress = trainer.run(resume, Path(export_dir) if export_dir else None, max_steps_per_epoch, show_progress, extras, info)
     (run_dir / "history.json").write_text(json.dumps(progress.history, indent=1))
     return progress
 
@@ -80,3 +91,17 @@ def run_training_cli(args, config: AppConfig) -> int:
                             max_steps_per_epoch=args.max_steps_per_epoch)
     print(f"done: {progress.epoch} epochs, best dev WER (greedy, streaming) {progress.best_wer:.4f}")
     return 0
+
+
+def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int = 3) -> Path:
+    """Re-export ``RUN_DIR/bundle`` to ``out_dir`` with the lexicon, LM and speaker lists of the run."""
+    from workers.bundle import load_bundle, save_bundle
+    from workers.corpus import read_manifest
+
+    run_dir = Path(run_dir)
+    train = list(read_manifest(run_dir / "train.jsonl"))
+    dev = list(read_manifest(run_dir / "dev_an4.jsonl")) + list(read_manifest(run_dir / "dev_fsdd.jsonl"))
+    bundle = load_bundle(run_dir / "bundle")
+    files = language_model_files(run_dir, [u.text for u in train], lm_order)
+    info = {**bundle.info, **data_info(train, dev)}
+    return save_bundle(out_dir, bundle.model, bundle.features, bundle.normalizer, info=info, **files)

@@ -86,6 +86,8 @@ def save_bundle(
 
 
 def _dataclass_from(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise BundleError(f"{where}: expected a JSON object, got {type(values).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
@@ -108,6 +110,8 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise BundleError(f"{path / 'config.json'}: expected a JSON object, got {type(config).__name__}")
     if config.get("version") != BUNDLE_VERSION:
         raise BundleError(f"{path / 'config.json'}: bundle version {config.get('version')!r}, expected {BUNDLE_VERSION}")
     features = _dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
@@ -123,6 +127,9 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
         state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, pickle refused, truncated file...
         raise BundleError(f"{path / 'weights.pt'}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    # weights_only still admits plain containers (lists, strings, dicts of ints)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise BundleError(f"{path / 'weights.pt'}: not a state dict of named tensors")
     try:
         normalizer = Normalizer(state.pop("normalizer.mean"), state.pop("normalizer.std"))
         if normalizer.mean.shape != (features.n_mfcc,) or normalizer.std.shape != (features.n_mfcc,):

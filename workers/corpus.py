@@ -65,7 +65,7 @@ def read_an4(root: str | Path, partition: str = "train") -> Corpus:
     for line, fileid in zip(lines, fileids):
         match = _AN4_LINE.match(line.strip())
         audio = root / "wav" / f"{fileid}.raw"
-        if not match or not fileid.endswith(match.group(2)):
+        if not match or Path(fileid).name != match.group(2):
             corpus.skipped.append((str(audio), f"transcript line does not match file id: {line!r}"))
             continue
         if not audio.is_file():
@@ -153,7 +153,7 @@ def write_manifest(utterances: Iterable[Utterance], path: str | Path) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as f:
         for u in utterances:
-            f.write(json.dumps(asdict(u)) + "\n")
+            f.write(json.dumps({**asdict(u), "audio": str(Path(u.audio).resolve())}) + "\n")
     tmp.replace(path)
     return path
 

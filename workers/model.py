@@ -7,8 +7,8 @@ not subsample: one output per input (stacked) frame.
 Latency-controlled BLSTM (LC-BLSTM): the utterance is cut into chunks of
 ``chunk_frames``; each chunk is processed with ``right_context_frames`` of lookahead.
 At every layer the forward direction continues from the state it had at the end of the
-previous chunk (so the lookahead frames never change the carried state), and the
-backward direction starts from zeros at the end of chunk + lookahead. Only the chunk's
+previous chunk's own frames (it also runs over the lookahead frames, but that state is
+discarded), and the backward direction starts from zeros at the end of chunk + lookahead. Only the chunk's
 frames are emitted. Training runs the same windows, so what is learned is what streams.
 Offline decoding is the special case of one chunk covering the utterance.
 
@@ -149,7 +149,13 @@ class BiLSTMCTC(nn.Module):
         ``chunk_frames=None`` is full-utterance (offline) mode; otherwise the utterance
         is processed as latency-controlled chunks, exactly as a stream would be.
         """
+        if x.dim() != 3 or x.shape[2] != self.config.input_dim:
+            raise ValueError(f"expected features of shape (batch, frames, {self.config.input_dim}), got {tuple(x.shape)}")
+        if chunk_frames is not None and chunk_frames < 1 or right_context_frames < 0:
+            raise ValueError(f"need chunk_frames >= 1 and right_context_frames >= 0, got {chunk_frames}, {right_context_frames}")
         batch, frames = x.shape[:2]
+        if frames == 0:
+            return x.new_zeros(batch, 0, self.config.num_tokens)
         if chunk_frames is None or chunk_frames >= frames:
             chunk_frames, right_context_frames = max(frames, 1), 0
         if not self.config.bidirectional:

@@ -308,7 +308,8 @@ class Trainer:
         return total / max(count, 1)
 
     def run(self, resume: bool = False, export_dir: Path | None = None, max_steps_per_epoch: int | None = None,
-            show_progress: bool = True, export_extras: Callable[[Path], dict] | None = None) -> Progress:
+            show_progress: bool = True, export_extras: Callable[[Path], dict] | None = None,
+            bundle_info: dict | None = None) -> Progress:
         """Train to ``cfg.epochs``; checkpoint every epoch; export the best-dev-WER model as a bundle."""
         if resume:
             self.load_checkpoint()
@@ -331,6 +332,6 @@ class Trainer:
             if score < self.progress.best_wer or not (export_dir / "config.json").exists():
                 self.progress.best_wer = min(score, self.progress.best_wer)
                 extras = export_extras(self.run_dir) if export_extras else {}
-                save_bundle(export_dir, self.model, self.features, self.normalizer, info={"epoch": self.progress.epoch, **record}, **extras)
+                save_bundle(export_dir, self.model, self.features, self.normalizer, info={**(bundle_info or {}), **record}, **extras)
             self.save_checkpoint()
         return self.progress
