@@ -18,6 +18,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.batch import add_transcribe_arguments
+    from pipeline.bench import add_bench_arguments
     from pipeline.cluster import add_submit_arguments
     from pipeline.evaluate import add_eval_arguments
     from pipeline.streaming import add_stream_arguments
@@ -41,9 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="train data-parallel with this many Ray Train workers (0: in-process)")
     _common(p)
     p = sub.add_parser("bench", help="throughput and latency benchmark (prints JSON)")
+    add_bench_arguments(p)
     _common(p)
-    p.add_argument("--data", default="../shared/data/an4", help="corpus root or manifest to benchmark on")
-    p.add_argument("--seconds", type=float, default=60.0, help="audio seconds for the batch benchmark")
     p = sub.add_parser("submit", help="submit an asr command to a Ray cluster as a job")
     add_submit_arguments(p)
     return parser

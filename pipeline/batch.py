@@ -1,0 +1,517 @@
+"""Batch transcription under Ray Data: files, directories or manifests -> ``transcripts.jsonl``.
+
+``asr transcribe INPUT --out OUTDIR`` where INPUT is an audio file, a directory (searched
+recursively for ``workers.corpus.AUDIO_SUFFIXES``) or a ``.jsonl`` manifest. Inputs are
+sorted by duration and cut into batches of similar length; an actor pool of
+``TranscribeBatch`` UDFs (each holding one ``Recognizer``; one GPU each when the cluster
+has GPUs) reads audio, computes features, runs the acoustic model on the whole batch and
+decodes.
+
+Output, one JSON line per input (sorted by path) in ``OUTDIR/transcripts.jsonl``::
+
+    {"path": str, "text": str, "duration_s": float,
+     "words": [{"word": str, "start_s": float, "end_s": float}], "error": null | "<reason>"}
+
+``path`` is absolute; a file listed twice (e.g. in a manifest) gets one line. A bad input
+never stops the run or disappears: it gets a line whose ``error`` says why. With
+``--format txt|srt`` a file per input mirrors the input tree under OUTDIR, the audio
+suffix replaced (so ``a.wav`` and ``a.flac`` in one folder would share ``a.txt``).
+
+Resume: lines are appended to ``transcripts.jsonl.partial`` as batches finish, and
+``transcripts.jsonl`` is rewritten atomically (temporary file + rename) at the end. A
+rerun skips inputs that already have an error-free line (in either file) unless
+``--overwrite``; inputs that errored are retried.
+
+Exit code of ``asr transcribe``: 0 when every input was transcribed, 1 when any input
+errored (see its ``error``), 2 when the run could not start (input not found, bad
+config, bad model bundle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import soundfile as sf
+
+from pipeline.config import AppConfig, AudioConfig, ConfigError, load_config
+from workers.audio import RAW_SUFFIXES, AudioError, RawFormat
+from workers.bundle import BundleError, load_bundle
+from workers.corpus import AUDIO_SUFFIXES, read_manifest
+from workers.decoder import DecoderConfig, WordTiming
+from workers.recognizer import Recognizer
+
+TRANSCRIPTS_NAME = "transcripts.jsonl"
+PARTIAL_NAME = "transcripts.jsonl.partial"  # lines of finished batches of a run in progress
+FORMATS = ("txt", "srt")
+SRT_MAX_WORDS = 10  # words per subtitle cue
+RAW_BYTES_PER_SECOND = 2 * 16000  # duration estimate for headerless PCM (16-bit, 16 kHz)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One audio input: absolute path, path relative to its source root (for mirrored
+    outputs), and a duration estimate in seconds from the header (0 when unknown), used
+    only to group similar lengths into a batch."""
+
+    path: str
+    rel: str
+    duration_s: float
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def probe_duration_s(path: Path) -> float:
+    """Duration in seconds from the file header (size for raw PCM); 0.0 when unreadable."""
+    try:
+        if path.suffix.lower() in RAW_SUFFIXES:
+            return path.stat().st_size / RAW_BYTES_PER_SECOND
+        return float(sf.info(str(path)).duration)
+    except (OSError, RuntimeError, sf.LibsndfileError):
+        return 0.0
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root``, or, outside it, the absolute path without its anchor."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.relative_to(path.anchor).as_posix()
+
+
+def discover_inputs(source: str | Path) -> list[InputFile]:
+    """Expand one INPUT: an audio file, a directory (recursive) or a ``.jsonl`` manifest.
+
+    Raises ``FileNotFoundError`` when ``source`` does not exist and ``ValueError`` for a
+    bad manifest line (naming file and line).
+    """
+    source = Path(source).absolute()
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        return [InputFile(str(p), _relative(p, source), probe_duration_s(p)) for p in files]
+    if source.is_file() and source.suffix.lower() == ".jsonl":
+        out = []
+        for utt in read_manifest(source):
+            p = Path(utt.audio).absolute()
+            out.append(InputFile(str(p), _relative(p, source.parent), utt.duration_s or probe_duration_s(p)))
+        return out
+    if source.is_file():
+        return [InputFile(str(source), source.name, probe_duration_s(source))]
+    raise FileNotFoundError(f"{source}: no such file, directory or manifest")
+
+
+def collect_inputs(sources: str | Path | Iterable[str | Path]) -> list[InputFile]:
+    """Expand every source; an audio file listed twice is kept once (the first time)."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    seen: dict[str, InputFile] = {}
+    for source in sources:
+        for item in discover_inputs(source):
+            seen.setdefault(item.path, item)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------- records
+
+
+def transcript_record(path: str, text: str, duration_s: float, words: Sequence[WordTiming]) -> dict:
+    """An output line for a transcribed input (times in seconds)."""
+    return {
+        "path": path,
+        "text": text,
+        "duration_s": round(duration_s, 4),
+        "words": [{"word": w.word, "start_s": round(w.start_s, 4), "end_s": round(w.end_s, 4)} for w in words],
+        "error": None,
+    }
+
+
+def error_record(path: str, reason: str) -> dict:
+    """An output line for an input that could not be transcribed."""
+    return {"path": path, "text": "", "duration_s": 0.0, "words": [], "error": reason}
+
+
+def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: RawFormat | None = None) -> list[dict]:
+    """Transcribe ``paths`` with one acoustic forward pass over all readable ones.
+
+    Returns one record per path, in order; unreadable inputs give error records.
+    """
+    records: list[dict | None] = [None] * len(paths)
+    good: list[tuple[int, Any]] = []
+    for i, path in enumerate(paths):
+        try:
+            fmt = raw_format if Path(path).suffix.lower() in RAW_SUFFIXES else None
+            good.append((i, recognizer.features(path, fmt)))
+        except AudioError as exc:
+            records[i] = error_record(path, exc.reason)
+        except Exception as exc:  # a bug or odd file must cost one input, not the batch
+            records[i] = error_record(path, f"{type(exc).__name__}: {exc}")
+    frame_s = recognizer.bundle.features.frame_ms / 1000
+    for (i, feats), result in zip(good, _decode_all(recognizer, [feats for _, feats in good])):
+        if isinstance(result, str):
+            records[i] = error_record(paths[i], result)
+        else:
+            records[i] = transcript_record(paths[i], result[0], len(feats) * frame_s, result[1])
+    return [r for r in records if r is not None]
+
+
+def _decode_all(recognizer: Recognizer, features: list[Any]) -> list[tuple[str, list[WordTiming]] | str]:
+    """The whole batch in one forward pass; if that fails, item by item, a failure becoming its reason."""
+    if not features:
+        return []
+    try:
+        return list(recognizer.transcribe_features(features))
+    except Exception:  # find the input that broke the batch; the others still get transcribed
+        pass
+    results: list[tuple[str, list[WordTiming]] | str] = []
+    for feats in features:
+        try:
+            results.append(recognizer.transcribe_features([feats])[0])
+        except Exception as exc:  # one input that breaks the model must not lose the others
+            results.append(f"{type(exc).__name__}: {exc}")
+    return results
+
+
+class TranscribeBatch:
+    """Ray Data UDF: ``__init__`` loads the bundle once per actor; ``__call__`` maps a batch
+    ``{"path": [...]}`` to ``{"path": [...], "record": [json line, ...], "actor_s": [...]}``
+    (``actor_s``: the batch's wall seconds in this call, shared equally by its items)."""
+
+    def __init__(
+        self,
+        bundle_path: str | None,
+        decoder_config: DecoderConfig | None,
+        chunk_ms: float | None,
+        lookahead_ms: float,
+        device: str,
+        raw_format: RawFormat | None = None,
+    ) -> None:
+        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device)
+        self.raw_format = raw_format
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        paths = [str(p) for p in batch["path"]]
+        records = transcribe_batch(self.recognizer, paths, self.raw_format)
+        share_s = (time.perf_counter() - t0) / max(1, len(paths))
+        return {
+            "path": np.array(paths, dtype=object),
+            "record": np.array([json.dumps(r) for r in records], dtype=object),
+            "actor_s": np.full(len(paths), share_s),
+        }
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary sibling and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_records(path: Path) -> Iterator[dict]:
+    """Records of a JSONL file; an unparsable line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return
+    with path.open() as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "path" in row:
+                yield row
+
+
+def load_previous(out_dir: Path) -> dict[str, dict]:
+    """Records of earlier runs by path: the final file, then the partial file of an interrupted run."""
+    rows: dict[str, dict] = {}
+    for name in (TRANSCRIPTS_NAME, PARTIAL_NAME):
+        for row in read_records(out_dir / name):
+            rows[row["path"]] = row
+    return rows
+
+
+def _srt_time(seconds: float) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+
+def to_srt(record: dict) -> str:
+    """SubRip cues of at most ``SRT_MAX_WORDS`` words each, timed by the word timings."""
+    words = record["words"]
+    cues = []
+    for n, start in enumerate(range(0, len(words), SRT_MAX_WORDS), 1):
+        group = words[start : start + SRT_MAX_WORDS]
+        text = " ".join(w["word"] for w in group)
+        cues.append(f"{n}\n{_srt_time(group[0]['start_s'])} --> {_srt_time(group[-1]['end_s'])}\n{text}\n")
+    return "\n".join(cues)
+
+
+def format_path(out_dir: Path, rel: str, fmt: str) -> Path:
+    """Where the ``fmt`` file of an input goes: its relative path under OUTDIR, suffix replaced."""
+    return (out_dir / rel).with_suffix(f".{fmt}")
+
+
+def write_formats(out_dir: Path, rel: str, record: dict, formats: Sequence[str], only_missing: bool = False) -> None:
+    """Write the requested per-input files (nothing for an errored input)."""
+    if record["error"] is not None:
+        return
+    for fmt in formats:
+        target = format_path(out_dir, rel, fmt)
+        if only_missing and target.exists():
+            continue
+        write_text_atomic(target, record["text"] + "\n" if fmt == "txt" else to_srt(record))
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray, unless already initialised."""
+    if not ray.is_initialized():
+        ray.init(address=address)
+
+
+def acoustic_num_gpus() -> int:
+    """1 when the cluster has a GPU (each acoustic actor then holds one), else 0."""
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+def run_dataset(
+    todo: list[InputFile], udf_kwargs: dict, batch_size: int, concurrency: int, num_gpus: int
+) -> Iterator[tuple[str, dict, float]]:
+    """Run the UDF over ``todo`` sorted by duration (so a batch holds similar lengths); yield (path, record, actor_s)."""
+    ordered = sorted(todo, key=lambda item: (item.duration_s, item.path))
+    ds = ray.data.from_items([{"path": item.path} for item in ordered])
+    ds = ds.map_batches(
+        TranscribeBatch,
+        fn_constructor_kwargs=udf_kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus,
+    )
+    for row in ds.iter_rows():
+        yield str(row["path"]), json.loads(row["record"]), float(row["actor_s"])
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _finish(out_dir: Path, rows: dict[str, dict]) -> None:
+    """Rewrite transcripts.jsonl atomically (sorted by path) and drop the partial file."""
+    lines = "".join(json.dumps(rows[p]) + "\n" for p in sorted(rows))
+    write_text_atomic(out_dir / TRANSCRIPTS_NAME, lines)
+    (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
+
+
+@dataclass
+class _RunStats:
+    transcribed: int = 0
+    audio_s: float = 0.0  # audio transcribed, seconds
+    compute_s: float = 0.0  # driver wall seconds from starting the dataset to its last row
+    actor_s: float = 0.0  # seconds spent inside the UDF, summed over actors
+
+
+def _transcribe_todo(
+    todo: list[InputFile],
+    out_dir: Path,
+    rows: dict[str, dict],
+    formats: Sequence[str],
+    udf_kwargs: dict,
+    batch_size: int,
+    concurrency: int,
+    num_gpus: int,
+) -> _RunStats:
+    """Run the dataset; each record goes to the partial file (flushed), ``rows`` and its format files."""
+    stats = _RunStats()
+    rels = {item.path: item.rel for item in todo}
+    t0 = time.perf_counter()
+    with (out_dir / PARTIAL_NAME).open("a") as partial:
+        for path, record, actor_s in run_dataset(todo, udf_kwargs, batch_size, concurrency, num_gpus):
+            partial.write(json.dumps(record) + "\n")
+            partial.flush()
+            rows[path] = record
+            write_formats(out_dir, rels[path], record, formats)
+            stats.actor_s += actor_s
+            if record["error"] is None:
+                stats.transcribed += 1
+                stats.audio_s += record["duration_s"]
+    stats.compute_s = time.perf_counter() - t0
+    return stats
+
+
+def _check_options(formats: Sequence[str], batch_size: int, concurrency: int) -> None:
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError(f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}")
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown output format(s) {sorted(unknown)}; choose from {FORMATS}")
+
+
+def transcribe_inputs(
+    inputs: str | Path | Iterable[str | Path],
+    out_dir: str | Path,
+    bundle_path: str | Path | None = None,
+    decoder_config: DecoderConfig | None = None,
+    chunk_ms: float | None = None,
+    lookahead_ms: float = 0,
+    overwrite: bool = False,
+    formats: Sequence[str] = (),
+    batch_size: int = 16,
+    concurrency: int = 1,
+    raw_format: RawFormat | None = None,
+    address: str | None = None,
+) -> dict:
+    """Transcribe every input not done yet into ``out_dir``; returns the run summary.
+
+    ``inputs``: files, directories or manifests. ``chunk_ms=None`` runs whole utterances;
+    otherwise latency-controlled chunks with ``lookahead_ms`` of right context.
+    ``raw_format``: how headerless ``.raw``/``.pcm`` files are read (default 16 kHz 16-bit
+    big-endian). ``address``: Ray cluster to connect to when Ray is not initialised yet.
+
+    Summary keys: ``files`` (inputs), ``transcribed`` (this run, without error),
+    ``skipped`` (done earlier), ``errors`` (inputs whose line has an error),
+    ``audio_s``/``audio_hours`` (audio transcribed this run), ``wall_s`` (the whole call),
+    ``compute_s`` (Ray Data stage: starting the dataset to its last row, actor start-up
+    included), ``actor_s`` (seconds inside the actors' ``__call__``, summed), ``rtf``
+    (compute_s / audio_s; 0 when nothing ran), ``out`` (the transcripts file).
+    """
+    t0 = time.perf_counter()
+    _check_options(formats, batch_size, concurrency)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = collect_inputs(inputs)
+    if overwrite:
+        (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
+    rows = load_previous(out_dir)
+    done = set() if overwrite else {i.path for i in items if rows.get(i.path, {"error": "new"})["error"] is None}
+    for item in items:
+        if item.path in done:
+            write_formats(out_dir, item.rel, rows[item.path], formats, only_missing=True)
+    todo = [item for item in items if item.path not in done]
+    stats = _RunStats()
+    if todo:
+        bundle = None if bundle_path is None else str(Path(bundle_path).absolute())
+        load_bundle(bundle)  # fail here, with the bundle's own message, not inside an actor
+        ensure_ray(address)
+        num_gpus = acoustic_num_gpus()
+        udf_kwargs = {
+            "bundle_path": bundle,
+            "decoder_config": decoder_config,
+            "chunk_ms": chunk_ms,
+            "lookahead_ms": lookahead_ms,
+            "device": "cuda" if num_gpus else "cpu",
+            "raw_format": raw_format,
+        }
+        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus)
+    _finish(out_dir, rows)
+    missing = [item.path for item in items if item.path not in rows]
+    if missing:  # cannot happen unless Ray dropped rows; never report success then
+        raise RuntimeError(f"{len(missing)} inputs got no output line, e.g. {missing[0]}")
+    return {
+        "files": len(items),
+        "transcribed": stats.transcribed,
+        "skipped": len(done),
+        "errors": sum(1 for item in items if rows[item.path]["error"] is not None),
+        "audio_s": round(stats.audio_s, 3),
+        "audio_hours": round(stats.audio_s / 3600, 6),
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "compute_s": round(stats.compute_s, 3),
+        "actor_s": round(stats.actor_s, 3),
+        "rtf": round(stats.compute_s / stats.audio_s, 4) if stats.audio_s else 0.0,
+        "out": str(out_dir / TRANSCRIPTS_NAME),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """One human-readable line for the end of a run."""
+    return (
+        f"{summary['files']} files: {summary['transcribed']} transcribed, {summary['skipped']} skipped (done earlier), "
+        f"{summary['errors']} errors; {summary['audio_hours']:.4f} h of audio in {summary['wall_s']:.1f} s wall "
+        f"(compute {summary['compute_s']:.1f} s, real-time factor {summary['rtf']:.3f}) -> {summary['out']}"
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_transcribe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``asr transcribe``; ``--config``/``--set`` (read by ``run_transcribe``) are the CLI's common options."""
+    parser.add_argument("input", nargs="+", help="audio file, directory (recursive) or .jsonl manifest")
+    parser.add_argument("--out", required=True, help="output directory (transcripts.jsonl and --format files)")
+    parser.add_argument("--model", default=None, help="model bundle directory (default: models/default)")
+    parser.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="override decoder.kind")
+    parser.add_argument("--chunk-ms", type=float, default=None, help="latency-controlled chunk in ms (default: whole utterance)")
+    parser.add_argument("--lookahead-ms", type=float, default=0.0, help="right context per chunk in ms (with --chunk-ms)")
+    parser.add_argument(
+        "--format", action="append", default=[], metavar="txt|srt", help="also write a file per input (repeat or comma-separate)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="redo inputs already in transcripts.jsonl")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--batch-size", type=int, default=16, help="utterances per acoustic-model batch")
+    parser.add_argument("--concurrency", type=int, default=1, help="acoustic actors (one GPU each when GPUs exist)")
+    return parser
+
+
+def _raw_format(audio: AudioConfig) -> RawFormat:
+    return RawFormat(audio.raw_sample_rate_hz, audio.raw_sample_width_bytes, audio.raw_big_endian)
+
+
+def run_transcribe(args: argparse.Namespace, config: AppConfig | None = None) -> int:
+    """Run ``asr transcribe``; returns the exit code: 0 all transcribed, 1 some input errored, 2 could not start.
+
+    ``config``: the loaded configuration; by default read from ``args.config`` with ``args.overrides``.
+    The decoder comes from ``config.decoder`` (``--decoder`` overrides its kind), headerless
+    PCM is read as ``config.audio`` says.
+    """
+    formats = tuple(f.strip() for spec in args.format for f in spec.split(",") if f.strip())
+    try:
+        if config is None:
+            config = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
+        decoder = config.decoder if args.decoder is None else dataclasses.replace(config.decoder, kind=args.decoder)
+        summary = transcribe_inputs(
+            args.input,
+            args.out,
+            bundle_path=args.model,
+            decoder_config=decoder,
+            chunk_ms=args.chunk_ms,
+            lookahead_ms=args.lookahead_ms,
+            overwrite=args.overwrite,
+            formats=formats,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            raw_format=_raw_format(config.audio),
+            address=args.address,
+        )
+    except (ConfigError, BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"asr transcribe: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 1 if summary["errors"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.batch INPUT --out OUTDIR ...`` (same as ``asr transcribe``)."""
+    parser = add_transcribe_arguments(argparse.ArgumentParser(prog="asr transcribe", description=__doc__.split("\n")[0]))
+    parser.add_argument("--config", default=None, help="config YAML (default: configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return run_transcribe(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

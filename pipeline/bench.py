@@ -1,0 +1,255 @@
+"""`asr bench`: batch throughput through Ray vs in-process, streaming latency, memory. Prints JSON.
+
+All figures come from one run on the machine it runs on:
+
+- ``batch``: the same files transcribed (whole utterances, default decoder) in-process
+  (the ceiling: one process, batches sorted by length) and through Ray Data
+  (``transcribe_inputs``, Ray already started); real-time factors and their speed ratio.
+- ``streaming``: N concurrent streams, each fed 100 ms of audio every 100 ms (real time);
+  latency per push, from the push to its chain's results coming back, over the pushes
+  that returned a partial (p50/p95/p99); whether the pipeline kept up.
+- ``max_realtime_streams``: the largest N tried whose p95 latency stayed within
+  ``--max-p95-ms`` and whose results kept pace with the audio.
+- ``long_stream``: one stream of ``--long-minutes`` of speech pushed as fast as the pipeline
+  takes it, with the RSS of the stage actors sampled along the way (flat = no leak).
+- ``peak_rss_mb``: the largest sum of RSS over the driver and Ray's worker processes seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from pipeline.config import AppConfig
+from workers.audio import load_audio
+from workers.corpus import read_corpus
+
+STAGE_ACTORS = ("ray::IngestActor", "ray::FeatureActor", "ray::AcousticActor", "ray::DecoderActor")
+
+
+class RssSampler:
+    """Samples the summed RSS (MB) of this process and every Ray worker process in a thread."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current_mb(patterns: tuple[str, ...] = ("ray::",), include_self: bool = True) -> float:
+        """Summed RSS of this process (optional) and processes whose command line holds a pattern."""
+        total = psutil.Process().memory_info().rss if include_self else 0
+        for proc in psutil.process_iter(["cmdline", "memory_info"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if any(p in cmd for p in patterns) and proc.info["memory_info"] is not None:
+                total += proc.info["memory_info"].rss
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.current_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _percentiles(values_ms: list[float]) -> dict:
+    if not values_ms:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "n": 0}
+    q = np.percentile(np.array(values_ms), [50, 95, 99])
+    return {"p50_ms": round(float(q[0]), 1), "p95_ms": round(float(q[1]), 1), "p99_ms": round(float(q[2]), 1), "n": len(values_ms)}
+
+
+def bench_batch(files: list[str], bundle: str | None, config: AppConfig, concurrency: int) -> dict:
+    from pipeline.batch import transcribe_inputs
+    from workers.recognizer import Recognizer
+
+    rec = Recognizer(bundle, config.decoder)
+    t0 = time.perf_counter()
+    feats = sorted((rec.features(f) for f in files), key=len)
+    audio_s = sum(len(f) for f in feats) * rec.bundle.features.frame_ms / 1000
+    for start in range(0, len(feats), 16):
+        rec.transcribe_features(feats[start : start + 16])
+    inproc_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        summary = transcribe_inputs(files, out, bundle, config.decoder, concurrency=concurrency)
+        ray_s = time.perf_counter() - t0
+    return {
+        "files": len(files),
+        "audio_s": round(audio_s, 1),
+        "in_process_s": round(inproc_s, 2),
+        "in_process_rtf": round(inproc_s / audio_s, 4),
+        "in_process_torch_threads": torch.get_num_threads(),
+        "ray_s": round(ray_s, 2),
+        "ray_rtf": round(ray_s / audio_s, 4),
+        "ray_actors": concurrency,
+        "ray_errors": summary["errors"],
+        "ray_vs_in_process_speed": round(inproc_s / ray_s, 3),
+    }
+
+
+class _CompletionWatcher:
+    """Timestamps chains as they complete, in a thread, so latency is not quantised by the push loop."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self._ray = ray
+        self._lock = threading.Lock()
+        self._pending: dict = {}  # ObjectRef -> send time
+        self.latencies_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def add(self, ref, t_sent: float) -> None:
+        with self._lock:
+            self._pending[ref] = t_sent
+
+    def _run(self) -> None:
+        while not self._stop.is_set() or self._pending:
+            with self._lock:
+                refs = list(self._pending)
+            if not refs:
+                time.sleep(0.001)
+                continue
+            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0.002)
+            t_done = time.perf_counter()
+            for ref in done:
+                with self._lock:
+                    t_sent = self._pending.pop(ref)
+                if self._ray.get(ref):  # this push completed a model chunk and returned a partial
+                    self.latencies_ms.append(1000 * (t_done - t_sent))
+
+    def finish(self) -> float:
+        """Wait for every chain; returns the seconds that took."""
+        t0 = time.perf_counter()
+        self._stop.set()
+        self._thread.join()
+        return time.perf_counter() - t0
+
+
+def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float, rate_hz: int, push_ms: float = 100.0) -> dict:
+    """N real-time streams for ``seconds``; latency from each push to its chain's results."""
+    block = int(rate_hz * push_ms / 1000)
+    sids = [pipe.open_stream() for _ in range(n_streams)]
+    sources = [np.concatenate([waves[(i + k) % len(waves)] for k in range(len(waves))]) for i in range(n_streams)]
+    watcher = _CompletionWatcher()
+    late_pushes, n_push = 0, int(seconds * 1000 / push_ms)
+    t_start = time.perf_counter()
+    for k in range(n_push):
+        due = t_start + k * push_ms / 1000
+        now = time.perf_counter()
+        if now < due:
+            time.sleep(due - now)
+        elif now - due > push_ms / 1000:
+            late_pushes += 1
+        for sid, src in zip(sids, sources):
+            offset = (k * block) % max(1, len(src) - block)
+            t_sent = time.perf_counter()
+            pipe.push(sid, src[offset : offset + block], rate_hz)
+            watcher.add(pipe._streams[sid].inflight[-1], t_sent)
+    drain_s = watcher.finish()
+    for sid in sids:
+        pipe.close(sid)
+    return {"streams": n_streams, "audio_s_per_stream": seconds, **_percentiles(watcher.latencies_ms),
+            "late_pushes": late_pushes, "pushes": n_push * n_streams, "drain_after_audio_s": round(drain_s, 3)}
+
+
+def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: int) -> dict:
+    """One stream of ``minutes`` of speech with 0.6 s gaps (endpointing on), unpaced; RSS over time."""
+    gap = np.zeros(int(0.6 * rate_hz), dtype=np.float32)
+    sid = pipe.open_stream()
+    block = int(rate_hz * 0.1)
+    pushed_s, samples_mb, finals, k, t0 = 0.0, [], 0, 0, time.perf_counter()
+    next_sample_s = 0.0
+    while pushed_s < minutes * 60:
+        wave = np.concatenate([waves[k % len(waves)], gap])
+        k += 1
+        for start in range(0, len(wave), block):
+            finals += sum(r.is_final for r in pipe.push(sid, wave[start : start + block], rate_hz))
+        pushed_s += len(wave) / rate_hz
+        if pushed_s >= next_sample_s:
+            samples_mb.append((round(pushed_s / 60, 2), round(RssSampler.current_mb(STAGE_ACTORS, include_self=False), 1)))
+            next_sample_s += 60
+    finals += sum(r.is_final for r in pipe.close(sid))
+    wall = time.perf_counter() - t0
+    return {"audio_min": round(pushed_s / 60, 2), "wall_s": round(wall, 1), "rtf": round(wall / pushed_s, 4),
+            "utterances_sent": k, "finals": finals, "stage_actors_rss_mb_by_audio_minute": samples_mb}
+
+
+def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
+    import dataclasses
+
+    import ray
+
+    from pipeline.streaming import StreamingPipeline
+
+    corpus = read_corpus(args.data)
+    utts = corpus.utterances
+    files, total = [], 0.0
+    for u in utts:
+        if total >= args.seconds:
+            break
+        files.append(u.audio)
+        total += u.duration_s
+    rate = config.features.sample_rate_hz
+    waves = [load_audio(f, rate).numpy() for f in files[:40]]
+    result: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
+                    "model": str(args.model or "models/default"), "decoder": dataclasses.asdict(config.decoder)}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        with RssSampler() as sampler:
+            result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
+            pipe = StreamingPipeline(config, args.model)
+            result["streaming_settings"] = {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
+                                            "push_ms": 100}
+            runs = []
+            for n in args.streams:
+                r = bench_streams(pipe, waves, n, args.stream_seconds, rate)
+                r["kept_real_time"] = bool(r["p95_ms"] is not None and r["p95_ms"] <= args.max_p95_ms and r["late_pushes"] == 0
+                                           and r["drain_after_audio_s"] <= 1.0)
+                runs.append(r)
+                print(json.dumps(r), flush=True)
+            result["streaming"] = runs
+            kept = [r["streams"] for r in runs if r["kept_real_time"]]
+            result["max_realtime_streams"] = {"streams": max(kept) if kept else 0, "criterion": f"p95 <= {args.max_p95_ms} ms, no late pushes"}
+            if args.long_minutes > 0:
+                result["long_stream"] = bench_long_stream(pipe, waves, args.long_minutes, rate)
+            pipe.shutdown()
+        result["peak_rss_mb"] = round(sampler.peak_mb, 1)
+    finally:
+        ray.shutdown()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_path:
+        Path(args.json_path).write_text(text + "\n")
+    return 0
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="../shared/data/an4", help="corpus root or manifest to benchmark on")
+    parser.add_argument("--seconds", type=float, default=600.0, help="audio seconds for the batch benchmark")
+    parser.add_argument("--batch-actors", type=int, default=2, help="Ray Data actors for the batch benchmark")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16, 32], help="concurrent stream counts to try")
+    parser.add_argument("--stream-seconds", type=float, default=20.0, help="audio seconds per stream per run")
+    parser.add_argument("--max-p95-ms", type=float, default=150.0, help="p95 latency bound for 'kept in real time'")
+    parser.add_argument("--long-minutes", type=float, default=30.0, help="minutes of audio for the memory-flatness stream (0: skip)")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the JSON here")

@@ -1,0 +1,188 @@
+"""Batch transcription on a local Ray: every input accounted for, same text as in-process, resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import soundfile as sf
+
+from pipeline.batch import (
+    PARTIAL_NAME,
+    TRANSCRIPTS_NAME,
+    add_transcribe_arguments,
+    discover_inputs,
+    run_transcribe,
+    to_srt,
+    transcribe_inputs,
+)
+from workers.recognizer import Recognizer
+
+AN4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "an4"  # real utterances, used when present
+
+BAD_REASONS = {  # file name -> a phrase its error must contain
+    "bad/empty.wav": "empty file",
+    "bad/not_audio.wav": "not readable audio",
+    "bad/truncated.wav": "no audio samples",
+    "bad/odd_bytes.raw": "truncated raw PCM",
+}
+
+
+def _tone(rate_hz: int, seconds: float, seed: int) -> np.ndarray:
+    """A chirp plus noise, float32 in [-0.5, 0.5]."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rate_hz * seconds)) / rate_hz
+    return (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _make_tree(root: Path) -> tuple[list[str], list[str]]:
+    """Audio files of several rates/formats, nested, plus bad files. Returns (good, bad) relative paths."""
+    good = {
+        "a_8k.wav": (8000, 0.6),
+        "b_16k.wav": (16000, 1.2),
+        "c_44k.wav": (44100, 0.8),
+        "sub/d.flac": (16000, 0.9),
+        "sub/deeper/e_16k.wav": (16000, 0.4),
+    }
+    for n, (rel, (rate, seconds)) in enumerate(good.items()):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, _tone(rate, seconds, n), rate)
+    good_rel = list(good)
+    if AN4.is_dir():
+        for raw in sorted(AN4.rglob("*.raw"))[:3]:
+            rel = f"an4/{raw.name}"
+            (root / "an4").mkdir(exist_ok=True)
+            shutil.copyfile(raw, root / rel)
+            good_rel.append(rel)
+    (root / "bad").mkdir()
+    (root / "bad/empty.wav").write_bytes(b"")
+    (root / "bad/not_audio.wav").write_text("this is not audio\n" * 20)
+    (root / "bad/truncated.wav").write_bytes((root / "b_16k.wav").read_bytes()[:44])
+    (root / "bad/odd_bytes.raw").write_bytes(b"\x01\x02\x03")
+    (root / "notes.txt").write_text("not an audio suffix: ignored\n")
+    return good_rel, list(BAD_REASONS)
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / TRANSCRIPTS_NAME).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
+    root = tmp_path_factory.mktemp("audio_tree")
+    good, bad = _make_tree(root)
+    return root, good, bad
+
+
+@pytest.fixture(scope="module")
+def first_run(local_ray, tree, tiny_bundle, tmp_path_factory) -> tuple[Path, dict]:
+    root, _, _ = tree
+    out = tmp_path_factory.mktemp("out")
+    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, formats=("txt", "srt"), batch_size=3)
+    return out, summary
+
+
+def test_every_input_exactly_once_with_in_process_text(tree, first_run, tiny_bundle):
+    root, good, bad = tree
+    out, summary = first_run
+    rows = _rows(out)
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted(str(root / rel) for rel in good + bad)
+    assert len(set(paths)) == len(paths)
+    assert summary["files"] == len(good) + len(bad)
+    assert summary["transcribed"] == len(good) and summary["errors"] == len(bad) and summary["skipped"] == 0
+    assert summary["audio_s"] > 0 and summary["rtf"] > 0
+    assert not (out / PARTIAL_NAME).exists()
+    reference = Recognizer(tiny_bundle)
+    by_path = {r["path"]: r for r in rows}
+    for rel in good:
+        row, expected = by_path[str(root / rel)], reference.transcribe_file(root / rel)
+        assert row["error"] is None
+        assert row["text"] == expected.text, rel
+        assert row["duration_s"] == pytest.approx(expected.duration_s, abs=1e-3)
+        assert [w["word"] for w in row["words"]] == [w.word for w in expected.words]
+        assert all(0 <= w["start_s"] <= w["end_s"] <= row["duration_s"] + 1e-6 for w in row["words"])
+
+
+def test_errors_name_the_reason(tree, first_run):
+    root, _, bad = tree
+    by_path = {r["path"]: r for r in _rows(first_run[0])}
+    for rel in bad:
+        row = by_path[str(root / rel)]
+        assert BAD_REASONS[rel] in row["error"], (rel, row["error"])
+        assert row["text"] == "" and row["words"] == []
+
+
+def test_txt_and_srt_mirror_the_input_tree(tree, first_run):
+    root, good, bad = tree
+    out = first_run[0]
+    by_path = {r["path"]: r for r in _rows(out)}
+    for rel in good:
+        assert (out / rel).with_suffix(".txt").read_text() == by_path[str(root / rel)]["text"] + "\n"
+        assert (out / rel).with_suffix(".srt").is_file()
+    for rel in bad:
+        assert not (out / rel).with_suffix(".txt").exists()
+
+
+def test_rerun_skips_done_inputs_and_retries_errors(tree, first_run, tiny_bundle):
+    root, good, bad = tree
+    out = first_run[0]
+    before = _rows(out)
+    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle)
+    assert (summary["skipped"], summary["transcribed"], summary["errors"]) == (len(good), 0, len(bad))
+    assert _rows(out) == before
+
+
+def test_overwrite_redoes_everything(tree, first_run, tiny_bundle):
+    root, good, bad = tree
+    out = first_run[0]
+    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, overwrite=True)
+    assert (summary["skipped"], summary["transcribed"], summary["errors"]) == (0, len(good), len(bad))
+    assert len(_rows(out)) == len(good) + len(bad)
+
+
+def test_manifest_input_cli_and_resume_from_partial(local_ray, tree, tiny_bundle, tmp_path):
+    """A manifest through the CLI; a line left in the partial file by an interrupted run is reused."""
+    root, good, _ = tree
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": str(root / rel)}) + "\n" for rel in good[:3]))
+    out = tmp_path / "out"
+    out.mkdir()
+    interrupted = {"path": str(root / good[0]), "text": "from before", "duration_s": 1.0, "words": [], "error": None}
+    (out / PARTIAL_NAME).write_text(json.dumps(interrupted) + "\n" + '{"path": "half a li')
+    parser = add_transcribe_arguments(argparse.ArgumentParser())
+    assert run_transcribe(parser.parse_args([str(manifest), "--out", str(out), "--model", str(tiny_bundle), "--decoder", "greedy"])) == 0
+    rows = {r["path"]: r for r in _rows(out)}
+    assert sorted(rows) == sorted(str(root / rel) for rel in good[:3])
+    assert rows[str(root / good[0])]["text"] == "from before"
+    # an input that errors makes the exit code 1
+    bad_manifest = tmp_path / "bad.jsonl"
+    bad_manifest.write_text(json.dumps({"audio": str(root / "bad/empty.wav")}) + "\n")
+    assert run_transcribe(parser.parse_args([str(bad_manifest), "--out", str(out), "--model", str(tiny_bundle)])) == 1
+
+
+def test_missing_input_is_exit_code_2(tmp_path, tiny_bundle, capsys):
+    parser = add_transcribe_arguments(argparse.ArgumentParser())
+    code = run_transcribe(parser.parse_args([str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--model", str(tiny_bundle)]))
+    assert code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_discover_single_file_and_srt_timing(tmp_path):
+    path = tmp_path / "x.wav"
+    sf.write(path, _tone(16000, 0.5, 0), 16000)
+    (item,) = discover_inputs(path)
+    assert item.rel == "x.wav" and item.duration_s == pytest.approx(0.5)
+    record = {"words": [{"word": "hi", "start_s": 0.03, "end_s": 61.5}], "text": "hi", "error": None}
+    assert to_srt(record) == "1\n00:00:00,030 --> 00:01:01,500\nhi\n"

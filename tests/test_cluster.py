@@ -1,0 +1,196 @@
+"""A two-node Ray cluster on 127.0.0.1 (``ray start --block`` twice) and ``asr submit`` of a
+batch transcription through the Jobs API, with Ray 2.60 token authentication on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipeline.batch import TRANSCRIPTS_NAME
+from pipeline.cluster import WORKING_DIR_EXCLUDES, add_submit_arguments, build_runtime_env, job_entrypoint, run_submit
+from workers.recognizer import Recognizer
+
+VENV_BIN = Path(sys.executable).parent  # holds the `ray` executable
+START_TIMEOUT_S = 60.0
+JOB_TIMEOUT_S = 180.0
+NODE_PORT_OPTIONS = (  # each node gets its own free port for these, so two nodes share one host
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
+
+
+@dataclass
+class Cluster:
+    dashboard_url: str
+    env: dict[str, str]
+    temp_dir: Path
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 right now."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _ray_env() -> dict[str, str]:
+    """Environment of every Ray process and client here: token auth on, this venv's `ray` first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "token"
+    # On SIGTERM a node first drains (waits up to 30 s for leased workers to be returned, for
+    # Serve); a finished test has nothing to hand over, so shut down at once.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`ray start --block ...` in the background (own process group), output to ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            ["ray", "start", "--block", "--disable-usage-stats", "--num-cpus=1", f"--object-store-memory={100 * 1024**2}", *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def _wait_for(what: str, ready, procs: list[subprocess.Popen], logs: list[Path], timeout_s: float = START_TIMEOUT_S) -> None:
+    """Poll ``ready()`` until true; fail with the nodes' logs if a node exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        dead = [p for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+            pytest.fail(f"{what}: {'a node exited' if dead else f'not ready after {timeout_s:.0f} s'}\n{tails}")
+        time.sleep(0.5)
+
+
+def _http_answers(url: str) -> bool:
+    """Any HTTP answer (401 included: token auth) means the server is up."""
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each `ray start --block` (it then stops its node's processes); SIGKILL its group if it hangs."""
+    for p in reversed(procs):  # the worker node first, then the head
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+@pytest.fixture
+def two_node_cluster() -> Iterator[Cluster]:
+    """A head (with dashboard/Jobs API) and a second node with resource ``node2``, stopped afterwards."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray puts unix sockets under it
+    env = _ray_env()
+    gcs_port, dashboard_port, client_port, *node_ports = _free_ports(3 + 2 * len(NODE_PORT_OPTIONS))
+    head_ports = [f"{opt}={port}" for opt, port in zip(NODE_PORT_OPTIONS, node_ports)]
+    node2_ports = [f"{opt}={port}" for opt, port in zip(NODE_PORT_OPTIONS, node_ports[len(NODE_PORT_OPTIONS) :])]
+    logs = [temp_dir / "head.log", temp_dir / "node2.log"]
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_start_node(
+            ["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
+             f"--temp-dir={temp_dir}", *head_ports],
+            env, logs[0],
+        ))
+        _wait_for("head node", lambda: "Ray runtime started" in logs[0].read_text(), procs, logs)
+        procs.append(_start_node(
+            [f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", '--resources={"node2": 1}', *node2_ports],
+            env, logs[1],
+        ))
+        _wait_for("second node", lambda: "Ray runtime started" in logs[1].read_text(), procs, logs)
+        url = f"http://127.0.0.1:{dashboard_port}"
+        _wait_for("dashboard", lambda: _http_answers(f"{url}/api/version"), procs, logs)
+        yield Cluster(url, env, temp_dir)
+    finally:
+        _stop(procs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _make_inputs(root: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    files = [root / "a_8k.wav", root / "b_16k.wav", root / "sub" / "c_44k.flac"]
+    for path, rate in zip(files, (8000, 16000, 44100)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = np.arange(int(0.7 * rate)) / rate
+        sf.write(path, (0.3 * np.sin(2 * np.pi * 300 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32), rate)
+    return files
+
+
+@pytest.mark.slow
+def test_submit_batch_transcription_job(two_node_cluster, tiny_bundle, tmp_path):
+    inputs = _make_inputs(tmp_path / "audio")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--address", two_node_cluster.dashboard_url, "--",
+           "transcribe", str(tmp_path / "audio"), "--out", str(out), "--model", str(tiny_bundle), "--format", "txt"]
+    proc = subprocess.run(cmd, env=two_node_cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "SUCCEEDED" in log and "3 files: 3 transcribed" in log, log
+    rows = [json.loads(line) for line in (out / TRANSCRIPTS_NAME).read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in inputs)
+    reference = Recognizer(tiny_bundle)
+    for row in rows:
+        assert row["error"] is None
+        assert row["text"] == reference.transcribe_file(row["path"]).text
+        assert (out / Path(row["path"]).relative_to(tmp_path / "audio")).with_suffix(".txt").read_text() == row["text"] + "\n"
+
+
+def test_entrypoint_quotes_each_argument():
+    assert job_entrypoint(["transcribe", "/data/my audio", "--out", "/o"]) == "python -m pipeline.cli transcribe '/data/my audio' --out /o"
+
+
+def test_runtime_env_ships_the_project_and_merges_file_and_pip(tmp_path):
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("env_vars: {OMP_NUM_THREADS: '1'}\nexcludes: [data]\npip: [jiwer]\n")
+    env = build_runtime_env(env_file, pip=["rich"])
+    assert Path(env["working_dir"]) == Path(__file__).resolve().parents[1]
+    assert env["excludes"] == [*WORKING_DIR_EXCLUDES, "data"] and "models" not in env["excludes"]
+    assert env["pip"] == ["jiwer", "rich"] and env["env_vars"] == {"OMP_NUM_THREADS": "1"}
+    assert "pip" not in build_runtime_env()
+
+
+def test_submit_needs_a_command_and_a_reachable_cluster(capsys):
+    parser = add_submit_arguments(argparse.ArgumentParser())
+    assert run_submit(parser.parse_args(["--"])) == 2
+    (port,) = _free_ports(1)
+    assert run_submit(parser.parse_args(["--address", f"http://127.0.0.1:{port}", "--", "transcribe", "x", "--out", "y"])) == 2
+    assert "could not submit" in capsys.readouterr().err

@@ -1,0 +1,323 @@
+"""``scripts/stream_mic.py`` end to end, as a subprocess: a WAV file sent through the Ray
+pipeline, and real capture from a PulseAudio virtual microphone (docs: VIRTUAL_MIC.md).
+
+The model bundle is ``$ASR_STREAM_TEST_MODEL`` when set, else the trained
+``models/default`` when it exists, else the tiny untrained bundle. Untrained text is
+garbage, so the file test compares the printed finals with the in-process
+``StreamingRecognizer`` on the same file and settings; the words of the utterance are
+checked only with a trained bundle.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from pipeline.config import load_config
+from pipeline.streaming import ResultPrinter, file_blocks, format_final, run_session
+from workers.audio import read_audio
+from workers.bundle import load_bundle, save_bundle
+from workers.decoder import DecoderConfig
+from workers.recognizer import StreamingRecognizer
+from workers.stages import RecognitionResult
+from workers.tokens import BLANK_ID
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "stream_mic.py"
+TRAINED_BUNDLE = REPO / "models" / "default"
+MODEL_ENV = "ASR_STREAM_TEST_MODEL"
+UTTERANCE = Path("wav/an4_clstk/fclc/an149-fclc-b.raw")  # 2.3 s of a training speaker
+WORDS = ("enter", "nine", "eighty")
+SETTINGS = {"chunk_ms": 300.0, "lookahead_ms": 150.0, "endpoint_ms": 600.0}
+FINAL_LINE = re.compile(r"^\[(\d+\.\d+) - (\d+\.\d+)\](?: (.*))?$")
+SCRIPT_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The in-process reference runs with one thread, as the Ray actors do: on a small,
+    busy machine more threads only spin against each other (tiny LSTMs ran 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chatty_bundle(tiny_bundle_lm: Path, tmp_path_factory) -> Path:
+    """The tiny untrained bundle (lexicon + LM) with its weights scaled up and the blank
+    made less likely, so that it writes letters: an all-blank text would make comparing
+    outputs vacuous. Still garbage, but input-dependent garbage."""
+    bundle = load_bundle(tiny_bundle_lm)
+    model = bundle.model
+    with torch.no_grad():
+        for lstm in [*model.forward_lstms, *model.backward_lstms]:
+            for name, weight in lstm.named_parameters():
+                if name.startswith("weight"):
+                    weight.mul_(2.0)
+        model.output.weight.mul_(4.0)
+        model.output.bias[BLANK_ID] -= 3.0
+    path = tmp_path_factory.mktemp("chatty") / "bundle"
+    return save_bundle(path, model, bundle.features, bundle.normalizer, bundle.lexicon_path, bundle.lm_path)
+
+
+@pytest.fixture(scope="module")
+def bundle(chatty_bundle: Path) -> Path:
+    """$ASR_STREAM_TEST_MODEL (meant for a trained bundle), else models/default, else the
+    untrained chatty one."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
+    return TRAINED_BUNDLE if (TRAINED_BUNDLE / "config.json").is_file() else chatty_bundle
+
+
+@pytest.fixture(scope="module")
+def trained(bundle: Path, chatty_bundle: Path) -> bool:
+    """Whether the words of the utterance can be expected (not from an untrained bundle)."""
+    return bundle != chatty_bundle
+
+
+@pytest.fixture(scope="module")
+def an4_wav(an4_root, tmp_path_factory) -> Path:
+    """The AN4 raw utterance as a 16 kHz mono 16-bit WAV."""
+    samples, rate = read_audio(an4_root / UTTERANCE)
+    path = tmp_path_factory.mktemp("an4") / "utterance.wav"
+    sf.write(path, samples, rate, subtype="PCM_16")
+    return path
+
+
+def script_args(bundle: Path, decoder: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(SCRIPT), "--model", str(bundle), "--decoder", decoder,
+        "--chunk-ms", str(SETTINGS["chunk_ms"]), "--lookahead-ms", str(SETTINGS["lookahead_ms"]),
+        "--endpoint-ms", str(SETTINGS["endpoint_ms"]), *extra,
+    ]  # fmt: skip
+
+
+def final_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if FINAL_LINE.match(line)]
+
+
+def final_text(lines: list[str]) -> str:
+    return " ".join(FINAL_LINE.match(line).group(3) or "" for line in lines).strip()
+
+
+def in_process_lines(bundle: Path, wav: Path, decoder: str) -> list[str]:
+    """What the script should print: the in-process recogniser pushed the same blocks."""
+    streaming = load_config().streaming
+    rec = StreamingRecognizer(
+        bundle, DecoderConfig(kind=decoder), SETTINGS["chunk_ms"], SETTINGS["lookahead_ms"],
+        SETTINGS["endpoint_ms"], streaming.ingest_chunk_ms, device="cpu",
+    )  # fmt: skip
+    blocks, rate = file_blocks(wav, streaming.ingest_chunk_ms, paced=False)
+    results = [r for block in blocks for r in rec.push(block, rate)] + rec.finish()
+    return [format_final(r) for r in results if r.is_final]
+
+
+def assert_clean_exit(proc: subprocess.CompletedProcess | _Running, stderr: str) -> None:
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+def test_file_fast_matches_in_process(bundle: Path, trained: bool, an4_wav: Path) -> None:
+    proc = subprocess.run(
+        script_args(bundle, "beam", "--file", str(an4_wav), "--fast"),
+        capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, cwd=REPO,
+    )  # fmt: skip
+    assert_clean_exit(proc, proc.stderr)
+    printed = final_lines(proc.stdout)
+    assert printed == in_process_lines(bundle, an4_wav, "beam"), proc.stdout
+    assert final_text(printed)  # the comparison is not vacuous
+    if trained:
+        assert set(WORDS) <= set(final_text(printed).split())
+
+
+def test_missing_input_device_exits_2() -> None:
+    """No such device (or no PortAudio at all): a one-line error and exit code 2, before Ray starts."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--mic", "--device", "no-such-input-device-xyz"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class _FakePipeline:
+    """Stands in for ``StreamingPipeline`` in ``run_session``; can raise Ctrl-C in a push."""
+
+    def __init__(self, interrupt_at_push: int | None) -> None:
+        self.interrupt_at_push = interrupt_at_push
+        self.pushes = 0
+        self.closed = False
+
+    def open_stream(self) -> str:
+        return "s"
+
+    def push(self, stream_id: str, block: np.ndarray, rate_hz: int) -> list[RecognitionResult]:
+        self.pushes += 1
+        if self.pushes == self.interrupt_at_push:
+            raise KeyboardInterrupt
+        return [RecognitionResult(stream_id, "partial", False, 0.0, 0.1 * self.pushes)]
+
+    def close(self, stream_id: str) -> list[RecognitionResult]:
+        self.closed = True
+        return [RecognitionResult(stream_id, "last words", True, 0.0, 0.3)]
+
+
+@pytest.mark.parametrize("where", ["capture", "push"])
+def test_ctrl_c_flushes_the_last_result_and_stops_capture(where: str) -> None:
+    """Ctrl-C while waiting for audio, or inside a push: the stream is closed, its final
+    printed, the capture stopped, and the session ends normally (exit code 0)."""
+    capture_stopped = []
+
+    def blocks():
+        try:
+            for _ in range(3):
+                yield np.zeros(1600, np.float32)
+            if where == "capture":
+                raise KeyboardInterrupt
+            yield np.zeros(1600, np.float32)
+        finally:
+            capture_stopped.append(True)
+
+    pipeline = _FakePipeline(interrupt_at_push=3 if where == "push" else None)
+    out = io.StringIO()
+    assert run_session(pipeline, blocks(), 16000, ResultPrinter(out)) == 0
+    assert pipeline.closed and capture_stopped
+    assert out.getvalue() == "[0.00 - 0.30] last words\n"
+
+
+# --------------------------------------------------------------------------- virtual microphone
+
+MIC_PA = """\
+load-module module-native-protocol-unix auth-anonymous=1 socket={run}/pulse.sock
+load-module module-null-sink sink_name=vmic_sink rate=16000 channels=1
+load-module module-remap-source source_name=vmic master=vmic_sink.monitor
+set-default-sink vmic_sink
+set-default-source vmic
+"""
+
+
+def _stop_pid(pid: int, timeout_s: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def virtual_mic() -> Iterator[dict[str, str]]:
+    """A PulseAudio daemon with a null sink and a source on its monitor (the default input),
+    plus the silence keepalive; yields the environment that reaches it. Stopped by pid."""
+    missing = [tool for tool in ("pulseaudio", "pacat", "paplay") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"PulseAudio not installed ({', '.join(missing)} missing: apt-get install pulseaudio pulseaudio-utils)")
+    if ctypes.util.find_library("portaudio") is None:
+        pytest.skip("PortAudio not installed (apt-get install libportaudio2)")
+    run = Path(tempfile.mkdtemp(prefix="vmic-"))  # short: the socket path must fit in 108 bytes
+    (run / "home").mkdir()
+    (run / "mic.pa").write_text(MIC_PA.format(run=run))
+    env = {
+        **os.environ, "XDG_RUNTIME_DIR": str(run), "PULSE_RUNTIME_PATH": str(run / "pulse"),
+        "PULSE_SERVER": f"unix:{run}/pulse.sock", "HOME": str(run / "home"),
+    }  # fmt: skip
+    keepalive = None
+    try:
+        subprocess.run(
+            ["pulseaudio", "--daemonize=yes", "--system=false", "--exit-idle-time=-1", "--disallow-exit=yes",
+             "-n", "-F", str(run / "mic.pa"), "--use-pid-file=yes", f"--log-target=file:{run}/pulse.log"],
+            env=env, check=True, timeout=30,
+        )  # fmt: skip
+        keepalive = subprocess.Popen(
+            ["pacat", "--playback", "--raw", "--format=s16le", "--rate=16000", "--channels=1", "--latency-msec=20", "/dev/zero"],
+            env=env,
+        )  # fmt: skip
+        time.sleep(2)  # the keepalive makes the monitor deliver on time; give it a moment
+        yield env
+    finally:
+        if keepalive is not None:
+            keepalive.terminate()
+            keepalive.wait(timeout=5)
+        pid_file = run / "pulse" / "pid"
+        if pid_file.is_file():
+            _stop_pid(int(pid_file.read_text().split()[0]))
+        shutil.rmtree(run, ignore_errors=True)
+
+
+class _Running:
+    """A subprocess whose stdout and stderr are collected line by line in threads."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.listening = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, pipe, lines: list[str]) -> None:
+        for line in pipe:
+            lines.append(line)
+            if line.startswith("Listening"):
+                self.listening.set()
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        for thread in self._threads:
+            thread.join(timeout=5)
+        return self.proc.returncode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+
+def test_mic_capture_through_virtual_microphone(virtual_mic: dict[str, str], bundle: Path, trained: bool, an4_wav: Path) -> None:
+    duration_s = sf.info(an4_wav).duration
+    max_seconds = duration_s + 1.5  # room for playback to start late
+    env = {**os.environ, "PULSE_SERVER": virtual_mic["PULSE_SERVER"]}  # all the script needs
+    running = _Running(script_args(bundle, "greedy", "--mic", "--max-seconds", str(max_seconds)), env)
+    try:
+        assert running.listening.wait(SCRIPT_TIMEOUT_S), "".join(running.stderr)
+        subprocess.run(["paplay", str(an4_wav)], env=virtual_mic, check=True, timeout=30)
+    finally:
+        running.wait(SCRIPT_TIMEOUT_S)
+    stderr = "".join(running.stderr)
+    assert_clean_exit(running, stderr)
+    printed = final_lines("".join(running.stdout))
+    assert printed, "".join(running.stdout) + stderr
+    end_s = float(FINAL_LINE.match(printed[-1]).group(2))
+    assert end_s >= max_seconds - 0.2  # all the captured audio went through the pipeline
+    if trained:
+        assert set(WORDS) <= set(final_text(printed).split()), printed

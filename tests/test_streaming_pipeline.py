@@ -1,0 +1,244 @@
+"""The Ray streaming pipeline (pipeline.streaming) must give what the in-process
+``StreamingRecognizer`` gives on the same audio and settings, for many concurrent streams."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from pipeline.config import AppConfig, StreamingConfig
+from pipeline.streaming import PipelineStats, StreamError, StreamingPipeline, acoustic_num_gpus
+from workers.audio import AudioError
+from workers.bundle import load_bundle
+from workers.decoder import DecoderConfig
+from workers.features import MfccExtractor
+from workers.recognizer import StreamingRecognizer, frames_for_ms
+from workers.stages import AcousticStage, RecognitionResult
+
+RATE_HZ = 16000
+STREAMING = StreamingConfig(
+    chunk_ms=150.0,
+    lookahead_ms=90.0,
+    ingest_chunk_ms=100.0,
+    endpoint_silence_ms=300.0,
+    max_batch_wait_ms=20.0,
+    max_inflight_chunks=4,
+    acoustic_resources={"asr_acoustic": 1},  # custom resources place actors on chosen nodes
+    decoder_resources={"asr_decoder": 1},
+)
+CONFIG = AppConfig(streaming=STREAMING)
+NODE_RESOURCES = {"asr_acoustic": 2, "asr_decoder": 2}
+
+
+@dataclass
+class Pipe:
+    pipeline: StreamingPipeline
+    bundle: Path
+    kind: str
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The in-process reference runs with one thread, as the Ray actors do: on a small,
+    busy machine more threads only spin against each other (tiny LSTMs ran 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, resources=NODE_RESOURCES, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=["greedy", "beam"])
+def pipe(request, local_ray, tiny_bundle, tiny_bundle_lm) -> Pipe:
+    """One pipeline per decoder kind (beam with the lexicon + LM bundle), shared by the tests."""
+    bundle = tiny_bundle if request.param == "greedy" else tiny_bundle_lm
+    pipeline = StreamingPipeline(CONFIG, bundle, DecoderConfig(kind=request.param))
+    yield Pipe(pipeline, bundle, request.param)
+    pipeline.shutdown()
+
+
+def make_audio(seed: int, seconds: float) -> np.ndarray:
+    """(samples,) float32 at 16 kHz: noise plus a tone switched on and off, different per seed."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(RATE_HZ * seconds)) / RATE_HZ
+    gate = np.sin(2 * np.pi * (0.6 + 0.25 * seed) * t) > 0.2
+    tone = np.sin(2 * np.pi * (180 + 90 * seed) * t) * gate
+    return (0.04 * rng.standard_normal(len(t)) + 0.3 * tone).astype(np.float32)
+
+
+def random_pieces(audio: np.ndarray, rng: random.Random, max_samples: int = 4000) -> list[np.ndarray]:
+    """Cut audio at random points (pieces of 1..max_samples samples)."""
+    pieces, start = [], 0
+    while start < len(audio):
+        step = rng.randint(1, max_samples)
+        pieces.append(audio[start : start + step])
+        start += step
+    return pieces
+
+
+def reference(pipe: Pipe, pieces: list[np.ndarray], rate_hz: int = RATE_HZ) -> list[RecognitionResult]:
+    """The in-process recogniser on the same pushes and settings."""
+    rec = StreamingRecognizer(
+        pipe.bundle,
+        DecoderConfig(kind=pipe.kind),
+        chunk_ms=STREAMING.chunk_ms,
+        lookahead_ms=STREAMING.lookahead_ms,
+        endpoint_silence_ms=STREAMING.endpoint_silence_ms,
+        ingest_chunk_ms=STREAMING.ingest_chunk_ms,
+        device="cpu",
+    )
+    results = [r for piece in pieces for r in rec.push(piece, rate_hz)]
+    return results + rec.finish()
+
+
+def run_interleaved(pipeline: StreamingPipeline, streams: dict[str, tuple[list[np.ndarray], int]], seed: int = 0) -> dict[str, list[RecognitionResult]]:
+    """Push every stream's pieces in a random interleaving (each stream's own order kept),
+    then close the streams in random order."""
+    rng = random.Random(seed)
+    ids = {name: pipeline.open_stream() for name in streams}
+    schedule = [name for name, (pieces, _) in streams.items() for _ in pieces]
+    rng.shuffle(schedule)
+    next_piece = dict.fromkeys(streams, 0)
+    results: dict[str, list[RecognitionResult]] = {name: [] for name in streams}
+    for name in schedule:
+        pieces, rate = streams[name]
+        results[name] += pipeline.push(ids[name], pieces[next_piece[name]], rate)
+        next_piece[name] += 1
+    for name in rng.sample(list(streams), len(streams)):
+        results[name] += pipeline.close(ids[name])
+    for name, stream_results in results.items():
+        assert {r.stream_id for r in stream_results} <= {ids[name]}
+    return results
+
+
+def finals(results: list[RecognitionResult]) -> list[tuple[str, float, float, list[tuple[str, float, float]]]]:
+    return [(r.text, round(r.start_s, 4), round(r.end_s, 4), [(w.word, round(w.start_s, 4), round(w.end_s, 4)) for w in r.words]) for r in results if r.is_final]
+
+
+def last_partial(results: list[RecognitionResult]) -> str | None:
+    partials = [r.text for r in results if not r.is_final]
+    return partials[-1] if partials else None
+
+
+def assert_in_order(results: list[RecognitionResult]) -> None:
+    """Results of one stream come back in time order and end with a final."""
+    ends = [r.end_s for r in results]
+    assert ends == sorted(ends)
+    assert results and results[-1].is_final
+
+
+def test_concurrent_streams_match_in_process(pipe: Pipe) -> None:
+    rng = random.Random(1)
+    streams = {f"s{i}": (random_pieces(make_audio(i, 1.5 + 0.3 * i), rng), RATE_HZ) for i in range(6)}
+    stereo_8k = (make_audio(7, 2.0)[::2, None] * np.array([[20000, 12000]])).astype(np.int16)  # (samples, 2) int16
+    streams["int16-stereo-8k"] = (random_pieces(stereo_8k, rng, 2000), 8000)
+
+    got = run_interleaved(pipe.pipeline, streams)
+
+    for name, (pieces, rate) in streams.items():
+        want = reference(pipe, pieces, rate)
+        assert_in_order(got[name])
+        assert finals(got[name]) == finals(want), name
+        assert last_partial(got[name]) == last_partial(want), name
+    assert len({str(finals(r)) for r in got.values()}) > 1  # different audio, different results
+    assert pipe.pipeline.acoustic_stats()["max_streams_per_round"] > 1  # streams were batched together
+
+
+def test_same_audio_gives_same_result_alone_or_among_others(pipe: Pipe) -> None:
+    rng = random.Random(2)
+    audio = random_pieces(make_audio(3, 2.0), rng)
+    alone = run_interleaved(pipe.pipeline, {"a": (audio, RATE_HZ)})["a"]
+    others = {f"o{i}": (random_pieces(make_audio(10 + i, 2.5), rng), RATE_HZ) for i in range(5)}
+    mixed = run_interleaved(pipe.pipeline, {"a": (audio, RATE_HZ), **others}, seed=3)["a"]
+    assert finals(mixed) == finals(alone)
+    assert last_partial(mixed) == last_partial(alone)
+
+
+def test_backpressure_bounds_inflight_chunks(pipe: Pipe) -> None:
+    pipeline = pipe.pipeline
+    pipeline.stats = PipelineStats()
+    limit = STREAMING.max_inflight_chunks
+    sid = pipeline.open_stream()
+    results = []
+    for piece in np.array_split(make_audio(5, 12.0), 24):  # 12 s pushed far faster than real time
+        results += pipeline.push(sid, piece, RATE_HZ)
+        assert pipeline.inflight(sid) <= limit
+    results += pipeline.close(sid)
+    assert pipeline.stats.max_inflight == limit  # the producer got ahead ...
+    assert pipeline.stats.blocked_pushes > 0  # ... and was held back
+    assert_in_order(results)
+
+
+def test_bad_input_and_unknown_streams(pipe: Pipe) -> None:
+    pipeline = pipe.pipeline
+    sid = pipeline.open_stream()
+    with pytest.raises(AudioError):
+        pipeline.push(sid, np.array([0.0, np.nan], dtype=np.float32), RATE_HZ)
+    pipeline.push(sid, make_audio(1, 0.5), RATE_HZ)  # the stream is still usable
+    assert pipeline.close(sid)[-1].is_final
+    with pytest.raises(KeyError):
+        pipeline.push(sid, make_audio(1, 0.1), RATE_HZ)
+    with pytest.raises(ValueError):
+        pipeline.open_stream(pipeline.open_stream("dup"))
+
+
+def test_acoustic_actor_batches_and_reorders_exactly(pipe: Pipe) -> None:
+    """Log-probs of interleaved streams, with calls arriving out of order, equal the
+    in-process single-stream ``AcousticStage`` (a sensitive check of per-stream state)."""
+    bundle = load_bundle(pipe.bundle)
+    frame_ms = bundle.features.frame_ms
+    chunk, right = frames_for_ms(STREAMING.chunk_ms, frame_ms), frames_for_ms(STREAMING.lookahead_ms, frame_ms)
+    extractor = MfccExtractor(bundle.features, bundle.normalizer)
+    features = {f"direct-{i}": extractor(torch.from_numpy(make_audio(i, 2.0 + 0.4 * i))) for i in range(3)}
+    pieces = {sid: list(f.split(7)) for sid, f in features.items()}  # (<=7 frames, feature_dim) each
+    calls = [(sid, seq) for sid, p in pieces.items() for seq in range(len(p))]
+    random.Random(4).shuffle(calls)  # later chunks of a stream often arrive before earlier ones
+    acoustic = pipe.pipeline.actors["acoustic"]
+    refs = {(sid, seq): acoustic.process.remote(sid, seq, pieces[sid][seq], seq == len(pieces[sid]) - 1) for sid, seq in calls}
+    for sid, feats in features.items():
+        got = torch.cat([ray.get(refs[(sid, seq)]) for seq in range(len(pieces[sid]))])
+        (want,) = AcousticStage(bundle.model, chunk, right).process([(sid, feats, True)])
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_actor_placement_options(pipe: Pipe) -> None:
+    """The acoustic and decoder actors hold their configured custom resources; with no GPU
+    in the cluster the auto setting (-1) asks for none, an explicit one is passed through."""
+    available = ray.available_resources()
+    assert available.get("asr_acoustic", 0) == NODE_RESOURCES["asr_acoustic"] - 1
+    assert available.get("asr_decoder", 0) == NODE_RESOURCES["asr_decoder"] - 1
+    assert "GPU" not in ray.cluster_resources()
+    assert acoustic_num_gpus(STREAMING) == 0
+    assert acoustic_num_gpus(StreamingConfig(acoustic_num_gpus=0.5)) == 0.5
+
+
+def test_crashed_actor_fails_its_streams_and_restarts_for_new_ones(pipe: Pipe) -> None:
+    if pipe.kind != "greedy":
+        pytest.skip("restarts do not depend on the decoder kind; run once (greedy) to save a restart")
+    pipeline = pipe.pipeline
+    sid = pipeline.open_stream()
+    pipeline.push(sid, make_audio(1, 1.0), RATE_HZ)
+    ray.kill(pipeline.actors["decoder"], no_restart=False)  # a crash: Ray restarts it (max_restarts)
+    with pytest.raises(StreamError):
+        for _ in range(10):
+            pipeline.push(sid, make_audio(1, 0.3), RATE_HZ)
+        pipeline.close(sid)
+    with pytest.raises(KeyError):
+        pipeline.inflight(sid)  # the failed stream was dropped
+    pieces = random_pieces(make_audio(2, 1.5), random.Random(5))
+    got = run_interleaved(pipeline, {"after": (pieces, RATE_HZ)})["after"]
+    assert finals(got) == finals(reference(pipe, pieces))
