@@ -50,3 +50,13 @@ def an4_root() -> Path:
     if not AN4.is_dir():
         pytest.skip(f"{AN4} not present")
     return AN4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests run torch with one thread, as the Ray actors do: on a small, busy machine more
+    threads only spin against each other (tiny LSTMs ran up to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

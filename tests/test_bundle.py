@@ -17,12 +17,6 @@ from workers.tokens import TOKENS
 FEATURES = FeatureConfig(n_mels=8, n_mfcc=4, stack_frames=3)  # feature_dim 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_model(hidden_size: int = 16, seed: int = 0) -> BiLSTMCTC:

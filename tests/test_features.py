@@ -13,13 +13,6 @@ from workers.features import FeatureConfig, MfccExtractor, Normalizer, Streaming
 RATE = 16000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: more threads only add contention (CI boxes are small and busy)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_signal(seed: int, seconds: float) -> torch.Tensor:

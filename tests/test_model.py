@@ -15,13 +15,6 @@ ATOL = 1e-5
 CHUNKINGS = [(1, 0), (1, 2), (3, 0), (4, 2), (5, 5), (7, 3), (10, 1)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: more threads only add contention (CI boxes are small and busy)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny(seed: int = 0, **overrides) -> BiLSTMCTC:

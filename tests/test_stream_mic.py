@@ -49,14 +49,6 @@ FINAL_LINE = re.compile(r"^\[(\d+\.\d+) - (\d+\.\d+)\](?: (.*))?$")
 SCRIPT_TIMEOUT_S = 180
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The in-process reference runs with one thread, as the Ray actors do: on a small,
-    busy machine more threads only spin against each other (tiny LSTMs ran 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

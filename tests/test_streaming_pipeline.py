@@ -44,14 +44,6 @@ class Pipe:
     kind: str
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The in-process reference runs with one thread, as the Ray actors do: on a small,
-    busy machine more threads only spin against each other (tiny LSTMs ran 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

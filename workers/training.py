@@ -295,7 +295,7 @@ class Trainer:
             x = self.augment(x.to(self.device))
             chunk, rc = self._draw_chunking()
             log_probs = self.model(x, lengths, chunk, rc)
-            loss = self.ctc(log_probs.transpose(0, 1), targets, lengths, target_lengths)
+            loss = self.ctc(log_probs.transpose(0, 1), targets.to(self.device), lengths, target_lengths)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
