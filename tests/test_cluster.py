@@ -43,6 +43,7 @@ NODE_PORT_OPTIONS = (  # each node gets its own free port for these, so two node
 @dataclass
 class Cluster:
     dashboard_url: str
+    gcs_address: str
     env: dict[str, str]
     temp_dir: Path
 
@@ -114,9 +115,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=10)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster() -> Iterator[Cluster]:
-    """A head (with dashboard/Jobs API) and a second node with resource ``node2``, stopped afterwards."""
+    """A head (resource ``head``, dashboard/Jobs API) and a second node (resource ``node2``), stopped afterwards."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray puts unix sockets under it
     env = _ray_env()
     gcs_port, dashboard_port, client_port, *node_ports = _free_ports(3 + 2 * len(NODE_PORT_OPTIONS))
@@ -128,7 +129,7 @@ def two_node_cluster() -> Iterator[Cluster]:
         procs.append(_start_node(
             ["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
-             f"--temp-dir={temp_dir}", *head_ports],
+             f"--temp-dir={temp_dir}", '--resources={"head": 1}', *head_ports],
             env, logs[0],
         ))
         _wait_for("head node", lambda: "Ray runtime started" in logs[0].read_text(), procs, logs)
@@ -139,7 +140,7 @@ def two_node_cluster() -> Iterator[Cluster]:
         _wait_for("second node", lambda: "Ray runtime started" in logs[1].read_text(), procs, logs)
         url = f"http://127.0.0.1:{dashboard_port}"
         _wait_for("dashboard", lambda: _http_answers(f"{url}/api/version"), procs, logs)
-        yield Cluster(url, env, temp_dir)
+        yield Cluster(url, f"127.0.0.1:{gcs_port}", env, temp_dir)
     finally:
         _stop(procs)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -194,3 +195,54 @@ def test_submit_needs_a_command_and_a_reachable_cluster(capsys):
     (port,) = _free_ports(1)
     assert run_submit(parser.parse_args(["--address", f"http://127.0.0.1:{port}", "--", "transcribe", "x", "--out", "y"])) == 2
     assert "could not submit" in capsys.readouterr().err
+
+
+STREAM_DRIVER = """
+import json, sys
+import numpy as np, ray, soundfile as sf
+from ray.util.state import list_actors
+from pipeline.config import load_config
+from pipeline.streaming import StreamingPipeline
+config = load_config(None, ["streaming.acoustic_resources={node2: 0.5}", "streaming.decoder_resources={head: 0.5}",
+                            "decoder.kind=greedy"])
+ray.init(address=sys.argv[1])
+pipe = StreamingPipeline(config, sys.argv[2])
+wave, rate = sf.read(sys.argv[3], dtype="float32")
+sid = pipe.open_stream()
+results = []
+for start in range(0, len(wave), 1234):
+    results += pipe.push(sid, wave[start : start + 1234], rate)
+results += pipe.close(sid)
+nodes = {a.class_name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])}
+names = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+placed = {cls: sorted(k for k in names[node] if k in ("head", "node2")) for cls, node in nodes.items() if cls.endswith("Actor")}
+print(json.dumps({"final": [r.text for r in results if r.is_final], "placed": placed}))
+pipe.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_streaming_session_with_actors_on_both_nodes(two_node_cluster, tiny_bundle, tmp_path):
+    from workers.decoder import DecoderConfig
+    from workers.recognizer import StreamingRecognizer
+
+    rng = np.random.default_rng(1)
+    t = np.arange(int(1.7 * 16000)) / 16000
+    wave = (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    path = tmp_path / "s.wav"
+    sf.write(path, wave, 16000)
+    env = {**two_node_cluster.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", STREAM_DRIVER, two_node_cluster.gcs_address, str(tiny_bundle), str(path)],
+                          env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["placed"]["AcousticActor"] == ["node2"], out
+    assert out["placed"]["DecoderActor"] == ["head"], out
+    from pipeline.config import load_config
+
+    streaming = load_config().streaming
+    reference = StreamingRecognizer(tiny_bundle, DecoderConfig(kind="greedy"), streaming.chunk_ms, streaming.lookahead_ms,
+                                    streaming.endpoint_silence_ms)
+    for start in range(0, len(wave), 1234):
+        reference.push(wave[start : start + 1234], 16000)
+    assert out["final"] == [r.text for r in reference.finish() if r.is_final]
