@@ -294,10 +294,13 @@ class CtcDecoder:
             state.search.decode_step(emissions)
 
     def _best(self, search: CTCDecoder) -> Hypothesis:
-        hypotheses = search.get_final_hypothesis()
-        if not hypotheses:
+        # Pick the best of flashlight's raw results and convert only that one: converting
+        # all of them (``get_final_hypothesis``) walks every path in Python at every chunk.
+        results = search.decoder.get_all_final_hypothesis()
+        if not results:
             return Hypothesis("", [], float("-inf"))
-        return self._from_ctc_hypothesis(max(hypotheses, key=lambda h: h.score))
+        best = max(results, key=lambda r: r.score)
+        return self._from_ctc_hypothesis(search._to_hypo([best])[0])
 
     def _from_ctc_hypothesis(self, hyp: CTCHypothesis) -> Hypothesis:
         """flashlight's ``timesteps`` count from 1 (0 is the start state, reported as a
