@@ -397,6 +397,7 @@ class StreamingPipeline:
         self._owns_ray = connect_ray(address)
         self.stats = PipelineStats()
         self._streams: dict[str, _Stream] = {}
+        self._recovering = False  # a stream failed: open_stream first waits for restarted actors
         self.actors: dict[str, Any] = {}  # stage name -> actor handle (ingest, features, acoustic, decoder)
         try:
             self._start_actors(bundle, decoder_config or self.config.decoder)
@@ -444,8 +445,25 @@ class StreamingPipeline:
         stream_id = stream_id or uuid.uuid4().hex
         if stream_id in self._streams:
             raise ValueError(f"stream {stream_id} is already open")
+        if self._recovering:
+            self._wait_for_actors()
         self._streams[stream_id] = _Stream()
         return stream_id
+
+    def _wait_for_actors(self) -> None:
+        """After a stream failed, wait until every stage actor answers again (a crashed one
+        restarts: new streams must not reach it mid-restart)."""
+        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+        for actor in self.actors.values():
+            while True:
+                try:
+                    ray.get(actor.__ray_ready__.remote(), timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        self._recovering = False
 
     def push(self, stream_id: str, samples: np.ndarray | torch.Tensor, rate_hz: int) -> list[RecognitionResult]:
         """Send audio (samples,) or (samples, channels), float in [-1, 1] or integer PCM, at
@@ -540,6 +558,7 @@ class StreamingPipeline:
     def _abort(self, stream_id: str) -> None:
         """Forget a failed stream everywhere (best effort: an actor may be restarting)."""
         self._streams.pop(stream_id, None)
+        self._recovering = True
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get([actor.drop.remote(stream_id) for actor in self.actors.values()], timeout=10)
 

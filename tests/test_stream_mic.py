@@ -299,7 +299,9 @@ def test_mic_capture_through_virtual_microphone(virtual_mic: dict[str, str], bun
     duration_s = sf.info(an4_wav).duration
     max_seconds = duration_s + 1.5  # room for playback to start late
     env = {**os.environ, "PULSE_SERVER": virtual_mic["PULSE_SERVER"]}  # all the script needs
-    running = _Running(script_args(bundle, "greedy", "--mic", "--max-seconds", str(max_seconds)), env)
+    # Endpointing off (longer than the capture): one final then covers all the captured audio.
+    no_endpoint = ("--endpoint-ms", str(1000 * (max_seconds + 10)))
+    running = _Running(script_args(bundle, "greedy", "--mic", "--max-seconds", str(max_seconds), *no_endpoint), env)
     try:
         assert running.listening.wait(SCRIPT_TIMEOUT_S), "".join(running.stderr)
         subprocess.run(["paplay", str(an4_wav)], env=virtual_mic, check=True, timeout=30)
