@@ -7,7 +7,8 @@ All figures come from one run on the machine it runs on:
   (``transcribe_inputs``, Ray already started); real-time factors and their speed ratio.
 - ``streaming``: N concurrent streams, each fed 100 ms of audio every 100 ms (real time);
   latency per push, from the push to its chain's results coming back, over the pushes
-  that returned a partial (p50/p95/p99); whether the pipeline kept up.
+  that returned a partial (p50/p95/p99); whether the pipeline kept up; and where that
+  latency goes (``latency_breakdown``: p50/p95 per stage and per hop between stages).
 - ``max_realtime_streams``: the largest N tried whose p95 latency stayed within
   ``--max-p95-ms`` and whose results kept pace with the audio.
 - ``long_stream``: one stream of ``--long-minutes`` of speech pushed as fast as the pipeline
@@ -34,6 +35,9 @@ from workers.audio import load_audio
 from workers.corpus import read_corpus
 
 STAGE_ACTORS = ("ray::IngestActor", "ray::FeatureActor", "ray::AcousticActor", "ray::DecoderActor")
+# Where a push's latency goes: waits/transfers between stages and the time inside each stage
+# (the acoustic span includes waiting for its batch). From the stages' wall-clock stamps.
+STAGE_SPANS = ("queue_and_send", "ingest", "to_features", "features", "to_acoustic", "acoustic", "to_decoder", "decoder", "to_driver")
 
 
 class RssSampler:
@@ -106,40 +110,54 @@ def bench_batch(files: list[str], bundle: str | None, config: AppConfig, concurr
 
 
 class _CompletionWatcher:
-    """Timestamps chains as they complete, in a thread, so latency is not quantised by the push loop."""
+    """Timestamps pushes as their chains complete, in a thread, so latency is not quantised
+    by the push loop. A push counts when its results hold a partial (it completed a chunk)."""
 
     def __init__(self) -> None:
         import ray
 
         self._ray = ray
         self._lock = threading.Lock()
-        self._pending: dict = {}  # ObjectRef -> send time
+        self._pending: list = []  # (stream_id, _Push, send time)
         self.latencies_ms: list[float] = []
+        self.breakdowns_ms: list[list[float]] = []  # per counted push: time in each STAGE_SPANS span
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def add(self, ref, t_sent: float) -> None:
+    def add(self, stream_id: str, push, t_sent: float) -> None:
         with self._lock:
-            self._pending[ref] = t_sent
+            self._pending.append((stream_id, push, t_sent))
 
     def _run(self) -> None:
         while not self._stop.is_set() or self._pending:
             with self._lock:
-                refs = list(self._pending)
-            if not refs:
+                pending = list(self._pending)
+            chains = {id(p.chain): p.chain for _, p, _ in pending if p.chain is not None and p.chain.refs}
+            if not chains:
                 time.sleep(0.001)
                 continue
+            refs = [r for c in chains.values() for r in c.refs]
             done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0.002)
             t_done = time.perf_counter()
-            for ref in done:
-                with self._lock:
-                    t_sent = self._pending.pop(ref)
-                if self._ray.get(ref):  # this push completed a model chunk and returned a partial
-                    self.latencies_ms.append(1000 * (t_done - t_sent))
+            done = set(done)
+            finished = [(sid, p, t) for sid, p, t in pending if p.chain is not None and all(r in done for r in p.chain.refs)]
+            t_done_wall = time.time()
+            for sid, push, t_sent in finished:
+                outcome = push.chain.results()
+                item = None if isinstance(outcome, BaseException) else outcome.get((sid, push.seq))
+                if item is not None and item.data:  # this push completed a model chunk and returned a partial
+                    latency_s = t_done - t_sent
+                    self.latencies_ms.append(1000 * latency_s)
+                    if len(item.stage_times) == 2 * len(STAGE_ACTORS):
+                        marks = [t_done_wall - latency_s, *item.stage_times, t_done_wall]
+                        self.breakdowns_ms.append([1000 * (b - a) for a, b in zip(marks, marks[1:])])
+            with self._lock:
+                gone = {id(p) for _, p, _ in finished}
+                self._pending = [e for e in self._pending if id(e[1]) not in gone]
 
     def finish(self) -> float:
-        """Wait for every chain; returns the seconds that took."""
+        """Wait for every push; returns the seconds that took."""
         t0 = time.perf_counter()
         self._stop.set()
         self._thread.join()
@@ -165,12 +183,16 @@ def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float,
             offset = (k * block) % max(1, len(src) - block)
             t_sent = time.perf_counter()
             pipe.push(sid, src[offset : offset + block], rate_hz)
-            watcher.add(pipe._streams[sid].inflight[-1], t_sent)
+            watcher.add(sid, pipe._streams[sid].inflight[-1], t_sent)
     drain_s = watcher.finish()
     for sid in sids:
         pipe.close(sid)
+    spans = np.array(watcher.breakdowns_ms).reshape(-1, len(STAGE_SPANS))
+    breakdown = {name: {k: v for k, v in _percentiles(list(spans[:, i])).items() if k in ("p50_ms", "p95_ms")}
+                 for i, name in enumerate(STAGE_SPANS)}
     return {"streams": n_streams, "audio_s_per_stream": seconds, **_percentiles(watcher.latencies_ms),
-            "late_pushes": late_pushes, "pushes": n_push * n_streams, "drain_after_audio_s": round(drain_s, 3)}
+            "late_pushes": late_pushes, "pushes": n_push * n_streams, "drain_after_audio_s": round(drain_s, 3),
+            "latency_breakdown": breakdown}
 
 
 def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: int) -> dict:

@@ -41,6 +41,7 @@ import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -119,6 +120,50 @@ class _SequenceCheck:
         self._next.pop(stream_id, None)
 
 
+@dataclass
+class StageItem:
+    """One push of one stream on its way through the stages of a chain.
+
+    ``data`` is the stage's input and, after it, its output: (audio, rate_hz) for ingest
+    (None at the end of the stream), model-rate chunks for features, features (frames,
+    feature_dim) for the acoustic model, log-probs (frames, num_tokens) for the decoder,
+    and the decoder's ``list[RecognitionResult]``. Arrays travel as numpy float32, which
+    Ray serialises far faster than torch tensors. ``error`` is set when a stage failed on
+    this item; later stages pass it on untouched and forget the stream.
+    """
+
+    stream_id: str
+    seq: int
+    is_last: bool
+    data: Any = None
+    error: str | None = None
+    decoder: int = 0  # which decoder actor keeps this stream's state
+    stage_times: tuple[float, ...] = ()  # time.time() at entry to and exit from each stage so far
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A writable float32 tensor from an array Ray handed over (those are read-only views)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def _each(items: list[StageItem], work: Any, drop: Any) -> list[StageItem]:
+    """Run ``work(item) -> new data`` on each item in order; an item that fails (or failed
+    upstream) carries its error on, and its stream's state here is dropped."""
+    out = []
+    t_in = time.time()
+    for item in items:
+        if item.error is None:
+            try:
+                item = dataclasses.replace(item, data=work(item))
+            except Exception as exc:  # one stream's failure must not fail the others in the chain
+                item = dataclasses.replace(item, data=None, error=f"{type(exc).__name__}: {exc}")
+        if item.error is not None:
+            with contextlib.suppress(Exception):
+                drop(item.stream_id)
+        out.append(dataclasses.replace(item, stage_times=item.stage_times + (t_in, time.time())))
+    return out
+
+
 class IngestActor:
     """Wraps ``IngestStage``: audio of any size and rate -> model-rate chunks (samples,)."""
 
@@ -126,14 +171,17 @@ class IngestActor:
         self.stage = IngestStage(target_rate_hz, chunk_samples)
         self.order = _SequenceCheck()
 
-    def push(self, stream_id: str, seq: int, samples: np.ndarray, rate_hz: int) -> list[torch.Tensor]:
-        self.order.check(stream_id, seq)
-        return self.stage.push(stream_id, samples, rate_hz)
+    def push_many(self, items: list[StageItem]) -> list[StageItem]:
+        """item.data (audio, rate_hz), or None at the end -> a list of model-rate chunks."""
+        return _each(items, self._push, self.drop)
 
-    def finish(self, stream_id: str, seq: int) -> list[torch.Tensor]:
-        """The stream's last (partial) chunk, as a one-element list like ``push``."""
-        self.order.check(stream_id, seq, is_last=True)
-        return [self.stage.finish(stream_id)]
+    def _push(self, item: StageItem) -> list[np.ndarray]:
+        # numpy, not torch, between stages: Ray serialises arrays ~20x faster than tensors
+        self.order.check(item.stream_id, item.seq, item.is_last)
+        if item.is_last:
+            return [self.stage.finish(item.stream_id).numpy()]  # the last (partial) chunk
+        samples, rate_hz = item.data
+        return [c.numpy() for c in self.stage.push(item.stream_id, samples, rate_hz)]
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)
@@ -149,13 +197,16 @@ class FeatureActor:
             self.feature_dim = bundle.features.feature_dim
         self.order = _SequenceCheck()
 
-    def push(self, stream_id: str, seq: int, chunks: list[torch.Tensor], is_last: bool = False) -> torch.Tensor:
-        """chunks: model-rate waves, each (samples,); returns their features (frames, feature_dim)."""
-        self.order.check(stream_id, seq, is_last)
-        feats = [self.stage.push(stream_id, c) for c in chunks]
-        if is_last:
-            feats.append(self.stage.finish(stream_id))
-        return torch.cat(feats) if feats else torch.zeros(0, self.feature_dim)
+    def push_many(self, items: list[StageItem]) -> list[StageItem]:
+        """item.data: model-rate waves, each (samples,) -> their features (frames, feature_dim)."""
+        return _each(items, self._push, self.drop)
+
+    def _push(self, item: StageItem) -> np.ndarray:
+        self.order.check(item.stream_id, item.seq, item.is_last)
+        feats = [self.stage.push(item.stream_id, _tensor(c)) for c in item.data]
+        if item.is_last:
+            feats.append(self.stage.finish(item.stream_id))
+        return (torch.cat(feats) if feats else torch.zeros(0, self.feature_dim)).numpy()
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)
@@ -190,6 +241,7 @@ class AcousticActor:
         max_batch_wait_ms: float,
         max_batch_streams: int,
         device: str = "cpu",
+        num_threads: int = 0,
     ) -> None:
         with unpacked_bundle(bundle_files, device) as bundle:
             self.stage = AcousticStage(bundle.model, chunk_frames, right_context_frames, device)
@@ -202,7 +254,10 @@ class AcousticActor:
         self._ready_since = 0.0  # monotonic time the oldest ready call arrived
         self._changed: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acoustic")
+        # The model runs on this thread; OpenMP's thread count is per thread, so set it there
+        # (Ray starts actors with OMP_NUM_THREADS=1).
+        threads = (num_threads,) if num_threads > 0 else (torch.get_num_threads(),)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acoustic", initializer=torch.set_num_threads, initargs=threads)
         self._stats = {"rounds": 0, "calls": 0, "max_streams_per_round": 0}
 
     async def process(self, stream_id: str, seq: int, features: torch.Tensor, is_last: bool) -> torch.Tensor:
@@ -216,6 +271,24 @@ class AcousticActor:
         except asyncio.TimeoutError:
             await self.drop(stream_id)
             raise StreamOrderError(f"stream {stream_id}: chunk {seq} waited {TURN_TIMEOUT_S:.0f} s for its predecessors") from None
+
+    async def process_many(self, items: list[StageItem]) -> list[StageItem]:
+        """item.data: features (frames, feature_dim) -> log-probs (frames', num_tokens), for
+        the items of many streams at once (they join the batches like separate calls)."""
+        t_in = time.time()
+
+        async def one(item: StageItem) -> StageItem:
+            if item.error is None:
+                try:
+                    log_probs = await self.process(item.stream_id, item.seq, _tensor(item.data), item.is_last)
+                    return dataclasses.replace(item, data=log_probs.numpy(), stage_times=item.stage_times + (t_in, time.time()))
+                except Exception as exc:
+                    item = dataclasses.replace(item, data=None, error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                await self.drop(item.stream_id)
+            return item
+
+        return list(await asyncio.gather(*(one(item) for item in items)))
 
     async def drop(self, stream_id: str) -> None:
         """Forget a stream: fail its waiting calls and end its model state (on the model thread)."""
@@ -316,9 +389,14 @@ class DecoderActor:
             self.num_tokens = bundle.model_config.num_tokens
         self.order = _SequenceCheck()
 
-    def push(self, stream_id: str, seq: int, log_probs: torch.Tensor, is_last: bool) -> list[RecognitionResult]:
-        self.order.check(stream_id, seq, is_last)
-        return self.stage.push(stream_id, log_probs, is_last)
+    def push_many(self, items: list[StageItem], decoder: int = 0) -> list[StageItem]:
+        """item.data: log-probs (frames, num_tokens) -> ``list[RecognitionResult]``, for the
+        items of this decoder actor's streams (``item.decoder == decoder``)."""
+        return _each([i for i in items if i.decoder == decoder], self._push, self.drop)
+
+    def _push(self, item: StageItem) -> list[RecognitionResult]:
+        self.order.check(item.stream_id, item.seq, item.is_last)
+        return self.stage.push(item.stream_id, _tensor(item.data), item.is_last)
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)
@@ -350,21 +428,61 @@ def acoustic_num_gpus(streaming: StreamingConfig) -> float:
 
 def _actor_options(resources: dict | None = None, **extra: Any) -> dict[str, Any]:
     # max_task_retries=0: a retried call would replay audio into per-stream state.
-    return {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": 0, "resources": dict(resources or {}), **extra}
+    # num_cpus=0: stage actors are long-lived services placed by custom resources; without
+    # it Ray reserves a CPU for the lifetime of any actor that names a resource, and the
+    # acoustic actor plus two decoders would not fit a 2-CPU node.
+    return {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": 0, "num_cpus": 0, "resources": dict(resources or {}), **extra}
 
 
 @dataclass
 class PipelineStats:
-    """Backpressure counters over all streams of a pipeline."""
+    """Backpressure and submission counters over all streams of a pipeline."""
 
-    max_inflight: int = 0  # most chains of one stream in flight at once (bounded by max_inflight_chunks)
-    blocked_pushes: int = 0  # pushes that had to wait for an earlier chain of their stream
+    max_inflight: int = 0  # most pushes of one stream in flight at once (bounded by max_inflight_chunks)
+    blocked_pushes: int = 0  # pushes that had to wait for an earlier push of their stream
+    chains: int = 0  # chains submitted (each carries the pushes of one or more streams)
+    max_pushes_per_chain: int = 0
+
+
+class _Chain:
+    """One submission through the actors; its refs (one per decoder actor involved) yield
+    ``list[StageItem]`` whose ``data`` is each push's ``list[RecognitionResult]``. Fetched
+    once, shared by the chain's streams."""
+
+    def __init__(self, refs: list[Any] | None = None, failure: BaseException | None = None) -> None:
+        self.refs = refs or []
+        self._lock = threading.Lock()
+        self._results: dict[tuple[str, int], StageItem] | BaseException | None = failure
+
+    def done(self) -> bool:
+        return self._results is not None or len(ray.wait(self.refs, num_returns=len(self.refs), timeout=0)[0]) == len(self.refs)
+
+    def results(self) -> dict[tuple[str, int], StageItem] | BaseException:
+        """(stream_id, seq) -> its item, or the exception that failed the whole chain (blocks)."""
+        with self._lock:
+            if self._results is None:
+                try:
+                    self._results = {(i.stream_id, i.seq): i for part in ray.get(self.refs) for i in part}
+                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                    self._results = exc
+            return self._results
+
+
+@dataclass
+class _Push:
+    """One push of a stream (``audio=None``: its end); ``chain`` is set once submitted."""
+
+    seq: int
+    audio: np.ndarray | None
+    rate_hz: int
+    chain: _Chain | None = None
 
 
 @dataclass
 class _Stream:
+    decoder: int = 0  # index of the decoder actor that keeps this stream's state
     next_seq: int = 0
-    inflight: deque = field(default_factory=deque)  # ObjectRefs of list[RecognitionResult], oldest first
+    inflight: deque = field(default_factory=deque)  # _Push, oldest first: queued or submitted, not yet collected
 
 
 class StreamingPipeline:
@@ -392,6 +510,8 @@ class StreamingPipeline:
         self.streaming = self.config.streaming
         if self.streaming.max_inflight_chunks < 1:
             raise ValueError(f"streaming.max_inflight_chunks must be >= 1, got {self.streaming.max_inflight_chunks}")
+        if self.streaming.decoder_actors < 1:
+            raise ValueError(f"streaming.decoder_actors must be >= 1, got {self.streaming.decoder_actors}")
         bundle = load_bundle(bundle_path)  # validate here, with a clear error, before any actor starts
         self.sample_rate_hz = bundle.features.sample_rate_hz
         self._owns_ray = connect_ray(address)
@@ -399,11 +519,20 @@ class StreamingPipeline:
         self._streams: dict[str, _Stream] = {}
         self._recovering = False  # a stream failed: open_stream first waits for restarted actors
         self.actors: dict[str, Any] = {}  # stage name -> actor handle (ingest, features, acoustic, decoder)
+        # Pushes wait in _queue for the submitter thread; _cond guards _streams and _queue.
+        self._cond = threading.Condition()
+        self._queue: list[tuple[str, int, _Push]] = []  # (stream id, its decoder actor, push)
+        self._queued_since = 0.0
+        self._opened = 0  # streams opened so far: stream k decodes on decoder actor k % decoder_actors
+        self._stopping = False
+        self._submitter: threading.Thread | None = None
         try:
             self._start_actors(bundle, decoder_config or self.config.decoder)
         except BaseException:
             self.shutdown()
             raise
+        self._submitter = threading.Thread(target=self._submit_loop, name="asr-submit", daemon=True)
+        self._submitter.start()
 
     def _start_actors(self, bundle: Bundle, decoder_config: DecoderConfig) -> None:
         s, frame_ms = self.streaming, bundle.features.frame_ms
@@ -423,14 +552,15 @@ class StreamingPipeline:
                 s.max_batch_wait_ms,
                 s.max_batch_streams,
                 "cuda" if num_gpus > 0 else "cpu",
+                s.acoustic_num_threads,
             )
         )
-        self._decoder = (
-            ray.remote(DecoderActor)
-            .options(**_actor_options(s.decoder_resources))
-            .remote(files, decoder_config, s.endpoint_silence_ms)
-        )
-        self.actors = {"ingest": self._ingest, "features": self._features, "acoustic": self._acoustic, "decoder": self._decoder}
+        self._decoders = [
+            ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(files, decoder_config, s.endpoint_silence_ms)
+            for _ in range(s.decoder_actors)
+        ]
+        self.actors = {"ingest": self._ingest, "features": self._features, "acoustic": self._acoustic, "decoder": self._decoders[0]}
+        self.actors.update({f"decoder-{k + 1}": d for k, d in enumerate(self._decoders) if k})
         try:  # surface start-up errors here, and resources no node offers
             ray.get([a.__ray_ready__.remote() for a in self.actors.values()], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -447,7 +577,9 @@ class StreamingPipeline:
             raise ValueError(f"stream {stream_id} is already open")
         if self._recovering:
             self._wait_for_actors()
-        self._streams[stream_id] = _Stream()
+        with self._cond:
+            self._streams[stream_id] = _Stream(decoder=self._opened % len(self._decoders))
+            self._opened += 1
         return stream_id
 
     def _wait_for_actors(self) -> None:
@@ -477,16 +609,17 @@ class StreamingPipeline:
             raise ValueError(f"stream {stream_id}: rate_hz must be > 0, got {rate_hz}")
         validate_samples(audio, f"stream {stream_id}")  # bad input fails here, not inside the chain
         results = self._make_room(stream_id, stream)
-        self._submit(stream_id, stream, audio, rate_hz)
+        self._enqueue(stream_id, stream, audio, rate_hz)
         return results + self._collect(stream_id, stream, block=False)
 
     def close(self, stream_id: str) -> list[RecognitionResult]:
         """Flush the stream; returns every remaining result in order, ending with the final(s)."""
         stream = self._stream(stream_id)
         results = self._make_room(stream_id, stream)
-        self._submit(stream_id, stream, None, self.sample_rate_hz)
+        self._enqueue(stream_id, stream, None, self.sample_rate_hz)
         results += self._collect(stream_id, stream, block=True)
-        del self._streams[stream_id]
+        with self._cond:
+            del self._streams[stream_id]
         return results
 
     def inflight(self, stream_id: str) -> int:
@@ -499,6 +632,12 @@ class StreamingPipeline:
 
     def shutdown(self) -> None:
         """Stop the actors (open streams are abandoned) and Ray if this pipeline started it."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._submitter is not None:
+            self._submitter.join()
+            self._submitter = None
         for actor in self.actors.values() if ray.is_initialized() else ():
             ray.kill(actor, no_restart=True)
         self.actors, self._streams = {}, {}
@@ -519,45 +658,101 @@ class StreamingPipeline:
         except KeyError:
             raise KeyError(f"stream {stream_id} is not open") from None
 
-    def _submit(self, stream_id: str, stream: _Stream, audio: np.ndarray | None, rate_hz: int) -> None:
-        """Chain one push (``audio=None``: the end of the stream) through the four actors."""
-        seq, is_last = stream.next_seq, audio is None
+    def _enqueue(self, stream_id: str, stream: _Stream, audio: np.ndarray | None, rate_hz: int) -> None:
+        """Queue one push (``audio=None``: the end of the stream) for the submitter thread."""
+        push = _Push(stream.next_seq, audio, rate_hz)
         stream.next_seq += 1
-        if is_last:
-            chunks = self._ingest.finish.remote(stream_id, seq)
-        else:
-            chunks = self._ingest.push.remote(stream_id, seq, audio, rate_hz)
-        feats = self._features.push.remote(stream_id, seq, chunks, is_last)
-        log_probs = self._acoustic.process.remote(stream_id, seq, feats, is_last)
-        stream.inflight.append(self._decoder.push.remote(stream_id, seq, log_probs, is_last))
-        self.stats.max_inflight = max(self.stats.max_inflight, len(stream.inflight))
+        with self._cond:
+            if not self._queue:
+                self._queued_since = time.monotonic()
+            self._queue.append((stream_id, stream.decoder, push))
+            stream.inflight.append(push)
+            self.stats.max_inflight = max(self.stats.max_inflight, len(stream.inflight))
+            self._cond.notify_all()
+
+    def _submit_loop(self) -> None:
+        """The submitter thread: takes the queued pushes of all streams, waiting up to
+        ``max_submit_wait_ms`` for every open stream to have one, and submits them as one
+        chain. Ray call overhead is then paid per chain, not per stream."""
+        wait_s = self.streaming.max_submit_wait_ms / 1000
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    failed = _Chain(failure=StreamError("the pipeline was shut down"))
+                    for *_, push in self._queue:
+                        push.chain = failed
+                    self._queue = []
+                    self._cond.notify_all()
+                    return
+                while not self._stopping and not self._every_stream_queued():
+                    left = self._queued_since + wait_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, self._queue = self._queue, []
+            chain = self._submit_chain(batch)
+            with self._cond:
+                for *_, push in batch:
+                    push.chain = chain
+                self._cond.notify_all()
+
+    def _every_stream_queued(self) -> bool:
+        return {sid for sid, *_ in self._queue} >= self._streams.keys()
+
+    def _submit_chain(self, batch: list[tuple[str, int, _Push]]) -> _Chain:
+        """Chain the pushes of ``batch`` through the actors: one call per stage actor, and
+        one per decoder actor that has streams in the batch (they decode in parallel)."""
+        items = [StageItem(sid, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz), decoder=d) for sid, d, p in batch]
+        self.stats.chains += 1
+        self.stats.max_pushes_per_chain = max(self.stats.max_pushes_per_chain, len(items))
+        try:
+            chunks = self._ingest.push_many.remote(items)
+            feats = self._features.push_many.remote(chunks)
+            log_probs = self._acoustic.process_many.remote(feats)
+            decoders = sorted({item.decoder for item in items})
+            return _Chain([self._decoders[d].push_many.remote(log_probs, d) for d in decoders])
+        except Exception as exc:  # e.g. Ray shut down under us: the pushes fail, the thread lives
+            return _Chain(failure=exc)
+
+    def _wait_submitted(self, push: _Push) -> _Chain:
+        with self._cond:
+            self._cond.wait_for(lambda: push.chain is not None)
+        return push.chain
 
     def _make_room(self, stream_id: str, stream: _Stream) -> list[RecognitionResult]:
-        """Backpressure: wait for the oldest chains until another one may be submitted."""
+        """Backpressure: wait for the oldest pushes until another one may be queued."""
         results: list[RecognitionResult] = []
         if len(stream.inflight) >= self.streaming.max_inflight_chunks:
             self.stats.blocked_pushes += 1
         while len(stream.inflight) >= self.streaming.max_inflight_chunks:
-            ray.wait([stream.inflight[0]], num_returns=1)
+            self._wait_submitted(stream.inflight[0]).results()
             results += self._collect(stream_id, stream, block=False)
         return results
 
     def _collect(self, stream_id: str, stream: _Stream, block: bool) -> list[RecognitionResult]:
-        """Results of the finished chains at the front of the queue (``block``: of all of them)."""
+        """Results of the finished pushes at the front of the queue (``block``: of all of them)."""
         results: list[RecognitionResult] = []
         while stream.inflight:
-            if not block and not ray.wait([stream.inflight[0]], num_returns=1, timeout=0)[0]:
+            push = stream.inflight[0]
+            if not block and (push.chain is None or not push.chain.done()):
                 break
-            try:
-                results += ray.get(stream.inflight.popleft())
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+            outcome = self._wait_submitted(push).results()
+            stream.inflight.popleft()
+            item = outcome if isinstance(outcome, BaseException) else outcome[(stream_id, push.seq)]
+            error = item if isinstance(item, BaseException) else item.error
+            if error is not None:
                 self._abort(stream_id)
-                raise StreamError(f"stream {stream_id} failed and was dropped: {exc}") from exc
+                raise StreamError(f"stream {stream_id} failed and was dropped: {error}") from (item if isinstance(item, BaseException) else None)
+            results += item.data
         return results
 
     def _abort(self, stream_id: str) -> None:
         """Forget a failed stream everywhere (best effort: an actor may be restarting)."""
-        self._streams.pop(stream_id, None)
+        with self._cond:
+            self._streams.pop(stream_id, None)
+            self._queue = [entry for entry in self._queue if entry[0] != stream_id]
         self._recovering = True
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get([actor.drop.remote(stream_id) for actor in self.actors.values()], timeout=10)

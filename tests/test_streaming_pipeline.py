@@ -34,7 +34,7 @@ STREAMING = StreamingConfig(
     decoder_resources={"asr_decoder": 1},
 )
 CONFIG = AppConfig(streaming=STREAMING)
-NODE_RESOURCES = {"asr_acoustic": 2, "asr_decoder": 2}
+NODE_RESOURCES = {"asr_acoustic": 2, "asr_decoder": 3}
 
 
 @dataclass
@@ -147,6 +147,30 @@ def test_concurrent_streams_match_in_process(pipe: Pipe) -> None:
         assert last_partial(got[name]) == last_partial(want), name
     assert len({str(finals(r)) for r in got.values()}) > 1  # different audio, different results
     assert pipe.pipeline.acoustic_stats()["max_streams_per_round"] > 1  # streams were batched together
+    assert pipe.pipeline.stats.max_pushes_per_chain > 1  # ... and their pushes shared chains of actor calls
+
+
+def test_one_failing_stream_does_not_fail_the_others_in_its_chains(pipe: Pipe) -> None:
+    """A stage error on one stream (here: its state vanished from the ingest actor) fails
+    that stream only, although its pushes travel in the same actor calls as the others'."""
+    pipeline = pipe.pipeline
+    rng = random.Random(6)
+    good_pieces = random_pieces(make_audio(4, 2.0), rng)
+    good, bad = pipeline.open_stream(), pipeline.open_stream()
+    pipeline.push(bad, make_audio(2, 0.3), RATE_HZ)
+    pipeline.close(pipeline.open_stream())  # (a third stream, finished, to check nothing leaks)
+    ray.get(pipeline.actors["ingest"].drop.remote(bad))  # the bad stream's next push hits an order error
+    results = []
+    for i, piece in enumerate(good_pieces):
+        results += pipeline.push(good, piece, RATE_HZ)  # queued with the bad stream's push: one chain
+        if i == len(good_pieces) // 2:
+            with pytest.raises(StreamError, match="StreamOrderError"):
+                pipeline.push(bad, make_audio(3, 0.1), RATE_HZ)
+                pipeline.close(bad)
+    results += pipeline.close(good)
+    with pytest.raises(KeyError):
+        pipeline.inflight(bad)
+    assert finals(results) == finals(reference(pipe, good_pieces))
 
 
 def test_same_audio_gives_same_result_alone_or_among_others(pipe: Pipe) -> None:
@@ -212,7 +236,8 @@ def test_actor_placement_options(pipe: Pipe) -> None:
     in the cluster the auto setting (-1) asks for none, an explicit one is passed through."""
     available = ray.available_resources()
     assert available.get("asr_acoustic", 0) == NODE_RESOURCES["asr_acoustic"] - 1
-    assert available.get("asr_decoder", 0) == NODE_RESOURCES["asr_decoder"] - 1
+    assert available.get("asr_decoder", 0) == NODE_RESOURCES["asr_decoder"] - STREAMING.decoder_actors
+    assert STREAMING.decoder_actors == 2 and "decoder-2" in pipe.pipeline.actors
     assert "GPU" not in ray.cluster_resources()
     assert acoustic_num_gpus(STREAMING) == 0
     assert acoustic_num_gpus(StreamingConfig(acoustic_num_gpus=0.5)) == 0.5
@@ -224,7 +249,8 @@ def test_crashed_actor_fails_its_streams_and_restarts_for_new_ones(pipe: Pipe) -
     pipeline = pipe.pipeline
     sid = pipeline.open_stream()
     pipeline.push(sid, make_audio(1, 1.0), RATE_HZ)
-    ray.kill(pipeline.actors["decoder"], no_restart=False)  # a crash: Ray restarts it (max_restarts)
+    for name in ("decoder", "decoder-2"):  # the stream decodes on one of them
+        ray.kill(pipeline.actors[name], no_restart=False)  # a crash: Ray restarts it (max_restarts)
     with pytest.raises(StreamError):
         for _ in range(10):
             pipeline.push(sid, make_audio(1, 0.3), RATE_HZ)
