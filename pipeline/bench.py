@@ -137,10 +137,13 @@ class _CompletionWatcher:
             if not chains:
                 time.sleep(0.001)
                 continue
+            # block until the oldest chain is back (chains finish about in order); no busy
+            # polling, which would take CPU from the pipeline being measured
+            oldest = next(iter(chains.values())).refs
+            self._ray.wait(oldest, num_returns=len(oldest), timeout=0.05)
             refs = [r for c in chains.values() for r in c.refs]
-            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0.002)
+            done = set(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
             t_done = time.perf_counter()
-            done = set(done)
             finished = [(sid, p, t) for sid, p, t in pending if p.chain is not None and all(r in done for r in p.chain.refs)]
             t_done_wall = time.time()
             for sid, push, t_sent in finished:

@@ -1,28 +1,38 @@
 """Streaming recognition on Ray: one long-lived actor per stage, shared by many streams.
 
-    push(samples) ─► IngestActor ─► FeatureActor ─► AcousticActor ─► DecoderActor ─► results
+    push(samples) ─► IngestActor ─► FeatureActor ─► AcousticActor ─► DecoderActor(s) ─► results
                      model-rate     (frames, 120)   batched over     partial / final
                      chunks         MFCC            streams; GPU     RecognitionResult
 
 Each actor is a thin wrapper around the stage class of the same name in
 ``workers.stages`` (all recognition logic lives there) and keeps per-stream state keyed by
-stream id. Every ``push`` submits one *chain* of four actor calls linked by object refs,
-so audio never returns to the driver between stages; the chain's last ref yields that
-push's results.
+stream id. Streams are spread over ``decoder_actors`` decoder actors, which decode in
+parallel.
 
-Ordering: Ray runs a synchronous actor's calls from one caller in submission order, which
-keeps the ingest, feature and decoder actors in order per stream. The acoustic actor is an
-asyncio actor (it must accept many calls at once to batch them), and Ray runs those out
-of order, so each chain carries a per-stream sequence number and the acoustic actor holds
-back a call until its predecessors of the same stream have been taken.
+Chains: ``push`` only queues the audio; a submitter thread takes the queued pushes of *all*
+streams (waiting up to ``max_submit_wait_ms`` for every open stream to have one) and sends
+them as one *chain*: one call per stage actor, linked by object refs, so audio never
+returns to the driver between stages. Ray's per-call cost is then paid per chain, not per
+stream: at 16 streams this cut the calls from 640 to 50 a second and the p95 latency from
+~1.8 s to ~0.14 s on 2 cores. Arrays travel between stages as numpy, which Ray serialises
+~20x faster than torch tensors. A stage that fails on one stream's item marks that item
+(``StageItem.error``) and the other streams of the chain go on.
+
+Ordering: Ray runs a synchronous actor's calls from one caller in submission order, and
+the submitter thread is the only caller, which keeps the ingest, feature and decoder
+actors in order per stream. The acoustic actor is an asyncio actor (it must accept many
+calls at once to batch them), and Ray runs those out of order, so each item carries a
+per-stream sequence number and the acoustic actor holds back an item until its
+predecessors of the same stream have been taken.
 
 Batching: the acoustic actor waits up to ``max_batch_wait_ms`` after the first waiting
-call (less when every open stream already has one waiting, or ``max_batch_streams`` do)
-and runs the chunks of all those streams in one ``AcousticStage.process`` call.
+item (less when every open stream already has one waiting, or ``max_batch_streams`` do)
+and runs the chunks of all those streams in one ``AcousticStage.process`` call, on a
+model thread with ``acoustic_num_threads`` intra-op threads.
 
-Backpressure: at most ``max_inflight_chunks`` chains per stream are in flight; a push
-beyond that blocks (``ray.wait`` on the oldest) until one completes, so a producer faster
-than real time is slowed to the pipeline's pace instead of growing queues.
+Backpressure: at most ``max_inflight_chunks`` pushes per stream are queued or in flight; a
+push beyond that blocks until the oldest completes, so a producer faster than real time
+is slowed to the pipeline's pace instead of growing queues.
 
 Failure: actors restart (``max_restarts``) but calls are not retried, because a retried
 call would replay audio into per-stream state; a stream whose work failed raises
