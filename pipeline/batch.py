@@ -324,6 +324,7 @@ class _RunStats:
     transcribed: int = 0
     audio_s: float = 0.0  # audio transcribed, seconds
     compute_s: float = 0.0  # driver wall seconds from starting the dataset to its last row
+    first_row_s: float = 0.0  # from starting the dataset to its first row: mostly actor start-up
     actor_s: float = 0.0  # seconds spent inside the UDF, summed over actors
 
 
@@ -348,6 +349,8 @@ def _transcribe_todo(
             rows[path] = record
             write_formats(out_dir, rels[path], record, formats)
             stats.actor_s += actor_s
+            if not stats.first_row_s:
+                stats.first_row_s = time.perf_counter() - t0
             if record["error"] is None:
                 stats.transcribed += 1
                 stats.audio_s += record["duration_s"]
@@ -388,7 +391,8 @@ def transcribe_inputs(
     ``skipped`` (done earlier), ``errors`` (inputs whose line has an error),
     ``audio_s``/``audio_hours`` (audio transcribed this run), ``wall_s`` (the whole call),
     ``compute_s`` (Ray Data stage: starting the dataset to its last row, actor start-up
-    included), ``actor_s`` (seconds inside the actors' ``__call__``, summed), ``rtf``
+    included), ``first_row_s`` (starting the dataset to its first row: actor start-up, model
+    loading and the first batch), ``actor_s`` (seconds inside the actors' ``__call__``, summed), ``rtf``
     (compute_s / audio_s; 0 when nothing ran), ``out`` (the transcripts file).
     """
     t0 = time.perf_counter()
@@ -432,6 +436,7 @@ def transcribe_inputs(
         "audio_hours": round(stats.audio_s / 3600, 6),
         "wall_s": round(time.perf_counter() - t0, 3),
         "compute_s": round(stats.compute_s, 3),
+        "first_row_s": round(stats.first_row_s, 3),
         "actor_s": round(stats.actor_s, 3),
         "rtf": round(stats.compute_s / stats.audio_s, 4) if stats.audio_s else 0.0,
         "out": str(out_dir / TRANSCRIPTS_NAME),

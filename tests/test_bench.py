@@ -1,0 +1,45 @@
+"""`asr bench` end to end, small: real AN4 audio through the batch path (in-process and
+Ray Data) and concurrent streams through the Ray pipeline; the JSON must hold every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+AN4 = ROOT.parent / "shared" / "data" / "an4"
+
+
+@pytest.mark.skipif(not AN4.is_dir(), reason="needs ../shared/data/an4")
+def test_bench_prints_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--data", str(AN4), "--seconds", "20", "--streams", "1", "3",
+           "--stream-seconds", "2", "--long-minutes", "0.2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+
+    batch = result["batch"]
+    assert batch["files"] >= 5 and batch["audio_s"] >= 20 and batch["ray_errors"] == 0
+    for key in ("in_process_rtf", "ray_rtf", "ray_vs_in_process_speed", "ray_first_row_s", "ray_vs_in_process_speed_after_first_row"):
+        assert batch[key] > 0, key
+
+    runs = {r["streams"]: r for r in result["streaming"]}
+    assert set(runs) == {1, 3}
+    for run in runs.values():
+        assert run["pushes"] == run["streams"] * 20  # 2 s of 100 ms pushes per stream
+        assert run["n"] > 0 and 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+        spans = run["latency_breakdown"]
+        assert list(spans) == ["queue_and_send", "ingest", "to_features", "features", "to_acoustic", "acoustic",
+                               "to_decoder", "decoder", "to_driver"]
+        assert sum(s["p50_ms"] for s in spans.values()) > 0
+    assert result["max_realtime_streams"]["streams"] in (0, 1, 3)
+
+    long_stream = result["long_stream"]
+    assert long_stream["audio_min"] >= 0.2 and long_stream["finals"] >= 1
+    assert long_stream["stage_actors_rss_mb_by_audio_minute"]  # sampled at least once
+    assert result["peak_rss_mb"] > 100
