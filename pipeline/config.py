@@ -45,6 +45,7 @@ class StreamingConfig:
     max_inflight_chunks: int = 8  # per stream: backpressure bound
     max_submit_wait_ms: float = 5.0  # how long a push waits for other streams' pushes to share its chain
     acoustic_num_gpus: float = -1  # -1: one GPU when the cluster has one, else 0
+    acoustic_actors: int = 0  # streams are spread over this many acoustic actors; 0: one with a GPU, else 2
     acoustic_num_threads: int = 1  # torch intra-op threads of the acoustic actor; on 2 cores 2 threads gave a worse p95 (OpenMP spin-waits)
     decoder_actors: int = 2  # streams are spread over this many decoder actors, which decode in parallel
     acoustic_resources: dict = field(default_factory=dict)

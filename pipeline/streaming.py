@@ -1,20 +1,21 @@
 """Streaming recognition on Ray: one long-lived actor per stage, shared by many streams.
 
-    push(samples) ─► IngestActor ─► FeatureActor ─► AcousticActor ─► DecoderActor(s) ─► results
+    push(samples) ─► IngestActor ─► FeatureActor ─► AcousticActor(s) ─► DecoderActor(s) ─► results
                      model-rate     (frames, 120)   batched over     partial / final
                      chunks         MFCC            streams; GPU     RecognitionResult
 
 Each actor is a thin wrapper around the stage class of the same name in
 ``workers.stages`` (all recognition logic lives there) and keeps per-stream state keyed by
-stream id. Streams are spread over ``decoder_actors`` decoder actors, which decode in
-parallel.
+stream id. Streams are spread over ``acoustic_actors`` acoustic actors (default: one with
+a GPU, else two, whose half-size batches run in parallel on the CPU cores) and over
+``decoder_actors`` decoder actors.
 
 Chains: ``push`` only queues the audio; a submitter thread takes the queued pushes of *all*
 streams (waiting up to ``max_submit_wait_ms`` for every open stream to have one) and sends
 them as one *chain*: one call per stage actor, linked by object refs, so audio never
 returns to the driver between stages. Ray's per-call cost is then paid per chain, not per
-stream: at 16 streams this cut the calls from 640 to 50 a second and the p95 latency from
-~1.8 s to ~0.14 s on 2 cores. Arrays travel between stages as numpy, which Ray serialises
+stream: at 16 streams this cut the calls from 640 to about 60 a second, and the p95
+latency on 2 cores from 2.1 s to about 0.15 s (README, Speed). Arrays travel between stages as numpy, which Ray serialises
 ~20x faster than torch tensors. A stage that fails on one stream's item marks that item
 (``StageItem.error``) and the other streams of the chain go on.
 
@@ -147,6 +148,7 @@ class StageItem:
     is_last: bool
     data: Any = None
     error: str | None = None
+    acoustic: int = 0  # which acoustic actor keeps this stream's state
     decoder: int = 0  # which decoder actor keeps this stream's state
     stage_times: tuple[float, ...] = ()  # time.time() at entry to and exit from each stage so far
 
@@ -282,9 +284,11 @@ class AcousticActor:
             await self.drop(stream_id)
             raise StreamOrderError(f"stream {stream_id}: chunk {seq} waited {TURN_TIMEOUT_S:.0f} s for its predecessors") from None
 
-    async def process_many(self, items: list[StageItem]) -> list[StageItem]:
+    async def process_many(self, items: list[StageItem], acoustic: int = 0) -> list[StageItem]:
         """item.data: features (frames, feature_dim) -> log-probs (frames', num_tokens), for
-        the items of many streams at once (they join the batches like separate calls)."""
+        the items of this actor's streams (``item.acoustic == acoustic``), many streams at
+        once (they join the batches like separate calls)."""
+        items = [item for item in items if item.acoustic == acoustic]
         t_in = time.time()
 
         async def one(item: StageItem) -> StageItem:
@@ -399,10 +403,12 @@ class DecoderActor:
             self.num_tokens = bundle.model_config.num_tokens
         self.order = _SequenceCheck()
 
-    def push_many(self, items: list[StageItem], decoder: int = 0) -> list[StageItem]:
+    def push_many(self, decoder: int, *parts: list[StageItem]) -> list[StageItem]:
         """item.data: log-probs (frames, num_tokens) -> ``list[RecognitionResult]``, for the
-        items of this decoder actor's streams (``item.decoder == decoder``)."""
-        return _each([i for i in items if i.decoder == decoder], self._push, self.drop)
+        items of this decoder actor's streams (``item.decoder == decoder``) in ``parts`` (the
+        outputs of the acoustic actors)."""
+        items = sorted((i for part in parts for i in part if i.decoder == decoder), key=lambda i: (i.stream_id, i.seq))
+        return _each(items, self._push, self.drop)
 
     def _push(self, item: StageItem) -> list[RecognitionResult]:
         self.order.check(item.stream_id, item.seq, item.is_last)
@@ -434,6 +440,16 @@ def acoustic_num_gpus(streaming: StreamingConfig) -> float:
     if streaming.acoustic_num_gpus >= 0:
         return streaming.acoustic_num_gpus
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def acoustic_actor_count(streaming: StreamingConfig, num_gpus: float) -> int:
+    """``acoustic_actors``, or with 0: one when it has a GPU (one batch for all streams),
+    else two (on CPUs two half-size batches run in parallel, sooner than one full one)."""
+    if streaming.acoustic_actors < 0:
+        raise ValueError(f"streaming.acoustic_actors must be >= 0, got {streaming.acoustic_actors}")
+    if streaming.acoustic_actors:
+        return streaming.acoustic_actors
+    return 1 if num_gpus > 0 else 2
 
 
 def _actor_options(resources: dict | None = None, **extra: Any) -> dict[str, Any]:
@@ -490,6 +506,7 @@ class _Push:
 
 @dataclass
 class _Stream:
+    acoustic: int = 0  # index of the acoustic actor that keeps this stream's state
     decoder: int = 0  # index of the decoder actor that keeps this stream's state
     next_seq: int = 0
     inflight: deque = field(default_factory=deque)  # _Push, oldest first: queued or submitted, not yet collected
@@ -531,9 +548,9 @@ class StreamingPipeline:
         self.actors: dict[str, Any] = {}  # stage name -> actor handle (ingest, features, acoustic, decoder)
         # Pushes wait in _queue for the submitter thread; _cond guards _streams and _queue.
         self._cond = threading.Condition()
-        self._queue: list[tuple[str, int, _Push]] = []  # (stream id, its decoder actor, push)
+        self._queue: list[tuple[str, _Stream, _Push]] = []
         self._queued_since = 0.0
-        self._opened = 0  # streams opened so far: stream k decodes on decoder actor k % decoder_actors
+        self._opened = 0  # streams opened so far: stream k uses acoustic/decoder actor k % their count
         self._stopping = False
         self._submitter: threading.Thread | None = None
         try:
@@ -552,9 +569,10 @@ class StreamingPipeline:
         chunk_samples = max(1, int(self.sample_rate_hz * s.ingest_chunk_ms / 1000))
         self._ingest = ray.remote(IngestActor).options(**_actor_options()).remote(self.sample_rate_hz, chunk_samples)
         self._features = ray.remote(FeatureActor).options(**_actor_options()).remote(files)
-        self._acoustic = (
+        acoustic_options = _actor_options(s.acoustic_resources, num_gpus=num_gpus, max_concurrency=ACOUSTIC_MAX_CONCURRENCY)
+        self._acoustics = [
             ray.remote(AcousticActor)
-            .options(**_actor_options(s.acoustic_resources, num_gpus=num_gpus, max_concurrency=ACOUSTIC_MAX_CONCURRENCY))
+            .options(**acoustic_options)
             .remote(
                 files,
                 max(1, frames_for_ms(s.chunk_ms, frame_ms)),
@@ -564,13 +582,15 @@ class StreamingPipeline:
                 "cuda" if num_gpus > 0 else "cpu",
                 s.acoustic_num_threads,
             )
-        )
+            for _ in range(acoustic_actor_count(s, num_gpus))
+        ]
         self._decoders = [
             ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(files, decoder_config, s.endpoint_silence_ms)
             for _ in range(s.decoder_actors)
         ]
-        self.actors = {"ingest": self._ingest, "features": self._features, "acoustic": self._acoustic, "decoder": self._decoders[0]}
-        self.actors.update({f"decoder-{k + 1}": d for k, d in enumerate(self._decoders) if k})
+        self.actors = {"ingest": self._ingest, "features": self._features}
+        for name, group in (("acoustic", self._acoustics), ("decoder", self._decoders)):
+            self.actors.update({name if k == 0 else f"{name}-{k + 1}": actor for k, actor in enumerate(group)})
         try:  # surface start-up errors here, and resources no node offers
             ray.get([a.__ray_ready__.remote() for a in self.actors.values()], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -588,7 +608,8 @@ class StreamingPipeline:
         if self._recovering:
             self._wait_for_actors()
         with self._cond:
-            self._streams[stream_id] = _Stream(decoder=self._opened % len(self._decoders))
+            k = self._opened
+            self._streams[stream_id] = _Stream(acoustic=k % len(self._acoustics), decoder=k % len(self._decoders))
             self._opened += 1
         return stream_id
 
@@ -637,8 +658,11 @@ class StreamingPipeline:
         return len(self._stream(stream_id).inflight)
 
     def acoustic_stats(self) -> dict[str, int]:
-        """The acoustic actor's batching counters (``AcousticActor.stats``)."""
-        return ray.get(self._acoustic.stats.remote())
+        """The acoustic actors' batching counters (``AcousticActor.stats``), summed (the
+        most streams in one round: the largest over the actors)."""
+        per_actor = ray.get([a.stats.remote() for a in self._acoustics])
+        total = {key: sum(st[key] for st in per_actor) for key in ("rounds", "calls")}
+        return {**total, "max_streams_per_round": max(st["max_streams_per_round"] for st in per_actor)}
 
     def shutdown(self) -> None:
         """Stop the actors (open streams are abandoned) and Ray if this pipeline started it."""
@@ -675,7 +699,7 @@ class StreamingPipeline:
         with self._cond:
             if not self._queue:
                 self._queued_since = time.monotonic()
-            self._queue.append((stream_id, stream.decoder, push))
+            self._queue.append((stream_id, stream, push))
             stream.inflight.append(push)
             self.stats.max_inflight = max(self.stats.max_inflight, len(stream.inflight))
             self._cond.notify_all()
@@ -711,18 +735,25 @@ class StreamingPipeline:
     def _every_stream_queued(self) -> bool:
         return {sid for sid, *_ in self._queue} >= self._streams.keys()
 
-    def _submit_chain(self, batch: list[tuple[str, int, _Push]]) -> _Chain:
-        """Chain the pushes of ``batch`` through the actors: one call per stage actor, and
-        one per decoder actor that has streams in the batch (they decode in parallel)."""
-        items = [StageItem(sid, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz), decoder=d) for sid, d, p in batch]
+    def _submit_chain(self, batch: list[tuple[str, _Stream, _Push]]) -> _Chain:
+        """Chain the pushes of ``batch`` through the actors: one call to the ingest and the
+        feature actor, and one to each acoustic and decoder actor that has streams in the
+        batch (those run in parallel)."""
+        items = [
+            StageItem(sid, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz), acoustic=st.acoustic, decoder=st.decoder)
+            for sid, st, p in batch
+        ]
         self.stats.chains += 1
         self.stats.max_pushes_per_chain = max(self.stats.max_pushes_per_chain, len(items))
         try:
             chunks = self._ingest.push_many.remote(items)
             feats = self._features.push_many.remote(chunks)
-            log_probs = self._acoustic.process_many.remote(feats)
+            log_probs = {a: self._acoustics[a].process_many.remote(feats, a) for a in sorted({i.acoustic for i in items})}
             decoders = sorted({item.decoder for item in items})
-            return _Chain([self._decoders[d].push_many.remote(log_probs, d) for d in decoders])
+            return _Chain([
+                self._decoders[d].push_many.remote(d, *[log_probs[a] for a in sorted({i.acoustic for i in items if i.decoder == d})])
+                for d in decoders
+            ])
         except Exception as exc:  # e.g. Ray shut down under us: the pushes fail, the thread lives
             return _Chain(failure=exc)
 

@@ -213,9 +213,12 @@ results = []
 for start in range(0, len(wave), 1234):
     results += pipe.push(sid, wave[start : start + 1234], rate)
 results += pipe.close(sid)
-nodes = {a.class_name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])}
 names = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-placed = {cls: sorted(k for k in names[node] if k in ("head", "node2")) for cls, node in nodes.items() if cls.endswith("Actor")}
+placed = {}  # actor class -> the nodes its actors (e.g. both acoustic actors) are on
+for a in list_actors(filters=[("state", "=", "ALIVE")]):
+    if a.class_name.endswith("Actor"):
+        placed.setdefault(a.class_name, set()).update(k for k in names[a.node_id] if k in ("head", "node2"))
+placed = {cls: sorted(nodes) for cls, nodes in placed.items()}
 print(json.dumps({"final": [r.text for r in results if r.is_final], "placed": placed}))
 pipe.shutdown()
 """

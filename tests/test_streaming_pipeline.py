@@ -14,7 +14,7 @@ import ray
 import torch
 
 from pipeline.config import AppConfig, StreamingConfig
-from pipeline.streaming import PipelineStats, StreamError, StreamingPipeline, acoustic_num_gpus
+from pipeline.streaming import PipelineStats, StreamError, StreamingPipeline, acoustic_actor_count, acoustic_num_gpus
 from workers.audio import AudioError
 from workers.bundle import load_bundle
 from workers.decoder import DecoderConfig
@@ -34,7 +34,7 @@ STREAMING = StreamingConfig(
     decoder_resources={"asr_decoder": 1},
 )
 CONFIG = AppConfig(streaming=STREAMING)
-NODE_RESOURCES = {"asr_acoustic": 2, "asr_decoder": 3}
+NODE_RESOURCES = {"asr_acoustic": 3, "asr_decoder": 3}
 
 
 @dataclass
@@ -235,12 +235,15 @@ def test_actor_placement_options(pipe: Pipe) -> None:
     """The acoustic and decoder actors hold their configured custom resources; with no GPU
     in the cluster the auto setting (-1) asks for none, an explicit one is passed through."""
     available = ray.available_resources()
-    assert available.get("asr_acoustic", 0) == NODE_RESOURCES["asr_acoustic"] - 1
+    assert available.get("asr_acoustic", 0) == NODE_RESOURCES["asr_acoustic"] - 2  # acoustic_actors=0: two without a GPU
+    assert "acoustic-2" in pipe.pipeline.actors
     assert available.get("asr_decoder", 0) == NODE_RESOURCES["asr_decoder"] - STREAMING.decoder_actors
     assert STREAMING.decoder_actors == 2 and "decoder-2" in pipe.pipeline.actors
     assert "GPU" not in ray.cluster_resources()
     assert acoustic_num_gpus(STREAMING) == 0
     assert acoustic_num_gpus(StreamingConfig(acoustic_num_gpus=0.5)) == 0.5
+    assert acoustic_actor_count(STREAMING, num_gpus=0) == 2 and acoustic_actor_count(STREAMING, num_gpus=1) == 1
+    assert acoustic_actor_count(StreamingConfig(acoustic_actors=3), num_gpus=1) == 3
 
 
 def test_crashed_actor_fails_its_streams_and_restarts_for_new_ones(pipe: Pipe) -> None:
