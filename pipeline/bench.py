@@ -140,18 +140,21 @@ class _CompletionWatcher:
         while not self._stop.is_set() or self._pending:
             with self._lock:
                 pending = list(self._pending)
-            chains = {id(p.chain): p.chain for _, p, _ in pending if p.chain is not None and p.chain.refs}
-            if not chains:
+            submitted = [(sid, p, t) for sid, p, t in pending if p.chain is not None]
+            if not submitted:
                 time.sleep(0.001)
                 continue
-            # block until the oldest chain is back (chains finish about in order); no busy
-            # polling, which would take CPU from the pipeline being measured
-            oldest = next(iter(chains.values())).refs
-            self._ray.wait(oldest, num_returns=len(oldest), timeout=0.05)
-            refs = [r for c in chains.values() for r in c.refs]
-            done = set(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+            chains = {id(p.chain): p.chain for _, p, _ in submitted if p.chain.refs}  # (a failed chain has none)
+            done: set = set()
+            if chains:
+                # block until the oldest chain is back (chains finish about in order); no busy
+                # polling, which would take CPU from the pipeline being measured
+                oldest = next(iter(chains.values())).refs
+                self._ray.wait(oldest, num_returns=len(oldest), timeout=0.05)
+                refs = [r for c in chains.values() for r in c.refs]
+                done = set(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
             t_done = time.perf_counter()
-            finished = [(sid, p, t) for sid, p, t in pending if p.chain is not None and all(r in done for r in p.chain.refs)]
+            finished = [(sid, p, t) for sid, p, t in submitted if all(r in done for r in p.chain.refs)]
             t_done_wall = time.time()
             for sid, push, t_sent in finished:
                 outcome = push.chain.results()

@@ -15,8 +15,8 @@ streams (waiting up to ``max_submit_wait_ms`` for every open stream to have one)
 them as one *chain*: one call per stage actor, linked by object refs, so audio never
 returns to the driver between stages. Ray's per-call cost is then paid per chain, not per
 stream: at 16 streams this cut the calls from 640 to about 60 a second, and the p95
-latency on 2 cores from 2.1 s to about 0.15 s (README, Speed). Arrays travel between stages as numpy, which Ray serialises
-~20x faster than torch tensors. A stage that fails on one stream's item marks that item
+latency on 2 cores from ~1.8 s to ~0.14 s (README, Speed). Arrays travel between stages
+as numpy, which Ray serialises ~20x faster than torch tensors. A stage that fails on one stream's item marks that item
 (``StageItem.error``) and the other streams of the chain go on.
 
 Ordering: Ray runs a synchronous actor's calls from one caller in submission order, and
@@ -445,8 +445,6 @@ def acoustic_num_gpus(streaming: StreamingConfig) -> float:
 def acoustic_actor_count(streaming: StreamingConfig, num_gpus: float) -> int:
     """``acoustic_actors``, or with 0: one when it has a GPU (one batch for all streams),
     else two (on CPUs two half-size batches run in parallel, sooner than one full one)."""
-    if streaming.acoustic_actors < 0:
-        raise ValueError(f"streaming.acoustic_actors must be >= 0, got {streaming.acoustic_actors}")
     if streaming.acoustic_actors:
         return streaming.acoustic_actors
     return 1 if num_gpus > 0 else 2
@@ -539,6 +537,8 @@ class StreamingPipeline:
             raise ValueError(f"streaming.max_inflight_chunks must be >= 1, got {self.streaming.max_inflight_chunks}")
         if self.streaming.decoder_actors < 1:
             raise ValueError(f"streaming.decoder_actors must be >= 1, got {self.streaming.decoder_actors}")
+        if self.streaming.acoustic_actors < 0:
+            raise ValueError(f"streaming.acoustic_actors must be >= 0 (0: automatic), got {self.streaming.acoustic_actors}")
         bundle = load_bundle(bundle_path)  # validate here, with a clear error, before any actor starts
         self.sample_rate_hz = bundle.features.sample_rate_hz
         self._owns_ray = connect_ray(address)

@@ -263,3 +263,10 @@ def test_crashed_actor_fails_its_streams_and_restarts_for_new_ones(pipe: Pipe) -
     pieces = random_pieces(make_audio(2, 1.5), random.Random(5))
     got = run_interleaved(pipeline, {"after": (pieces, RATE_HZ)})["after"]
     assert finals(got) == finals(reference(pipe, pieces))
+
+
+@pytest.mark.parametrize("bad", [{"max_inflight_chunks": 0}, {"decoder_actors": 0}, {"acoustic_actors": -1}])
+def test_bad_streaming_settings_fail_before_any_actor_starts(bad: dict, tiny_bundle) -> None:
+    config = AppConfig(streaming=StreamingConfig(**bad))
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        StreamingPipeline(config, tiny_bundle, address="ray://nowhere.invalid:1")  # raises before connecting
