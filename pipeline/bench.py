@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -237,8 +238,14 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
 
     from pipeline.streaming import StreamingPipeline
 
-    corpus = read_corpus(args.data)
-    utts = corpus.utterances
+    try:
+        utts = read_corpus(args.data).utterances
+    except (OSError, ValueError) as exc:  # no such corpus, unreadable or bad manifest: nothing started yet
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not utts:
+        print(f"error: {args.data}: no utterances to benchmark", file=sys.stderr)
+        return 2
     files, total = [], 0.0
     for u in utts:
         if total >= args.seconds:

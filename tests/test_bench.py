@@ -43,3 +43,13 @@ def test_bench_prints_every_figure(tmp_path: Path) -> None:
     assert long_stream["audio_min"] >= 0.2 and long_stream["finals"] >= 1
     assert long_stream["stage_actors_rss_mb_by_audio_minute"]  # sampled at least once
     assert result["peak_rss_mb"] > 100
+
+
+def test_bench_rejects_a_missing_or_broken_corpus(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"broken\n')
+    for data in (tmp_path / "nowhere", bad):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--data", str(data), "--streams", "1"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and str(data) in proc.stderr and "Traceback" not in proc.stderr
