@@ -73,6 +73,8 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
     info = data_info(train, an4_dev + fsdd_dev)
     progress = trainer.run(resume, Path(export_dir) if export_dir else None, max_steps_per_epoch, show_progress, extras, info)
     (run_dir / "history.json").write_text(json.dumps(progress.history, indent=1))
+    if progress.averaged:
+        (run_dir / "averaged.json").write_text(json.dumps(progress.averaged, indent=1))
     return progress
 
 

@@ -120,6 +120,13 @@ def test_int_is_accepted_for_float_but_not_bool_for_int() -> None:
         build_config({"features": {"n_mfcc": True}})
 
 
+def test_exponent_without_dot_is_a_float() -> None:
+    # YAML 1.1 reads "2e-3" as a string; a float field still takes it, and a word is still an error.
+    assert load_config(overrides=["train.learning_rate=2e-3"]).train.learning_rate == pytest.approx(0.002)
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(overrides=["train.learning_rate=fast"])
+
+
 @pytest.mark.parametrize("bad", ["model.hidden_size", "hidden_size=3", "=3"])
 def test_malformed_override(bad: str) -> None:
     with pytest.raises(ConfigError, match="section.key=value"):

@@ -48,6 +48,7 @@ class TrainConfig:
     right_context_frames_range: tuple[int, int] = (2, 10)
     eval_chunk_frames: int = 10  # dev WER is also reported at this streaming setting
     eval_right_context_frames: int = 5
+    average_last_epochs: int = 0  # >1: also try the mean weights of the last N epochs, export it if better on dev
     num_threads: int = 0  # 0: all cores
     device: str = "auto"
 
@@ -58,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"train.full_utterance_prob must be in [0, 1], got {self.full_utterance_prob}")
         if self.chunk_frames_range[0] < 1 or self.chunk_frames_range[0] > self.chunk_frames_range[1]:
             raise ValueError(f"train.chunk_frames_range must be 1 <= lo <= hi, got {self.chunk_frames_range}")
+        if self.average_last_epochs < 0:
+            raise ValueError(f"train.average_last_epochs must be >= 0, got {self.average_last_epochs}")
 
 
 @dataclass
@@ -75,6 +78,22 @@ class Progress:
     step: int = 0
     best_wer: float = math.inf
     history: list[dict] = field(default_factory=list)
+    averaged: dict | None = None  # dev WER of the averaged weights, once computed
+
+
+def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the floating-point tensors of several saved state dicts."""
+    if not paths:
+        raise ValueError("no state dicts to average")
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, value in state.items():
+            if name not in total:
+                total[name] = value.clone().double() if value.is_floating_point() else value.clone()
+            elif value.is_floating_point():
+                total[name] += value.double()
+    return {n: (v / len(paths)).float() if v.is_floating_point() else v for n, v in total.items()}
 
 
 def _cache_key(utts: list[Utterance], features: FeatureConfig, speeds: tuple[float, ...]) -> str:
@@ -244,6 +263,22 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "last.pt"
 
+    @property
+    def snapshot_dir(self) -> Path:
+        """Model weights of the last ``average_last_epochs`` epochs, one file each."""
+        return self.run_dir / "epochs"
+
+    def save_snapshot(self) -> None:
+        keep = self.cfg.average_last_epochs
+        if keep < 2:
+            return
+        self.snapshot_dir.mkdir(exist_ok=True)
+        path = self.snapshot_dir / f"epoch_{self.progress.epoch:03d}.pt"
+        torch.save(self.model.state_dict(), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        for old in sorted(self.snapshot_dir.glob("epoch_*.pt"))[:-keep]:
+            old.unlink()
+
     def save_checkpoint(self) -> None:
         state = {
             "model": self.model.state_dict(),
@@ -333,5 +368,36 @@ class Trainer:
                 self.progress.best_wer = min(score, self.progress.best_wer)
                 extras = export_extras(self.run_dir) if export_extras else {}
                 save_bundle(export_dir, self.model, self.features, self.normalizer, info={**(bundle_info or {}), **record}, **extras)
+            self.save_snapshot()
             self.save_checkpoint()
+        done = self.progress.averaged and self.progress.averaged.get("after_epoch") == self.progress.epoch
+        if self.cfg.average_last_epochs > 1 and self.dev and not done:
+            self._try_averaged(export_dir, export_extras, bundle_info)
         return self.progress
+
+    def _try_averaged(self, export_dir: Path, export_extras: Callable[[Path], dict] | None, bundle_info: dict | None) -> None:
+        """Average the last epochs' weights; export them if their streaming dev WER beats the best epoch's."""
+        paths = sorted(self.snapshot_dir.glob("epoch_*.pt"))[-self.cfg.average_last_epochs :]
+        if len(paths) < 2:
+            return
+        trained = {n: v.clone() for n, v in self.model.state_dict().items()}
+        self.model.load_state_dict(average_state_dicts(paths))
+        epochs = [int(p.stem.split("_")[1]) for p in paths]
+        record = {
+            "after_epoch": self.progress.epoch,
+            "averaged_epochs": [epochs[0], epochs[-1]],
+            "dev_wer_greedy": round(evaluate_greedy(self.model, self.dev, self.device, None, 0), 4),
+            "dev_wer_greedy_streaming": round(
+                evaluate_greedy(self.model, self.dev, self.device, self.cfg.eval_chunk_frames, self.cfg.eval_right_context_frames), 4
+            ),
+        }
+        record["exported"] = record["dev_wer_greedy_streaming"] < self.progress.best_wer
+        self.log(json.dumps(record))
+        if record["exported"]:
+            self.progress.best_wer = record["dev_wer_greedy_streaming"]
+            extras = export_extras(self.run_dir) if export_extras else {}
+            info = {**(bundle_info or {}), **record, "epoch": self.progress.epoch}
+            save_bundle(export_dir, self.model, self.features, self.normalizer, info=info, **extras)
+        self.model.load_state_dict(trained)  # last.pt keeps the last epoch's weights, for --resume with more epochs
+        self.progress.averaged = record
+        self.save_checkpoint()
