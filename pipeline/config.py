@@ -61,6 +61,11 @@ class DataConfig:
     use_fsdd: bool = True
     max_train_utterances: int = 0  # 0: all; a small number makes smoke-test runs
     max_dev_utterances: int = 0
+    lm_order: int = 3  # word n-gram order of the LM estimated from the training transcripts
+
+    def __post_init__(self) -> None:
+        if self.lm_order < 1:
+            raise ValueError(f"data.lm_order must be >= 1, got {self.lm_order}")
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ def data_info(train: list[Utterance], dev: list[Utterance]) -> dict:
 
 
 def language_model_files(run_dir: Path, texts: list[str], order: int = 3) -> dict:
-    """Lexicon and ARPA LM estimated from the training transcripts only (cached in the run dir)."""
+    """Lexicon and ARPA LM estimated from the training transcripts only (cached in the run dir, per order)."""
     from workers.lm import build_arpa, vocabulary, write_lexicon
 
-    lexicon, arpa = run_dir / "lexicon.txt", run_dir / "lm.arpa"
+    lexicon, arpa = run_dir / "lexicon.txt", run_dir / f"lm_{order}gram.arpa"
     if not (lexicon.is_file() and arpa.is_file()):
         write_lexicon(vocabulary(texts), lexicon)
         build_arpa(texts, order=order, path=arpa)
@@ -65,7 +65,7 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
 
     def extras(_run_dir: Path) -> dict:
         try:
-            return language_model_files(run_dir, texts)
+            return language_model_files(run_dir, texts, config.data.lm_order)
         except Exception as exc:  # the acoustic model is still worth exporting without an LM
             log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
             return {}
@@ -95,8 +95,11 @@ def run_training_cli(args, config: AppConfig) -> int:
     return 0
 
 
-def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int = 3) -> Path:
-    """Re-export ``RUN_DIR/bundle`` to ``out_dir`` with the lexicon, LM and speaker lists of the run."""
+def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int | None = None) -> Path:
+    """Re-export ``RUN_DIR/bundle`` to ``out_dir`` with the lexicon, LM and speaker lists of the run.
+
+    ``lm_order`` defaults to ``data.lm_order`` of ``configs/default.yaml``.
+    """
     from workers.bundle import load_bundle, save_bundle
     from workers.corpus import read_manifest
 
@@ -104,6 +107,10 @@ def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int = 3)
     train = list(read_manifest(run_dir / "train.jsonl"))
     dev = list(read_manifest(run_dir / "dev_an4.jsonl")) + list(read_manifest(run_dir / "dev_fsdd.jsonl"))
     bundle = load_bundle(run_dir / "bundle")
+    if lm_order is None:
+        from pipeline.config import load_config
+
+        lm_order = load_config().data.lm_order
     files = language_model_files(run_dir, [u.text for u in train], lm_order)
     info = {**bundle.info, **data_info(train, dev)}
     return save_bundle(out_dir, bundle.model, bundle.features, bundle.normalizer, info=info, **files)

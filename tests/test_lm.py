@@ -119,3 +119,15 @@ def test_vocabulary_lexicon_and_tokens(tmp_path: Path) -> None:
     assert tuple(tokens.read_text().splitlines()) == TOKENS
     with pytest.raises(ValueError, match="spell"):
         write_lexicon(["ok", "n0pe"], tmp_path / "bad.txt")
+
+
+def test_language_model_files_are_cached_per_order(tmp_path: Path) -> None:
+    """A run dir's cached LM must not be reused for another n-gram order."""
+    from pipeline.training import language_model_files
+
+    trigram = language_model_files(tmp_path, CORPUS, order=3)["lm_path"]
+    fourgram = language_model_files(tmp_path, CORPUS, order=4)["lm_path"]
+    assert trigram != fourgram
+    assert max(len(g) for g in read_arpa(trigram)[1]) == 3
+    assert max(len(g) for g in read_arpa(fourgram)[1]) == 4
+    assert language_model_files(tmp_path, CORPUS, order=4)["lm_path"] == fourgram

@@ -131,7 +131,8 @@ def test_first_layer_forward_direction_is_chunking_invariant(chunk: int, rc: int
     monkeypatch.setattr(model, "forward_window", recording_window)
     handle = model.forward_lstms[0].register_forward_hook(lambda _m, _i, out: calls[-1].append(out[0]))
     try:
-        out = alone(model, x, chunk, rc)
+        with torch.no_grad():
+            out = model.forward_windows_sequential(x.unsqueeze(0), torch.tensor([23]), chunk, rc)[0]
     finally:
         handle.remove()
     assert out.shape == (23, 29)
@@ -319,3 +320,37 @@ def test_workers_package_does_not_import_ray_or_pipeline() -> None:
         [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_layers": 3, "combine": "sum"}, {"bidirectional": False}])
+def test_batched_windows_equal_one_window_at_a_time(overrides: dict) -> None:
+    """``forward`` runs all chunks of a batch at once; a stream runs ``forward_window`` per chunk.
+
+    Both must give the same log-probabilities on every valid frame, for any chunking,
+    utterance lengths (shorter than, equal to, not a multiple of the chunk) and padding.
+    """
+    model = tiny(**overrides)
+    for frames in (2, 17, 23, 40):
+        lengths = torch.tensor([frames, max(1, frames // 2), 1, frames - 1 or 1])
+        x = features(4 * frames, seed=frames).reshape(4, frames, 12)
+        for chunk, rc in [*CHUNKINGS, (6, 20)]:
+            with torch.no_grad():
+                batched = model(x, lengths, chunk, rc)
+                sequential = model.forward_windows_sequential(x, lengths, chunk, rc)
+            for b, n in enumerate(lengths.tolist()):
+                torch.testing.assert_close(batched[b, :n], sequential[b, :n], atol=ATOL, rtol=0)
+
+
+def test_batched_windows_give_the_same_gradients() -> None:
+    """Training uses the batched path: its gradients are those of the per-window computation."""
+    grads = []
+    x = features(2 * 19, seed=7).reshape(2, 19, 12)
+    lengths = torch.tensor([19, 11])
+    for path in ("forward", "forward_windows_sequential"):
+        model = tiny()
+        out = getattr(model, path)(x, lengths, 5, 3)
+        mask = (torch.arange(19).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
+        (out * mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

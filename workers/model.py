@@ -94,6 +94,14 @@ class BiLSTMCTC(nn.Module):
             return 0.5 * (fwd + bwd)
         return fwd * bwd
 
+    def _add_backward(self, layer: int, layer_in: torch.Tensor, window_lengths: torch.Tensor, fwd: torch.Tensor) -> torch.Tensor:
+        """Next layer's input: ``fwd`` (windows, frames, hidden) combined with the backward
+        direction run from zeros at each window's last valid frame, then dropout."""
+        if self.config.bidirectional:
+            bwd, _ = self.backward_lstms[layer](reverse_within_lengths(layer_in, window_lengths))
+            fwd = self._combine(fwd, reverse_within_lengths(bwd, window_lengths))
+        return self.dropout(fwd)
+
     # ---- one window ----------------------------------------------------------------
     def forward_window(
         self,
@@ -126,13 +134,7 @@ class BiLSTMCTC(nn.Module):
                 fwd = torch.cat([fwd_chunk, fwd_rc], dim=1)
             else:
                 fwd = fwd_chunk
-            if self.config.bidirectional:
-                rev = reverse_within_lengths(layer_in, window_lengths)
-                bwd, _ = self.backward_lstms[layer](rev)
-                out = self._combine(fwd, reverse_within_lengths(bwd, window_lengths))
-            else:
-                out = fwd
-            layer_in = self.dropout(out)
+            layer_in = self._add_backward(layer, layer_in, window_lengths, fwd)
         logits = self.output(layer_in[:, :n_chunk])
         return logits.log_softmax(dim=-1), (torch.cat(new_h), torch.cat(new_c))
 
@@ -160,6 +162,18 @@ class BiLSTMCTC(nn.Module):
             chunk_frames, right_context_frames = max(frames, 1), 0
         if not self.config.bidirectional:
             right_context_frames = 0
+        if chunk_frames >= frames:
+            return self.forward_window(x, lengths.to(x.device).clamp(max=frames), frames, self.initial_state(batch, x.device))[0]
+        return self._forward_chunked(x, lengths.to(x.device), chunk_frames, right_context_frames)
+
+    def forward_windows_sequential(
+        self, x: torch.Tensor, lengths: torch.Tensor, chunk_frames: int, right_context_frames: int
+    ) -> torch.Tensor:
+        """Reference for chunked ``forward``: one ``forward_window`` call per chunk, as a stream runs.
+
+        (batch, frames, feature_dim) -> log-probs (batch, frames, num_tokens).
+        """
+        batch, frames = x.shape[:2]
         state = self.initial_state(batch, x.device)
         outputs = []
         for start in range(0, frames, chunk_frames):
@@ -168,6 +182,50 @@ class BiLSTMCTC(nn.Module):
             out, state = self.forward_window(x[:, start:end], window_lengths, chunk_frames, state)
             outputs.append(out)
         return torch.cat(outputs, dim=1)
+
+    def _forward_chunked(self, x: torch.Tensor, lengths: torch.Tensor, chunk_frames: int, right_context_frames: int) -> torch.Tensor:
+        """All windows of a batch at once; the same function as ``forward_windows_sequential``.
+
+        The utterance (batch, frames, dim) is zero-padded to ``windows * chunk_frames +
+        right_context_frames`` frames and cut into ``windows`` overlapping windows of
+        ``chunk_frames + right_context_frames`` frames: (batch * windows, window_frames, dim).
+        Per layer, only the forward direction over the chunk parts is sequential (it
+        carries its state from chunk to chunk: one call per chunk, giving the state at each
+        chunk's end); the lookahead parts (from those states) and the backward direction
+        (from zeros at each window's end) run as one call over all windows. Frames past a
+        window's valid length are padding and never reach a valid frame. About 2-4x faster
+        than one window at a time for training batches on a CPU.
+        """
+        batch, frames, dim = x.shape
+        chunk, rc = chunk_frames, right_context_frames
+        windows = -(-frames // chunk)
+        window_frames = chunk + rc
+        padded = torch.nn.functional.pad(x, (0, 0, 0, windows * chunk + rc - frames))
+        # (batch, windows, dim, window_frames) -> (batch * windows, window_frames, dim)
+        layer_in = padded.unfold(1, window_frames, chunk).permute(0, 1, 3, 2).reshape(batch * windows, window_frames, dim)
+        starts = torch.arange(windows, device=x.device) * chunk
+        window_lengths = (lengths.unsqueeze(1) - starts.unsqueeze(0)).clamp(0, window_frames).reshape(-1)
+        hidden = self.config.hidden_size
+        for layer in range(self.config.num_layers):
+            fwd_lstm = self.forward_lstms[layer]
+            chunk_inputs = layer_in.reshape(batch, windows, window_frames, -1)[:, :, :chunk].unbind(1)
+            state = (x.new_zeros(1, batch, hidden), x.new_zeros(1, batch, hidden))
+            chunk_outputs, h_ends, c_ends = [], [], []
+            for chunk_input in chunk_inputs:  # unbind: its backward is one stack, not one zero-fill per chunk
+                out, state = fwd_lstm(chunk_input, state)
+                chunk_outputs.append(out)
+                h_ends.append(state[0])
+                c_ends.append(state[1])
+            fwd = torch.stack(chunk_outputs, dim=1).reshape(batch * windows, chunk, hidden)
+            if rc > 0:
+                # (1, batch, windows, hidden) -> (1, batch * windows, hidden), window index fastest
+                h0 = torch.stack(h_ends, dim=2).reshape(1, batch * windows, hidden)
+                c0 = torch.stack(c_ends, dim=2).reshape(1, batch * windows, hidden)
+                fwd_rc, _ = fwd_lstm(layer_in[:, chunk:], (h0, c0))
+                fwd = torch.cat([fwd, fwd_rc], dim=1)
+            layer_in = self._add_backward(layer, layer_in, window_lengths, fwd)
+        chunk_out = layer_in.reshape(batch, windows, window_frames, -1)[:, :, :chunk].reshape(batch, windows * chunk, -1)
+        return self.output(chunk_out[:, :frames]).log_softmax(dim=-1)
 
     def latency_ms(self, chunk_frames: int, right_context_frames: int, frame_ms: float) -> float:
         """Algorithmic latency (chunk + lookahead) in milliseconds."""
