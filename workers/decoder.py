@@ -46,8 +46,8 @@ class DecoderConfig:
     kind: str = "beam"  # "greedy" or "beam"
     beam_size: int = 32  # hypotheses kept after each frame
     beam_threshold: float = 25.0  # drop hypotheses this far below the best one
-    lm_weight: float = 1.0  # weight of the LM log-probability (ignored without an LM); tuned for models/default
-    word_score: float = 1.0  # added per word (insertion bonus); lexicon search only; tuned for models/default
+    lm_weight: float = 1.0  # weight of the LM log-probability (ignored without an LM); see models/README.md
+    word_score: float = 1.0  # added per word (insertion bonus); lexicon search only; see models/README.md
     unk_score: float = float("-inf")  # added per out-of-lexicon word; -inf forbids them
     sil_score: float = 0.0  # added per word separator / silence token
 
