@@ -15,7 +15,7 @@ import torch
 from workers.model import BiLSTMCTC, ModelConfig
 
 
-def step_s(model: BiLSTMCTC, path: str, x: torch.Tensor, lengths: torch.Tensor, chunk: int, rc: int) -> float:
+def step_s(model: BiLSTMCTC, path: str, x: torch.Tensor, lengths: torch.Tensor, chunk: int | None, rc: int) -> float:
     """Fastest of 3 forward+backward passes, in seconds."""
     times = []
     for _ in range(3):
