@@ -50,6 +50,7 @@ from workers.bundle import BundleError, load_bundle
 from workers.corpus import AUDIO_SUFFIXES, read_manifest
 from workers.decoder import DecoderConfig, WordTiming
 from workers.recognizer import Recognizer
+from workers.vad import VadConfig
 
 TRANSCRIPTS_NAME = "transcripts.jsonl"
 PARTIAL_NAME = "transcripts.jsonl.partial"  # lines of finished batches of a run in progress
@@ -151,13 +152,13 @@ def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: R
     for i, path in enumerate(paths):
         try:
             fmt = raw_format if Path(path).suffix.lower() in RAW_SUFFIXES else None
-            good.append((i, recognizer.features(path, fmt)))
+            good.append((i, recognizer.analyse(recognizer.load(path, fmt))))
         except AudioError as exc:
             records[i] = error_record(path, exc.reason)
         except Exception as exc:  # a bug or odd file must cost one input, not the batch
             records[i] = error_record(path, f"{type(exc).__name__}: {exc}")
     frame_s = recognizer.bundle.features.frame_ms / 1000
-    for (i, feats), result in zip(good, _decode_all(recognizer, [feats for _, feats in good])):
+    for (i, (feats, _)), result in zip(good, _decode_all(recognizer, [analysed for _, analysed in good])):
         if isinstance(result, str):
             records[i] = error_record(paths[i], result)
         else:
@@ -165,18 +166,19 @@ def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: R
     return [r for r in records if r is not None]
 
 
-def _decode_all(recognizer: Recognizer, features: list[Any]) -> list[tuple[str, list[WordTiming]] | str]:
-    """The whole batch in one forward pass; if that fails, item by item, a failure becoming its reason."""
-    if not features:
+def _decode_all(recognizer: Recognizer, analysed: list[Any]) -> list[tuple[str, list[WordTiming]] | str]:
+    """(features, speech flags) of the whole batch in one forward pass; if that fails, item by
+    item, a failure becoming its reason."""
+    if not analysed:
         return []
     try:
-        return list(recognizer.transcribe_features(features))
+        return list(recognizer.transcribe_features([f for f, _ in analysed], [s for _, s in analysed]))
     except Exception:  # find the input that broke the batch; the others still get transcribed
         pass
     results: list[tuple[str, list[WordTiming]] | str] = []
-    for feats in features:
+    for feats, speech in analysed:
         try:
-            results.append(recognizer.transcribe_features([feats])[0])
+            results.append(recognizer.transcribe_features([feats], [speech])[0])
         except Exception as exc:  # one input that breaks the model must not lose the others
             results.append(f"{type(exc).__name__}: {exc}")
     return results
@@ -195,8 +197,9 @@ class TranscribeBatch:
         lookahead_ms: float,
         device: str,
         raw_format: RawFormat | None = None,
+        vad: VadConfig | None = None,
     ) -> None:
-        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device)
+        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad)
         self.raw_format = raw_format
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -379,6 +382,7 @@ def transcribe_inputs(
     concurrency: int = 1,
     raw_format: RawFormat | None = None,
     address: str | None = None,
+    vad: VadConfig | None = None,
 ) -> dict:
     """Transcribe every input not done yet into ``out_dir``; returns the run summary.
 
@@ -386,6 +390,7 @@ def transcribe_inputs(
     otherwise latency-controlled chunks with ``lookahead_ms`` of right context.
     ``raw_format``: how headerless ``.raw``/``.pcm`` files are read (default 16 kHz 16-bit
     big-endian). ``address``: Ray cluster to connect to when Ray is not initialised yet.
+    ``vad``: voice activity gating of the words (default on).
 
     Summary keys: ``files`` (inputs), ``transcribed`` (this run, without error),
     ``skipped`` (done earlier), ``errors`` (inputs whose line has an error),
@@ -421,6 +426,7 @@ def transcribe_inputs(
             "lookahead_ms": lookahead_ms,
             "device": "cuda" if num_gpus else "cpu",
             "raw_format": raw_format,
+            "vad": vad,
         }
         stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus)
     _finish(out_dir, rows)
@@ -502,6 +508,7 @@ def run_transcribe(args: argparse.Namespace, config: AppConfig | None = None) ->
             concurrency=args.concurrency,
             raw_format=_raw_format(config.audio),
             address=args.address,
+            vad=config.vad,
         )
     except (ConfigError, BundleError, FileNotFoundError, ValueError) as exc:
         print(f"asr transcribe: {exc}", file=sys.stderr)

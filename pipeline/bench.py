@@ -88,16 +88,17 @@ def bench_batch(files: list[str], bundle: str | None, config: AppConfig, concurr
     from pipeline.batch import transcribe_inputs
     from workers.recognizer import Recognizer
 
-    rec = Recognizer(bundle, config.decoder)
+    rec = Recognizer(bundle, config.decoder, vad=config.vad)
     t0 = time.perf_counter()
-    feats = sorted((rec.features(f) for f in files), key=len)
-    audio_s = sum(len(f) for f in feats) * rec.bundle.features.frame_ms / 1000
-    for start in range(0, len(feats), 16):
-        rec.transcribe_features(feats[start : start + 16])
+    analysed = sorted((rec.analyse(rec.load(f)) for f in files), key=lambda a: len(a[0]))
+    audio_s = sum(len(f) for f, _ in analysed) * rec.bundle.features.frame_ms / 1000
+    for start in range(0, len(analysed), 16):
+        batch = analysed[start : start + 16]
+        rec.transcribe_features([f for f, _ in batch], [s for _, s in batch])
     inproc_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        summary = transcribe_inputs(files, out, bundle, config.decoder, concurrency=concurrency)
+        summary = transcribe_inputs(files, out, bundle, config.decoder, concurrency=concurrency, vad=config.vad)
         ray_s = time.perf_counter() - t0
     return {
         "files": len(files),

@@ -18,6 +18,7 @@ from workers.decoder import DecoderConfig
 from workers.features import FeatureConfig
 from workers.model import ModelConfig
 from workers.training import TrainConfig
+from workers.vad import VadConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -77,6 +78,7 @@ class AppConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -10,12 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jiwer
+import torch
 
 from pipeline.config import AppConfig
-from workers.audio import AudioError
+from workers.audio import AudioError, to_model_rate
 from workers.corpus import Utterance, read_corpus
 from workers.decoder import DecoderConfig
+from workers.perturb import Perturbation, perturb, removes_speech
 from workers.recognizer import Recognizer, StreamingRecognizer
+from workers.vad import VadConfig
+
+BABBLE_POOL_SIZE = 100  # utterances of speakers not evaluated, mixed into babble noise
 
 
 @dataclass
@@ -33,6 +38,8 @@ class EvalReport:
     audio_s: float = 0.0
     compute_s: float = 0.0
     settings: dict = field(default_factory=dict)
+    hypothesis_words: int = 0  # words recognised in all files (what counts when the references are empty)
+    files_with_words: int = 0
 
     @property
     def real_time_factor(self) -> float:
@@ -45,9 +52,17 @@ class EvalReport:
 
 
 def score(ids: list[str], refs: list[str], hyps: list[str], worst_n: int = 5) -> EvalReport:
-    """jiwer's WER/CER and counts over the pairs, and the ``worst_n`` utterances with alignments."""
-    if not refs:
-        return EvalReport(float("nan"), float("nan"), 0, 0, 0, 0, 0, 0)
+    """jiwer's WER/CER and counts over the pairs, and the ``worst_n`` utterances with alignments.
+
+    When every reference is empty (audio with no speech) WER is undefined (NaN) and the
+    report counts the words recognised instead."""
+    hyp_words = [len(h.split()) for h in hyps]
+    if not refs or not any(r.strip() for r in refs):
+        report = EvalReport(float("nan"), float("nan"), 0, 0, sum(hyp_words), 0, 0, len(refs))
+        report.hypothesis_words, report.files_with_words = sum(hyp_words), sum(1 for n in hyp_words if n)
+        report.worst = [{"id": i, "errors": n, "reference": "", "hypothesis": h, "alignment": f"HYP: {h}"}
+                        for n, i, h in sorted(zip(hyp_words, ids, hyps), key=lambda p: -p[0])[:worst_n] if n]
+        return report
     words = jiwer.process_words(refs, hyps)
     per_utt = []
     for i, chunks in enumerate(words.alignments):
@@ -70,17 +85,37 @@ def score(ids: list[str], refs: list[str], hyps: list[str], worst_n: int = 5) ->
         reference_words=words.hits + words.substitutions + words.deletions,
         utterances=len(refs),
         worst=worst,
+        hypothesis_words=sum(hyp_words),
+        files_with_words=sum(1 for n in hyp_words if n),
     )
 
 
-def _stream_file(rec: StreamingRecognizer, features_loader: Recognizer, path: str, ingest_samples: int) -> str:
-    from workers.audio import load_audio
-
-    wave = load_audio(path, rec.bundle.features.sample_rate_hz, min_samples=rec.bundle.features.min_samples)
-    for start in range(0, len(wave), ingest_samples):
-        rec.push(wave[start : start + ingest_samples], rec.bundle.features.sample_rate_hz)
-    finals = [r for r in rec.finish() if r.is_final]
+def _stream_wave(rec: StreamingRecognizer, wave: torch.Tensor, rate_hz: int, ingest_ms: float = 100.0) -> str:
+    """Push (samples,) at ``rate_hz`` in ``ingest_ms`` pieces, as a client would; the finals' text."""
+    step = max(1, int(rate_hz * ingest_ms / 1000))
+    finals = []
+    for start in range(0, len(wave), step):
+        finals += [r for r in rec.push(wave[start : start + step], rate_hz) if r.is_final]
+    finals += [r for r in rec.finish() if r.is_final]
     return " ".join(r.text for r in finals if r.text)
+
+
+class _Loader:
+    """Reads an utterance at the model rate and applies the evaluation's perturbations."""
+
+    def __init__(self, rec: Recognizer, perturbations: list[Perturbation], seed: int, babble_pool: list[torch.Tensor] | None) -> None:
+        self.rec, self.perturbations, self.seed, self.babble_pool = rec, perturbations, seed, babble_pool
+        self.rate_hz = rec.bundle.features.sample_rate_hz
+
+    def __call__(self, u: Utterance) -> tuple[torch.Tensor, int]:
+        """-> (samples,) and its rate (the model rate unless a ``rate_hz`` perturbation changed it)."""
+        wave = self.rec.load(u.audio)
+        if not self.perturbations:
+            return wave, self.rate_hz
+        return perturb(wave, self.rate_hz, self.perturbations, u.id, self.seed, self.babble_pool)
+
+    def reference(self, u: Utterance) -> str:
+        return "" if removes_speech(self.perturbations) else u.text
 
 
 def evaluate(
@@ -93,13 +128,22 @@ def evaluate(
     worst_n: int = 5,
     batch_size: int = 16,
     progress: bool = True,
+    perturbations: list[Perturbation] | None = None,
+    seed: int = 0,
+    babble_pool: list[torch.Tensor] | None = None,
+    vad: VadConfig | None = None,
 ) -> EvalReport:
-    """Transcribe ``utterances`` in ``mode`` ("offline" or "streaming") and score them."""
+    """Transcribe ``utterances`` in ``mode`` ("offline" or "streaming") and score them.
+
+    ``perturbations`` degrade each utterance's audio first (seeded by ``seed`` and the
+    utterance id); ``babble_pool``: speech for ``babble_snr_db``; ``vad``: voice activity gating."""
     if mode not in ("offline", "streaming"):
         raise ValueError(f"mode must be 'offline' or 'streaming', got {mode!r}")
     if mode == "streaming" and chunk_ms is None:
         raise ValueError("streaming mode needs chunk_ms")
-    rec = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms)
+    perturbations = list(perturbations or [])
+    rec = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, vad=vad)
+    load = _Loader(rec, perturbations, seed, babble_pool)
     ids, refs, hyps, failed = [], [], [], []
     audio_s = 0.0
     t0 = time.perf_counter()
@@ -107,31 +151,35 @@ def evaluate(
         loaded = []
         for u in utterances:
             try:
-                loaded.append((u, rec.features(u.audio)))
+                wave, rate_hz = load(u)
+                if rate_hz != load.rate_hz:  # what the audio intake does with 8 kHz input
+                    wave = to_model_rate(wave.numpy(), rate_hz, load.rate_hz)
+                loaded.append((u, rec.analyse(wave)))
             except AudioError as exc:
                 failed.append({"id": u.id, "audio": u.audio, "error": str(exc)})
-        loaded.sort(key=lambda p: len(p[1]))
+        loaded.sort(key=lambda p: len(p[1][0]))
         for start in range(0, len(loaded), batch_size):
             batch = loaded[start : start + batch_size]
-            for (u, feats), (text, _) in zip(batch, rec.transcribe_features([f for _, f in batch])):
+            results = rec.transcribe_features([f for _, (f, _) in batch], [s for _, (_, s) in batch])
+            for (u, (feats, _)), (text, _) in zip(batch, results):
                 ids.append(u.id)
-                refs.append(u.text)
+                refs.append(load.reference(u))
                 hyps.append(text)
                 audio_s += len(feats) * rec.bundle.features.frame_ms / 1000
             if progress:
                 print(f"\r{len(ids)}/{len(utterances)} utterances", end="", file=sys.stderr)
     else:
-        stream = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms)
-        ingest = int(rec.bundle.features.sample_rate_hz * 0.1)
+        stream = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms, vad=vad)
         for n, u in enumerate(utterances, 1):
             try:
-                hyps.append(_stream_file(stream, rec, u.audio, ingest))
+                wave, rate_hz = load(u)
+                hyps.append(_stream_wave(stream, wave, rate_hz))
             except AudioError as exc:
                 failed.append({"id": u.id, "audio": u.audio, "error": str(exc)})
                 continue
             ids.append(u.id)
-            refs.append(u.text)
-            audio_s += u.duration_s
+            refs.append(load.reference(u))
+            audio_s += len(wave) / rate_hz
             if progress:
                 print(f"\r{n}/{len(utterances)} utterances", end="", file=sys.stderr)
     if progress:
@@ -142,7 +190,8 @@ def evaluate(
     report.compute_s = time.perf_counter() - t0
     latency = None if chunk_ms is None else rec.bundle.model.latency_ms(rec.chunk_frames, rec.right_context_frames, rec.bundle.features.frame_ms)
     report.settings = {"mode": mode, "decoder": decoder_config.kind, "chunk_ms": chunk_ms, "lookahead_ms": lookahead_ms,
-                       "algorithmic_latency_ms": latency, "model": str(rec.bundle.path)}
+                       "algorithmic_latency_ms": latency, "model": str(rec.bundle.path),
+                       "perturbations": [str(p) for p in perturbations], "seed": seed, "vad": rec.vad is not None}
     return report
 
 
@@ -163,9 +212,19 @@ def format_report(report: EvalReport) -> str:
     s = report.settings
     lines = [
         f"mode={s.get('mode')} decoder={s.get('decoder')} chunk_ms={s.get('chunk_ms')} lookahead_ms={s.get('lookahead_ms')} "
-        f"latency_ms={s.get('algorithmic_latency_ms')}",
-        f"WER {100 * report.wer:.2f}%  CER {100 * report.cer:.2f}%  "
-        f"(S={report.substitutions} D={report.deletions} I={report.insertions}, {report.reference_words} words, {report.utterances} utterances)",
+        f"latency_ms={s.get('algorithmic_latency_ms')} vad={s.get('vad')} perturb={','.join(s.get('perturbations', [])) or 'none'}",
+    ]
+    if report.reference_words:
+        lines.append(
+            f"WER {100 * report.wer:.2f}%  CER {100 * report.cer:.2f}%  "
+            f"(S={report.substitutions} D={report.deletions} I={report.insertions}, {report.reference_words} words, {report.utterances} utterances)"
+        )
+    else:
+        lines.append(
+            f"no reference words: {report.hypothesis_words} words recognised in {report.files_with_words} of {report.utterances} files "
+            f"({report.hypothesis_words / max(1, report.utterances):.2f} words per file)"
+        )
+    lines += [
         f"real-time factor {report.real_time_factor:.4f} ({report.compute_s:.1f} s for {report.audio_s:.1f} s of audio)",
     ]
     if report.failed:
@@ -190,6 +249,28 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances")
     parser.add_argument("--worst", type=int, default=5, help="how many worst utterances to show")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
+    parser.add_argument("--perturb", action="append", default=[], metavar="KIND=VALUE",
+                        help="degrade the audio first (repeatable, applied in order): gain_db=-20, rate_hz=8000, noise_snr_db=10, "
+                             "babble_snr_db=10, reverb_rt60_s=0.5, silence_s=5, noise_dbfs=-60")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the perturbations' randomness")
+    parser.add_argument("--babble-from", default=None,
+                        help="corpus whose speech makes babble noise (default: DATA), only speakers not evaluated")
+    parser.add_argument("--no-vad", action="store_true", help="keep words where the voice activity detector hears no speech")
+
+
+def babble_pool_for(source: str, exclude_speakers: set[str], rate_hz: int, size: int = BABBLE_POOL_SIZE) -> list[torch.Tensor]:
+    """Up to ``size`` utterances (spread over ``source``) of speakers not in ``exclude_speakers``, at ``rate_hz``."""
+    from workers.audio import load_audio
+
+    others = [u for u in read_corpus(source).utterances if u.speaker not in exclude_speakers]
+    picked = others[:: max(1, len(others) // size)][:size]
+    pool = []
+    for u in picked:
+        try:
+            pool.append(load_audio(u.audio, rate_hz))
+        except AudioError:
+            continue
+    return pool
 
 
 def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
@@ -205,7 +286,21 @@ def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
     decoder_config = dataclasses.replace(config.decoder, kind=args.decoder) if args.decoder else config.decoder
     chunk_ms = args.chunk_ms if args.chunk_ms is not None else (config.streaming.chunk_ms if args.mode == "streaming" else None)
     lookahead_ms = args.lookahead_ms if args.lookahead_ms is not None else (config.streaming.lookahead_ms if chunk_ms is not None else 0.0)
-    report = evaluate(utts, args.model, decoder_config, args.mode, chunk_ms, lookahead_ms, args.worst)
+    try:
+        perturbations = [Perturbation.parse(p) for p in args.perturb]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    pool = None
+    if any(p.kind == "babble_snr_db" for p in perturbations):
+        pool = babble_pool_for(args.babble_from or args.data, {u.speaker for u in utts}, config.audio.sample_rate_hz)
+        if not pool:
+            print(f"error: babble_snr_db needs speech of speakers not evaluated; none found in {args.babble_from or args.data}",
+                  file=sys.stderr)
+            return 2
+    vad = dataclasses.replace(config.vad, enabled=False) if args.no_vad else config.vad
+    report = evaluate(utts, args.model, decoder_config, args.mode, chunk_ms, lookahead_ms, args.worst,
+                      perturbations=perturbations, seed=args.seed, babble_pool=pool, vad=vad)
     report.settings["skipped_transcripts"] = len(corpus.skipped)
     print(format_report(report))
     if args.json_path:

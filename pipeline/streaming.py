@@ -73,6 +73,7 @@ from workers.decoder import DecoderConfig
 from workers.features import MfccExtractor
 from workers.recognizer import build_decoder, frames_for_ms
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult
+from workers.vad import SpeechDetector, VadConfig
 
 ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back for new streams (in-flight streams fail)
 ACOUSTIC_MAX_CONCURRENCY = 10_000  # concurrent calls the batching actor accepts (held ones included)
@@ -148,6 +149,7 @@ class StageItem:
     is_last: bool
     data: Any = None
     error: str | None = None
+    speech: Any = None  # voice activity flags (windows,) bool of this push's audio, from the feature actor
     acoustic: int = 0  # which acoustic actor keeps this stream's state
     decoder: int = 0  # which decoder actor keeps this stream's state
     stage_times: tuple[float, ...] = ()  # time.time() at entry to and exit from each stage so far
@@ -203,26 +205,31 @@ class IngestActor:
 class FeatureActor:
     """Wraps ``FeatureStage``: model-rate chunks -> normalised stacked MFCC (frames, feature_dim)."""
 
-    def __init__(self, bundle_files: dict[str, bytes]) -> None:
+    def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None) -> None:
+        vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
-            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer))
+            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), SpeechDetector(vad) if vad.enabled else None)
             self.feature_dim = bundle.features.feature_dim
         self.order = _SequenceCheck()
 
     def push_many(self, items: list[StageItem]) -> list[StageItem]:
-        """item.data: model-rate waves, each (samples,) -> their features (frames, feature_dim)."""
-        return _each(items, self._push, self.drop)
+        """item.data: model-rate waves, each (samples,) -> their features (frames, feature_dim);
+        item.speech: their voice activity flags (windows,)."""
+        out = _each(items, self._push, self.drop)
+        return [dataclasses.replace(i, data=i.data[0], speech=i.data[1]) if i.error is None else i for i in out]
 
-    def _push(self, item: StageItem) -> np.ndarray:
+    def _push(self, item: StageItem) -> tuple[np.ndarray, np.ndarray]:
         self.order.check(item.stream_id, item.seq, item.is_last)
-        feats = [self.stage.push(item.stream_id, _tensor(c)) for c in item.data]
+        pieces = [self.stage.push(item.stream_id, _tensor(c)) for c in item.data]
         if item.is_last:
-            feats.append(self.stage.finish(item.stream_id))
-        return (torch.cat(feats) if feats else torch.zeros(0, self.feature_dim)).numpy()
+            pieces.append(self.stage.finish(item.stream_id))
+        feats = torch.cat([f for f, _ in pieces]) if pieces else torch.zeros(0, self.feature_dim)
+        speech = torch.cat([s for _, s in pieces]) if pieces else torch.zeros(0, dtype=torch.bool)
+        return feats.numpy(), speech.numpy()
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)
-        self.stage.finish(stream_id)
+        self.stage.drop(stream_id)
 
 
 @dataclass
@@ -397,9 +404,12 @@ def _answer(requests: list[_Request], result: Any = None, exception: BaseExcepti
 class DecoderActor:
     """Wraps ``DecoderStage``: log-probs (frames, num_tokens) -> partial / final results."""
 
-    def __init__(self, bundle_files: dict[str, bytes], decoder_config: DecoderConfig, endpoint_silence_ms: float) -> None:
+    def __init__(
+        self, bundle_files: dict[str, bytes], decoder_config: DecoderConfig, endpoint_silence_ms: float, vad: VadConfig | None = None
+    ) -> None:
+        vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
-            self.stage = DecoderStage(build_decoder(bundle, decoder_config), endpoint_silence_ms)
+            self.stage = DecoderStage(build_decoder(bundle, decoder_config), endpoint_silence_ms, vad.pad_ms if vad.enabled else None)
             self.num_tokens = bundle.model_config.num_tokens
         self.order = _SequenceCheck()
 
@@ -412,11 +422,12 @@ class DecoderActor:
 
     def _push(self, item: StageItem) -> list[RecognitionResult]:
         self.order.check(item.stream_id, item.seq, item.is_last)
-        return self.stage.push(item.stream_id, _tensor(item.data), item.is_last)
+        speech = None if item.speech is None else torch.from_numpy(np.array(item.speech, dtype=bool))
+        return self.stage.push(item.stream_id, _tensor(item.data), item.is_last, speech)
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)
-        self.stage.push(stream_id, torch.zeros(0, self.num_tokens), is_last=True)
+        self.stage.drop(stream_id)
 
 
 # --------------------------------------------------------------------------- session API
@@ -568,7 +579,7 @@ class StreamingPipeline:
         num_gpus = acoustic_num_gpus(s)
         chunk_samples = max(1, int(self.sample_rate_hz * s.ingest_chunk_ms / 1000))
         self._ingest = ray.remote(IngestActor).options(**_actor_options()).remote(self.sample_rate_hz, chunk_samples)
-        self._features = ray.remote(FeatureActor).options(**_actor_options()).remote(files)
+        self._features = ray.remote(FeatureActor).options(**_actor_options()).remote(files, self.config.vad)
         acoustic_options = _actor_options(s.acoustic_resources, num_gpus=num_gpus, max_concurrency=ACOUSTIC_MAX_CONCURRENCY)
         self._acoustics = [
             ray.remote(AcousticActor)
@@ -585,7 +596,7 @@ class StreamingPipeline:
             for _ in range(acoustic_actor_count(s, num_gpus))
         ]
         self._decoders = [
-            ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(files, decoder_config, s.endpoint_silence_ms)
+            ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(files, decoder_config, s.endpoint_silence_ms, self.config.vad)
             for _ in range(s.decoder_actors)
         ]
         self.actors = {"ingest": self._ingest, "features": self._features}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 import soundfile as sf
+from conftest import NO_VAD
 
 from pipeline.batch import (
     PARTIAL_NAME,
@@ -90,7 +91,7 @@ def tree(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
 def first_run(local_ray, tree, tiny_bundle, tmp_path_factory) -> tuple[Path, dict]:
     root, _, _ = tree
     out = tmp_path_factory.mktemp("out")
-    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, formats=("txt", "srt"), batch_size=3)
+    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, formats=("txt", "srt"), batch_size=3, vad=NO_VAD)
     return out, summary
 
 
@@ -105,7 +106,7 @@ def test_every_input_exactly_once_with_in_process_text(tree, first_run, tiny_bun
     assert summary["transcribed"] == len(good) and summary["errors"] == len(bad) and summary["skipped"] == 0
     assert summary["audio_s"] > 0 and summary["rtf"] > 0
     assert not (out / PARTIAL_NAME).exists()
-    reference = Recognizer(tiny_bundle)
+    reference = Recognizer(tiny_bundle, vad=NO_VAD)
     by_path = {r["path"]: r for r in rows}
     for rel in good:
         row, expected = by_path[str(root / rel)], reference.transcribe_file(root / rel)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import NO_VAD
 
 from pipeline.batch import TRANSCRIPTS_NAME
 from pipeline.cluster import WORKING_DIR_EXCLUDES, add_submit_arguments, build_runtime_env, job_entrypoint, run_submit
@@ -161,14 +162,15 @@ def test_submit_batch_transcription_job(two_node_cluster, tiny_bundle, tmp_path)
     inputs = _make_inputs(tmp_path / "audio")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--address", two_node_cluster.dashboard_url, "--",
-           "transcribe", str(tmp_path / "audio"), "--out", str(out), "--model", str(tiny_bundle), "--format", "txt"]
+           "transcribe", str(tmp_path / "audio"), "--out", str(out), "--model", str(tiny_bundle), "--format", "txt",
+           "--set", "vad.enabled=false"]  # generated tones: see conftest.NO_VAD
     proc = subprocess.run(cmd, env=two_node_cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "SUCCEEDED" in log and "3 files: 3 transcribed" in log, log
     rows = [json.loads(line) for line in (out / TRANSCRIPTS_NAME).read_text().splitlines()]
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in inputs)
-    reference = Recognizer(tiny_bundle)
+    reference = Recognizer(tiny_bundle, vad=NO_VAD)
     for row in rows:
         assert row["error"] is None
         assert row["text"] == reference.transcribe_file(row["path"]).text
@@ -204,7 +206,7 @@ from ray.util.state import list_actors
 from pipeline.config import load_config
 from pipeline.streaming import StreamingPipeline
 config = load_config(None, ["streaming.acoustic_resources={node2: 0.5}", "streaming.decoder_resources={head: 0.5}",
-                            "decoder.kind=greedy"])
+                            "decoder.kind=greedy", "vad.enabled=false"])
 ray.init(address=sys.argv[1])
 pipe = StreamingPipeline(config, sys.argv[2])
 wave, rate = sf.read(sys.argv[3], dtype="float32")
@@ -245,7 +247,7 @@ def test_streaming_session_with_actors_on_both_nodes(two_node_cluster, tiny_bund
 
     streaming = load_config().streaming
     reference = StreamingRecognizer(tiny_bundle, DecoderConfig(kind="greedy"), streaming.chunk_ms, streaming.lookahead_ms,
-                                    streaming.endpoint_silence_ms)
+                                    streaming.endpoint_silence_ms, vad=NO_VAD)
     for start in range(0, len(wave), 1234):
         reference.push(wave[start : start + 1234], 16000)
     assert out["final"] == [r.text for r in reference.finish() if r.is_final]

@@ -63,3 +63,49 @@ def test_run_eval_writes_json(tiny_bundle, small_manifest, tmp_path, capsys):
         assert key in data
     printed = capsys.readouterr().out
     assert "WER" in printed and "failed to load" in printed
+
+
+def _eval_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    parser.add_argument("--model")
+    return parser.parse_args(list(argv))
+
+
+def test_eval_with_perturbations_records_them_and_changes_the_audio(tiny_bundle, small_manifest, tmp_path):
+    manifest, _ = small_manifest
+    out = tmp_path / "r.json"
+    args = _eval_args(str(manifest), "--decoder", "greedy", "--model", str(tiny_bundle), "--json", str(out),
+                      "--perturb", "gain_db=-20", "--perturb", "rate_hz=8000", "--seed", "3")
+    assert run_eval(args, load_config()) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["perturbations"] == ["gain_db=-20", "rate_hz=8000"] and data["settings"]["seed"] == 3
+    # the 8 kHz audio is still measured in seconds: the same duration as the clean run
+    clean = evaluate(small_manifest[1][:5], tiny_bundle, DecoderConfig(kind="greedy"), progress=False)
+    assert data["audio_s"] == pytest.approx(clean.audio_s, rel=0.01)
+
+
+def test_eval_of_silence_counts_words_per_file(tiny_bundle, small_manifest, tmp_path, capsys):
+    manifest, _ = small_manifest
+    out = tmp_path / "s.json"
+    args = _eval_args(str(manifest), "--decoder", "greedy", "--model", str(tiny_bundle), "--json", str(out),
+                      "--perturb", "silence_s=2", "--perturb", "noise_dbfs=-60", "--mode", "streaming")
+    assert run_eval(args, load_config()) == 0
+    data = json.loads(out.read_text())
+    assert data["reference_words"] == 0 and data["utterances"] == 5
+    assert data["hypothesis_words"] == 0 and data["files_with_words"] == 0  # the detector hears no speech
+    assert data["audio_s"] == pytest.approx(5 * 2.0, abs=0.01)
+    assert "words recognised in 0 of 5 files" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["gain=3", "rate_hz=abc", "silence_s=-1"])
+def test_eval_rejects_bad_perturbations_with_exit_2(tiny_bundle, small_manifest, spec, capsys):
+    manifest, _ = small_manifest
+    assert run_eval(_eval_args(str(manifest), "--model", str(tiny_bundle), "--perturb", spec), load_config()) == 2
+    assert "perturbation" in capsys.readouterr().err
+
+
+def test_score_of_empty_references_counts_hypothesis_words():
+    report = score(["a", "b", "c"], ["", "", ""], ["", "oh no", "x"])
+    assert report.hypothesis_words == 3 and report.files_with_words == 2 and report.reference_words == 0
+    assert report.wer != report.wer  # NaN: undefined without reference words

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import NO_VAD
 
 from workers.audio import AudioError
 from workers.decoder import DecoderConfig, Hypothesis
@@ -36,8 +37,8 @@ def test_streaming_final_equals_chunked_offline(tiny_bundle_lm, tmp_path, kind, 
     path = tmp_path / "a.wav"
     sf.write(path, wave, 16000)
     decoder = DecoderConfig(kind=kind, beam_size=8, unk_score=0.0)
-    offline = Recognizer(tiny_bundle_lm, decoder, chunk_ms=chunk_ms, lookahead_ms=lookahead_ms).transcribe_file(path)
-    rec = StreamingRecognizer(tiny_bundle_lm, decoder, chunk_ms, lookahead_ms)
+    offline = Recognizer(tiny_bundle_lm, decoder, chunk_ms=chunk_ms, lookahead_ms=lookahead_ms, vad=NO_VAD).transcribe_file(path)
+    rec = StreamingRecognizer(tiny_bundle_lm, decoder, chunk_ms, lookahead_ms, vad=NO_VAD)
     partials, finals = _stream(rec, wave, seed=1)
     assert [r.is_final for r in finals] == [True]
     assert finals[0].text == offline.text
@@ -51,8 +52,8 @@ def test_streaming_final_equals_chunked_offline(tiny_bundle_lm, tmp_path, kind, 
 def test_full_utterance_mode_equals_chunk_longer_than_utterance(tiny_bundle, tmp_path):
     path = tmp_path / "b.wav"
     sf.write(path, _signal(1.5, seed=3), 16000)
-    full = Recognizer(tiny_bundle, DecoderConfig(kind="greedy")).transcribe_file(path)
-    chunked = Recognizer(tiny_bundle, DecoderConfig(kind="greedy"), chunk_ms=10_000, lookahead_ms=300).transcribe_file(path)
+    full = Recognizer(tiny_bundle, DecoderConfig(kind="greedy"), vad=NO_VAD).transcribe_file(path)
+    chunked = Recognizer(tiny_bundle, DecoderConfig(kind="greedy"), chunk_ms=10_000, lookahead_ms=300, vad=NO_VAD).transcribe_file(path)
     assert full.text == chunked.text
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import NO_VAD
 
 from pipeline.config import AppConfig, StreamingConfig
 from pipeline.streaming import PipelineStats, StreamError, StreamingPipeline, acoustic_actor_count, acoustic_num_gpus
@@ -33,7 +34,7 @@ STREAMING = StreamingConfig(
     acoustic_resources={"asr_acoustic": 1},  # custom resources place actors on chosen nodes
     decoder_resources={"asr_decoder": 1},
 )
-CONFIG = AppConfig(streaming=STREAMING)
+CONFIG = AppConfig(streaming=STREAMING, vad=NO_VAD)  # generated audio: see conftest.NO_VAD
 NODE_RESOURCES = {"asr_acoustic": 3, "asr_decoder": 3}
 
 
@@ -91,6 +92,7 @@ def reference(pipe: Pipe, pieces: list[np.ndarray], rate_hz: int = RATE_HZ) -> l
         endpoint_silence_ms=STREAMING.endpoint_silence_ms,
         ingest_chunk_ms=STREAMING.ingest_chunk_ms,
         device="cpu",
+        vad=CONFIG.vad,
     )
     results = [r for piece in pieces for r in rec.push(piece, rate_hz)]
     return results + rec.finish()

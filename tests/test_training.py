@@ -79,3 +79,35 @@ def test_ray_train_two_workers_exports_loadable_bundle(tmp_path):
     assert bundle.info["ray_train_workers"] == 2
     x = torch.randn(1, 20, bundle.features.feature_dim)
     assert bundle.model(x, torch.tensor([20])).shape == (1, 20, 29)
+
+
+def test_augmented_warm_started_epoch(tmp_path):
+    """train.init_from starts from a bundle's weights; with augment_prob=1 every example of an
+    epoch is recomputed from its degraded waveform (same targets, new features)."""
+    from pipeline.config import load_config
+    from pipeline.training import build_split
+    from workers.bundle import save_bundle
+    from workers.training import Trainer
+
+    config = load_config("configs/tiny.yaml", [f"data.an4_root={AN4}", "data.use_fsdd=false", "data.max_train_utterances=6",
+                                                "data.max_dev_utterances=2", "features.cmn_prior_frames=50"])
+    train, dev, _ = build_split(config)
+    first = Trainer(tmp_path / "a", train, dev, config.features, config.model, config.train, log=lambda _: None)
+    start = save_bundle(tmp_path / "start", first.model, config.features, first.normalizer)
+    import dataclasses
+
+    cfg = dataclasses.replace(config.train, init_from=str(start), augment_prob=1.0, epochs=1, seed=5)
+    trainer = Trainer(tmp_path / "b", train, dev, config.features, config.model, cfg, log=lambda _: None)
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), name
+    clean = trainer.train_sets[1.0]
+    augmented = trainer._batch_examples(clean, list(range(len(clean))), 1.0)
+    for before, after in zip(clean, augmented):
+        assert torch.equal(before.targets, after.targets) and before.index == after.index
+        assert after.features.shape[1] == before.features.shape[1]
+        assert abs(after.features.shape[0] - before.features.shape[0]) <= 1
+        assert not torch.equal(after.features, before.features)
+    assert trainer.run(show_progress=False).epoch == 1
+    with pytest.raises(ValueError, match="init_from"):
+        bad = dataclasses.replace(config.model, hidden_size=config.model.hidden_size + 1)
+        Trainer(tmp_path / "c", train, dev, config.features, bad, cfg, log=lambda _: None)

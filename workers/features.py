@@ -1,9 +1,16 @@
-"""MFCC features: torchaudio MFCC, global mean/variance normalisation, frame stacking.
+"""MFCC features: torchaudio MFCC, mean/variance normalisation, frame stacking.
 
 Frames are computed without centre padding (frame k covers samples
 ``[k*hop, k*hop + win)``) and with ``log(mel + eps)`` rather than decibels with a
 ``top_db`` floor, so each frame depends only on its own window: this is what lets the
 streaming extractor reproduce the offline features exactly.
+
+Normalisation is either global (training-set mean and std, ``cmn_prior_frames=0``) or
+a causal running cepstral mean: frame t is normalised by the mean of frames 0..t of its
+own stream blended with the global mean, which counts as ``cmn_prior_frames`` frames
+seen before the stream began. A change of input level or microphone adds a constant to
+the cepstra; the running mean removes it within a second or two, using no future
+frames, so the offline and the streaming extractor stay identical.
 """
 
 from __future__ import annotations
@@ -24,6 +31,16 @@ class FeatureConfig:
     n_mels: int = 40
     n_mfcc: int = 40
     stack_frames: int = 3  # adjacent 10 ms frames concatenated into one model frame
+    cmn_prior_frames: float = 0.0  # 0: global mean; >0: causal running mean, the global mean weighted as this many 10 ms frames
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate_hz", "n_mels", "n_mfcc", "stack_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"features.{name} must be >= 1, got {getattr(self, name)}")
+        if self.window_ms <= 0 or self.hop_ms <= 0:
+            raise ValueError(f"features.window_ms and hop_ms must be > 0, got {self.window_ms}, {self.hop_ms}")
+        if self.cmn_prior_frames < 0:
+            raise ValueError(f"features.cmn_prior_frames must be >= 0, got {self.cmn_prior_frames}")
 
     @property
     def window_samples(self) -> int:
@@ -49,6 +66,14 @@ class FeatureConfig:
 
 
 @dataclass
+class CmnState:
+    """Running sum (n_mfcc,) float64 and count of the raw MFCC frames a stream has produced."""
+
+    total: torch.Tensor
+    frames: int = 0
+
+
+@dataclass
 class Normalizer:
     """Global mean/variance statistics over MFCC frames, each of shape (n_mfcc,)."""
 
@@ -57,6 +82,24 @@ class Normalizer:
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         return (frames - self.mean) / self.std
+
+    def initial_state(self) -> CmnState:
+        return CmnState(torch.zeros(self.mean.shape[0], dtype=torch.float64))
+
+    def causal(self, frames: torch.Tensor, state: CmnState, prior_frames: float) -> tuple[torch.Tensor, CmnState]:
+        """(frames, n_mfcc) raw MFCC -> normalised frames and the updated running sum.
+
+        Frame t is centred on ``(prior_frames * mean + sum of frames 0..t) / (prior_frames + t + 1)``
+        (frames counted from the start of the stream, across calls) and divided by the global std.
+        """
+        if frames.shape[0] == 0:
+            return frames.clone(), state
+        x = frames.double()
+        running_sum = state.total + torch.cumsum(x, dim=0)
+        counts = state.frames + torch.arange(1, x.shape[0] + 1, dtype=torch.float64)
+        running_mean = (prior_frames * self.mean.double() + running_sum) / (prior_frames + counts)[:, None]
+        out = ((x - running_mean) / self.std.double()).float()
+        return out, CmnState(running_sum[-1].clone(), state.frames + x.shape[0])
 
     @classmethod
     def identity(cls, n_mfcc: int) -> Normalizer:
@@ -101,8 +144,20 @@ class MfccExtractor:
         n = frames.shape[0] // k
         return frames[: n * k].reshape(n, k * frames.shape[1])
 
+    def normalize(self, frames: torch.Tensor, state: CmnState | None = None) -> tuple[torch.Tensor, CmnState]:
+        """(frames_10ms, n_mfcc) raw MFCC -> normalised frames; ``state`` carries a stream's running mean."""
+        state = state if state is not None else self.normalizer.initial_state()
+        if self.config.cmn_prior_frames > 0:
+            return self.normalizer.causal(frames, state, self.config.cmn_prior_frames)
+        return self.normalizer(frames), state
+
+    def features_from_raw(self, frames: torch.Tensor) -> torch.Tensor:
+        """Raw MFCC of a whole utterance (frames_10ms, n_mfcc) -> model input (frames, feature_dim)."""
+        return self.stack(self.normalize(frames)[0])
+
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.stack(self.normalizer(self.raw_mfcc(wave)))
+        """(samples,) -> (frames, feature_dim)."""
+        return self.features_from_raw(self.raw_mfcc(wave))
 
 
 @dataclass
@@ -111,6 +166,7 @@ class FeatureState:
 
     pending_samples: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     pending_frames: torch.Tensor | None = None  # (< stack_frames, n_mfcc) not yet stacked
+    cmn: CmnState | None = None  # running mean of the causal normalisation
 
 
 class StreamingFeatures:
@@ -125,7 +181,7 @@ class StreamingFeatures:
         self.config = extractor.config
 
     def initial_state(self) -> FeatureState:
-        return FeatureState(pending_frames=torch.zeros(0, self.config.n_mfcc))
+        return FeatureState(pending_frames=torch.zeros(0, self.config.n_mfcc), cmn=self.extractor.normalizer.initial_state())
 
     def online_inference(self, chunk: torch.Tensor, state: FeatureState) -> tuple[torch.Tensor, FeatureState]:
         cfg = self.config
@@ -134,8 +190,11 @@ class StreamingFeatures:
         used = n_frames * cfg.hop_samples
         raw = self.extractor.raw_mfcc(samples[: used - cfg.hop_samples + cfg.window_samples]) if n_frames else torch.zeros(0, cfg.n_mfcc)
         pending = state.pending_frames if state.pending_frames is not None else torch.zeros(0, cfg.n_mfcc)
-        frames = torch.cat([pending, self.extractor.normalizer(raw)])
+        normalized, cmn = self.extractor.normalize(raw, state.cmn)
+        frames = torch.cat([pending, normalized])
         n_stacked = frames.shape[0] // cfg.stack_frames
         out = self.extractor.stack(frames)
-        new_state = FeatureState(pending_samples=samples[used:].clone(), pending_frames=frames[n_stacked * cfg.stack_frames :].clone())
+        new_state = FeatureState(
+            pending_samples=samples[used:].clone(), pending_frames=frames[n_stacked * cfg.stack_frames :].clone(), cmn=cmn
+        )
         return out, new_state

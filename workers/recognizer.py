@@ -18,6 +18,7 @@ from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult
+from workers.vad import SpeechDetector, VadConfig, keep_spoken_words
 
 
 def frames_for_ms(ms: float, frame_ms: float) -> int:
@@ -45,7 +46,9 @@ class Recognizer:
     """Offline transcription of files or waveforms with one bundle.
 
     ``chunk_ms=None`` runs the BiLSTM over the whole utterance; otherwise latency-controlled
-    chunks of ``chunk_ms`` with ``lookahead_ms`` of right context, as streaming does.
+    chunks of ``chunk_ms`` with ``lookahead_ms`` of right context, as streaming does. With
+    voice activity detection on (``vad``, the default) only words where the detector hears
+    speech are kept.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class Recognizer:
         chunk_ms: float | None = None,
         lookahead_ms: float = 0.0,
         device: str | None = None,
+        vad: VadConfig | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, self.device)
@@ -64,24 +68,51 @@ class Recognizer:
         self.extractor = MfccExtractor(self.bundle.features, self.bundle.normalizer)
         self.acoustic = AcousticStage(self.bundle.model, self.chunk_frames or 1, self.right_context_frames, self.device)
         self.decoder = build_decoder(self.bundle, decoder_config or DecoderConfig())
+        vad = vad or VadConfig()
+        self.vad = SpeechDetector(vad) if vad.enabled else None
+
+    def load(self, path: str | Path, raw_format: RawFormat | None = None) -> torch.Tensor:
+        """Read a file -> (samples,) at the model rate; ``AudioError`` names the file and the reason."""
+        return load_audio(path, self.bundle.features.sample_rate_hz, raw_format, self.bundle.features.min_samples)
 
     def features(self, path: str | Path, raw_format: RawFormat | None = None) -> torch.Tensor:
-        wave = load_audio(path, self.bundle.features.sample_rate_hz, raw_format, self.bundle.features.min_samples)
-        return self.extractor(wave)
+        return self.extractor(self.load(path, raw_format))
 
-    def transcribe_features(self, features: list[torch.Tensor]) -> list[tuple[str, list[WordTiming]]]:
-        """A batch of (frames, feature_dim) -> (text, words) per item."""
+    def analyse(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(samples,) at the model rate -> features (frames, feature_dim) and speech flags (windows,) or None without VAD."""
+        return self.extractor(wave), (self.vad.speech(wave) if self.vad is not None else None)
+
+    def transcribe_features(
+        self, features: list[torch.Tensor], speech: list[torch.Tensor | None] | None = None
+    ) -> list[tuple[str, list[WordTiming]]]:
+        """A batch of (frames, feature_dim) -> (text, words) per item; with ``speech`` flags, only spoken words."""
         emissions = self.acoustic.offline(features, self.chunk_frames, self.right_context_frames)
-        hyps = [self.decoder.decode(e) for e in emissions]
-        return [(h.text, h.words) for h in hyps]
+        out = []
+        for i, e in enumerate(emissions):
+            hyp = self.decoder.decode(e)
+            text, words = hyp.text, hyp.words
+            flags = speech[i] if speech is not None else None
+            if flags is not None and self.vad is not None:
+                kept = keep_spoken_words(words, flags, self.vad.config.pad_ms)
+                if len(kept) != len(words):
+                    text, words = " ".join(w.word for w in kept), kept
+            out.append((text, words))
+        return out
+
+    def transcribe_wave(self, wave: torch.Tensor, source: str = "<wave>") -> Transcript:
+        """(samples,) at the model rate -> Transcript."""
+        t0 = time.perf_counter()
+        feats, speech = self.analyse(wave)
+        (text, words), = self.transcribe_features([feats], [speech])
+        duration_s = len(feats) * self.bundle.features.frame_ms / 1000
+        return Transcript(source, text, duration_s, words, time.perf_counter() - t0)
 
     def transcribe_file(self, path: str | Path, raw_format: RawFormat | None = None) -> Transcript:
         """Raises ``AudioError`` (naming the file) for input that cannot be read."""
         t0 = time.perf_counter()
-        feats = self.features(path, raw_format)
-        (text, words), = self.transcribe_features([feats])
-        duration_s = len(feats) * self.bundle.features.frame_ms / 1000
-        return Transcript(str(path), text, duration_s, words, time.perf_counter() - t0)
+        transcript = self.transcribe_wave(self.load(path, raw_format), str(path))
+        transcript.compute_s = time.perf_counter() - t0
+        return transcript
 
 
 class StreamingRecognizer:
@@ -102,17 +133,21 @@ class StreamingRecognizer:
         ingest_chunk_ms: float = 100.0,
         device: str | None = None,
         stream_id: str = "stream",
+        vad: VadConfig | None = None,
     ) -> None:
         device_t = pick_device(device)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device_t)
         feats = self.bundle.features
         self.stream_id = stream_id
         self.ingest = IngestStage(feats.sample_rate_hz, max(1, int(feats.sample_rate_hz * ingest_chunk_ms / 1000)))
-        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer))
+        vad = vad or VadConfig()
+        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), SpeechDetector(vad) if vad.enabled else None)
         self.acoustic = AcousticStage(
             self.bundle.model, max(1, frames_for_ms(chunk_ms, feats.frame_ms)), frames_for_ms(lookahead_ms, feats.frame_ms), device_t
         )
-        self.decoder = DecoderStage(build_decoder(self.bundle, decoder_config or DecoderConfig()), endpoint_silence_ms)
+        self.decoder = DecoderStage(
+            build_decoder(self.bundle, decoder_config or DecoderConfig()), endpoint_silence_ms, vad.pad_ms if vad.enabled else None
+        )
 
     @property
     def latency_ms(self) -> float:
@@ -122,14 +157,14 @@ class StreamingRecognizer:
     def push(self, samples: np.ndarray | torch.Tensor, rate_hz: int = 16000) -> list[RecognitionResult]:
         results = []
         for wave in self.ingest.push(self.stream_id, samples, rate_hz):
-            feats = self.features.push(self.stream_id, wave)
+            feats, speech = self.features.push(self.stream_id, wave)
             (log_probs,) = self.acoustic.process([(self.stream_id, feats, False)])
-            if len(log_probs):
-                results += self.decoder.push(self.stream_id, log_probs)
+            if len(log_probs) or len(speech):
+                results += self.decoder.push(self.stream_id, log_probs, speech=speech)
         return results
 
     def finish(self) -> list[RecognitionResult]:
         """Flush everything buffered and return the remaining final result(s); the recognizer can be reused."""
-        feats = self.features.finish(self.stream_id, self.ingest.finish(self.stream_id))
+        feats, speech = self.features.finish(self.stream_id, self.ingest.finish(self.stream_id))
         (log_probs,) = self.acoustic.process([(self.stream_id, feats, True)])
-        return self.decoder.push(self.stream_id, log_probs, is_last=True)
+        return self.decoder.push(self.stream_id, log_probs, is_last=True, speech=speech)

@@ -21,6 +21,7 @@ from workers.decoder import CtcDecoder, Hypothesis, StreamState, WordTiming
 from workers.features import FeatureState, MfccExtractor, StreamingFeatures
 from workers.model import BiLSTMCTC
 from workers.tokens import BLANK_ID, SEPARATOR_ID
+from workers.vad import SpeechDetector, VadState, keep_spoken_words
 
 
 @dataclass
@@ -51,19 +52,37 @@ class IngestStage:
 
 
 class FeatureStage:
-    def __init__(self, extractor: MfccExtractor) -> None:
-        self.streaming = StreamingFeatures(extractor)
-        self._states: dict[str, FeatureState] = {}
+    """MFCC of each stream and, with a ``SpeechDetector``, its voice activity per 32 ms window."""
 
-    def push(self, stream_id: str, wave: torch.Tensor) -> torch.Tensor:
+    def __init__(self, extractor: MfccExtractor, vad: SpeechDetector | None = None) -> None:
+        self.streaming = StreamingFeatures(extractor)
+        self.vad = vad
+        self._states: dict[str, FeatureState] = {}
+        self._vad_states: dict[str, VadState] = {}
+
+    def push(self, stream_id: str, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples,) -> features (frames, feature_dim) and speech flags (windows,) bool (empty without a VAD)."""
         state = self._states.get(stream_id) or self.streaming.initial_state()
         feats, self._states[stream_id] = self.streaming.online_inference(wave, state)
-        return feats
+        speech = torch.zeros(0, dtype=torch.bool)
+        if self.vad is not None:
+            vad_state = self._vad_states.get(stream_id) or self.vad.initial_state()
+            probs, self._vad_states[stream_id] = self.vad.online(wave, vad_state)
+            speech = probs > self.vad.config.threshold
+        return feats, speech
 
-    def finish(self, stream_id: str, wave: torch.Tensor | None = None) -> torch.Tensor:
-        feats = self.push(stream_id, wave if wave is not None else torch.zeros(0))
+    def finish(self, stream_id: str, wave: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.push(stream_id, wave if wave is not None else torch.zeros(0))
+        self.drop(stream_id)
+        return out
+
+    def drop(self, stream_id: str) -> None:
         self._states.pop(stream_id, None)
-        return feats
+        self._vad_states.pop(stream_id, None)
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._states)
 
 
 @dataclass
@@ -152,23 +171,47 @@ class _Segment:
 class DecoderStage:
     """Streaming CTC decoding with endpointing: after ``endpoint_silence_ms`` of frames whose
     best token is blank or the word separator, following speech, the utterance is finalised
-    and a new one begins. ``endpoint_silence_ms=0`` disables endpointing."""
+    and a new one begins. ``endpoint_silence_ms=0`` disables endpointing.
 
-    def __init__(self, decoder: CtcDecoder, endpoint_silence_ms: float = 0.0) -> None:
+    With ``vad_pad_ms`` set, words are kept only where the stream's voice activity flags
+    (pushed alongside the log-probs) show speech within that distance of the word."""
+
+    def __init__(self, decoder: CtcDecoder, endpoint_silence_ms: float = 0.0, vad_pad_ms: float | None = None) -> None:
         self.decoder = decoder
         self.frame_ms = decoder.frame_ms
         self.endpoint_frames = int(round(endpoint_silence_ms / self.frame_ms)) if endpoint_silence_ms > 0 else 0
+        self.vad_pad_ms = vad_pad_ms
         self._segments: dict[str, _Segment] = {}
         self._emitted_final: set[str] = set()
+        self._speech: dict[str, torch.Tensor] = {}
 
     def _result(self, stream_id: str, seg: _Segment, hyp: Hypothesis, final: bool) -> RecognitionResult:
         offset_s = seg.start_frame * self.frame_ms / 1000
         words = [WordTiming(w.word, w.start_s + offset_s, w.end_s + offset_s) for w in hyp.words]
+        text = hyp.text
+        if self.vad_pad_ms is not None:
+            kept = keep_spoken_words(words, self._speech.get(stream_id, torch.zeros(0, dtype=torch.bool)), self.vad_pad_ms)
+            if len(kept) != len(words):
+                words, text = kept, " ".join(w.word for w in kept)
         end_s = (seg.start_frame + seg.frames) * self.frame_ms / 1000
-        return RecognitionResult(stream_id, hyp.text, final, offset_s, end_s, words)
+        return RecognitionResult(stream_id, text, final, offset_s, end_s, words)
 
-    def push(self, stream_id: str, log_probs: torch.Tensor, is_last: bool = False) -> list[RecognitionResult]:
-        """Feed (frames, num_tokens) log-probs; returns finals (endpoints, end of stream) and the latest partial."""
+    def drop(self, stream_id: str) -> None:
+        self._segments.pop(stream_id, None)
+        self._emitted_final.discard(stream_id)
+        self._speech.pop(stream_id, None)
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._segments)
+
+    def push(
+        self, stream_id: str, log_probs: torch.Tensor, is_last: bool = False, speech: torch.Tensor | None = None
+    ) -> list[RecognitionResult]:
+        """Feed (frames, num_tokens) log-probs and the voice activity flags (windows,) that came with
+        them; returns finals (endpoints, end of stream) and the latest partial."""
+        if speech is not None and speech.numel():
+            self._speech[stream_id] = torch.cat([self._speech.get(stream_id, torch.zeros(0, dtype=torch.bool)), speech.bool()])
         seg = self._segments.get(stream_id) or self._segments.setdefault(stream_id, _Segment(self.decoder.begin(), 0))
         results: list[RecognitionResult] = []
         start = 0
@@ -192,8 +235,7 @@ class DecoderStage:
             hyp = self.decoder.end(seg.state)
             if hyp.text or seg.last_speech_frame >= 0 or stream_id not in self._emitted_final:
                 results.append(self._result(stream_id, seg, hyp, True))
-            self._segments.pop(stream_id, None)
-            self._emitted_final.discard(stream_id)
+            self.drop(stream_id)
         elif len(rest):
             results.append(self._result(stream_id, seg, seg.latest, False))
         return results

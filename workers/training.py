@@ -22,6 +22,7 @@ import torchaudio
 from torch import nn
 
 from workers.audio import load_audio
+from workers.augment import AugmentConfig, Augmenter
 from workers.bundle import save_bundle
 from workers.corpus import Utterance
 from workers.features import FeatureConfig, MfccExtractor, Normalizer
@@ -51,6 +52,16 @@ class TrainConfig:
     average_last_epochs: int = 0  # >1: also try the mean weights of the last N epochs, export it if better on dev
     num_threads: int = 0  # 0: all cores
     device: str = "auto"
+    init_from: str = ""  # a model bundle whose weights start the run (warm start); "" starts from random weights
+    # Waveform augmentation, drawn afresh every epoch (workers/augment.py); augment_prob 0 turns it off.
+    augment_prob: float = 0.0  # share of training utterances degraded in an epoch
+    augment_gain_db_range: tuple[float, float] = (-40.0, 10.0)  # input level, then clipped to [-1, 1]
+    augment_band_limit_prob: float = 0.25  # telephone band (8 kHz sampling)
+    augment_noise_prob: float = 0.5  # coloured noise or babble of other training utterances
+    augment_noise_snr_db_range: tuple[float, float] = (0.0, 30.0)
+    augment_babble_share: float = 0.5
+    augment_reverb_prob: float = 0.3  # simulated room (pyroomacoustics)
+    augment_reverb_rt60_s_range: tuple[float, float] = (0.2, 0.9)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -61,6 +72,27 @@ class TrainConfig:
             raise ValueError(f"train.chunk_frames_range must be 1 <= lo <= hi, got {self.chunk_frames_range}")
         if self.average_last_epochs < 0:
             raise ValueError(f"train.average_last_epochs must be >= 0, got {self.average_last_epochs}")
+        for name in ("augment_prob", "augment_band_limit_prob", "augment_noise_prob", "augment_babble_share", "augment_reverb_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("augment_gain_db_range", "augment_noise_snr_db_range", "augment_reverb_rt60_s_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"train.{name} must be [lo, hi] with lo <= hi, got {getattr(self, name)}")
+        if self.augment_reverb_rt60_s_range[0] <= 0:
+            raise ValueError(f"train.augment_reverb_rt60_s_range must be > 0, got {self.augment_reverb_rt60_s_range}")
+
+    @property
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig(
+            gain_db_range=self.augment_gain_db_range,
+            band_limit_prob=self.augment_band_limit_prob,
+            noise_prob=self.augment_noise_prob,
+            noise_snr_db_range=self.augment_noise_snr_db_range,
+            babble_share=self.augment_babble_share,
+            reverb_prob=self.augment_reverb_prob,
+            reverb_rt60_s_range=self.augment_reverb_rt60_s_range,
+        )
 
 
 @dataclass
@@ -70,6 +102,7 @@ class Example:
     features: torch.Tensor
     targets: torch.Tensor
     text: str
+    index: int = -1  # position in the training utterance list (for on-the-fly augmentation)
 
 
 @dataclass
@@ -127,11 +160,11 @@ def compute_raw_features(
 
 def make_examples(raw: list[torch.Tensor], utts: list[Utterance], extractor: MfccExtractor) -> list[Example]:
     examples = []
-    for feats, u in zip(raw, utts):
-        x = extractor.stack(extractor.normalizer(feats))
+    for i, (feats, u) in enumerate(zip(raw, utts)):
+        x = extractor.features_from_raw(feats)
         y = torch.tensor(encode(u.text), dtype=torch.long)
         if x.shape[0] >= max(1, y.numel()):  # CTC needs at least one frame per label
-            examples.append(Example(x, y, u.text))
+            examples.append(Example(x, y, u.text, i))
     return examples
 
 
@@ -238,7 +271,16 @@ class Trainer:
         self.train_sets = {s: make_examples(raw_train[s], train_utts, extractor) for s in train.speed_factors}
         self.dev = make_examples(raw_dev, dev_utts, extractor)
         self.train_texts = [u.text for u in train_utts]
+        self.extractor = extractor
+        self.waves: list[torch.Tensor] = []
+        self.augmenter: Augmenter | None = None
+        if train.augment_prob > 0:
+            # Waveforms stay in memory (float32, ~230 MB per hour) and are degraded afresh each epoch.
+            self.waves = [load_audio(u.audio, features.sample_rate_hz) for u in train_utts]
+            self.augmenter = Augmenter(train.augment_config, features.sample_rate_hz, self.waves, seed=train.seed)
         self.model = BiLSTMCTC(model_config).to(self.device)
+        if train.init_from:
+            self._init_from(train.init_from, model_config)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
         steps_per_epoch = len(length_buckets([e.features.shape[0] for e in self.train_sets[1.0]], train.max_batch_frames, train.max_batch_utterances))
         self.total_steps = steps_per_epoch * train.epochs
@@ -251,6 +293,31 @@ class Trainer:
             f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, device {self.device}, "
             f"{torch.get_num_threads()} threads, {steps_per_epoch} steps/epoch"
         )
+
+    def _init_from(self, bundle_dir: str, model_config: ModelConfig) -> None:
+        from workers.bundle import load_bundle
+
+        bundle = load_bundle(bundle_dir)
+        if bundle.model_config != model_config:
+            raise ValueError(f"train.init_from: {bundle_dir} has model config {bundle.model_config}, this run {model_config}")
+        self.model.load_state_dict(bundle.model.state_dict())
+        self.log(f"weights initialised from {bundle_dir}")
+
+    def augmented(self, example: Example, speed: float) -> Example:
+        """The example recomputed from its waveform at ``speed`` through a random degradation chain."""
+        assert self.augmenter is not None
+        rate = self.features.sample_rate_hz
+        wave = self.waves[example.index]
+        if speed != 1.0:
+            wave = torchaudio.functional.resample(wave, int(round(rate * speed)), rate)
+        x = self.extractor(self.augmenter(wave))
+        return Example(x, example.targets, example.text, example.index) if x.shape[0] >= example.targets.numel() else example
+
+    def _batch_examples(self, examples: list[Example], idx: list[int], speed: float) -> list[Example]:
+        batch = [examples[i] for i in idx]
+        if self.augmenter is None:
+            return batch
+        return [self.augmented(e, speed) if random.random() < self.cfg.augment_prob else e for e in batch]
 
     def _lr_factor(self, step: int) -> float:
         if step < self.cfg.warmup_steps:
@@ -326,7 +393,7 @@ class Trainer:
         total, count = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not show_progress, mininterval=5)
         for idx in bar:
-            x, lengths, targets, target_lengths = collate([examples[i] for i in idx])
+            x, lengths, targets, target_lengths = collate(self._batch_examples(examples, idx, speed))
             x = self.augment(x.to(self.device))
             chunk, rc = self._draw_chunking()
             log_probs = self.model(x, lengths, chunk, rc)

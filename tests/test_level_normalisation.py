@@ -1,0 +1,109 @@
+"""Causal running cepstral mean: streaming still equals offline, on real speech at several
+input levels, and a change of level stops mattering once the running mean has caught up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workers.audio import load_audio
+from workers.augment import apply_gain
+from workers.features import FeatureConfig, MfccExtractor, Normalizer, StreamingFeatures
+
+AN4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "an4"
+
+CAUSAL = FeatureConfig(cmn_prior_frames=50)
+# statistics of the order of real AN4 MFCCs, so the prior pulls like the shipped model's
+NORMALIZER = Normalizer(mean=torch.linspace(-20.0, 2.0, 40), std=torch.linspace(20.0, 2.0, 40))
+UTTERANCES = ["mcfl/an261-mcfl-b.raw", "fbbh/an86-fbbh-b.raw", "mtos/an366-mtos-b.raw"]
+
+
+def an4_wave(name: str) -> torch.Tensor:
+    path = AN4 / "wav" / "an4_clstk" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return load_audio(path)
+
+
+def stream(extractor: MfccExtractor, wave: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    streamer = StreamingFeatures(extractor)
+    state, out, pos, k = streamer.initial_state(), [], 0, 0
+    while pos < wave.numel():
+        size = sizes[k % len(sizes)]
+        feats, state = streamer.online_inference(wave[pos : pos + size], state)
+        out.append(feats)
+        pos, k = pos + size, k + 1
+    return torch.cat(out)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    utt=st.sampled_from(UTTERANCES),
+    gain_db=st.sampled_from([-35.0, -20.0, 0.0, 10.0]),
+    sizes=st.lists(st.integers(80, 8000), min_size=1, max_size=12),  # 1-sample chunks: tests/test_features.py
+)
+def test_streaming_equals_offline_on_real_speech_at_any_level(utt: str, gain_db: float, sizes: list[int]) -> None:
+    wave = apply_gain(an4_wave(utt), gain_db)
+    extractor = MfccExtractor(CAUSAL, NORMALIZER)
+    offline = extractor(wave)
+    online = stream(extractor, wave, sizes)
+    assert online.shape == offline.shape and offline.shape[0] > 20
+    assert float((online - offline).abs().max()) <= 1e-4
+
+
+def test_causal_mean_uses_no_future_frames() -> None:
+    """Frame t of the offline output is unchanged when everything after t is replaced."""
+    wave = torch.cat([an4_wave(u) for u in UTTERANCES])
+    assert wave.numel() > 2 * 16000
+    extractor = MfccExtractor(CAUSAL, NORMALIZER)
+    full = extractor(wave)
+    cut = wave.clone()
+    cut[16000:] = torch.randn(cut.numel() - 16000) * 0.5
+    changed = extractor(cut)
+    first_frames = (16000 - 400) // 160 // 3  # model frames whose windows end before the cut
+    assert torch.allclose(full[:first_frames], changed[:first_frames], atol=1e-5)
+    assert not torch.allclose(full[first_frames + 5 :], changed[first_frames + 5 :], atol=1e-2)
+
+
+def test_causal_mean_starts_from_the_global_mean() -> None:
+    """Frame 0 is centred on (prior * global mean + frame 0) / (prior + 1)."""
+    frames = torch.randn(10, 40) * 5
+    out, state = NORMALIZER.causal(frames, NORMALIZER.initial_state(), 50.0)
+    expected0 = (frames[0] - (50 * NORMALIZER.mean + frames[0]) / 51) / NORMALIZER.std
+    torch.testing.assert_close(out[0], expected0)
+    assert state.frames == 10
+    torch.testing.assert_close(state.total, frames.double().sum(0))
+
+
+@pytest.mark.parametrize("gain_db", [-35.0, -20.0, 10.0])
+def test_level_change_is_removed_where_global_normalisation_keeps_it(gain_db: float) -> None:
+    """After 1.5 s the level coefficient (c0 of each stacked sub-frame) of a quieter/louder copy is far
+    closer to the original's than with global normalisation (the +10 dB copy clips, the -35 dB one
+    hits the log floor, so neither is a pure shift)."""
+    wave = torch.cat([an4_wave(u) for u in UTTERANCES])
+    scaled = apply_gain(wave, gain_db)
+    late = slice(50, None)  # model frames after 1.5 s
+    causal = MfccExtractor(CAUSAL, NORMALIZER)
+    global_ = MfccExtractor(FeatureConfig(), NORMALIZER)
+    c0 = slice(None, None, CAUSAL.n_mfcc)
+    causal_gap = (causal(scaled) - causal(wave))[late, c0].abs().mean()
+    global_gap = (global_(scaled) - global_(wave))[late, c0].abs().mean()
+    assert causal_gap < 0.5 * global_gap, (float(causal_gap), float(global_gap))
+
+
+def test_global_mode_is_unchanged_by_the_new_setting() -> None:
+    """cmn_prior_frames=0 (bundles trained before it existed) normalises exactly as before."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(16000).astype(np.float32)) * 0.1
+    extractor = MfccExtractor(FeatureConfig(), NORMALIZER)
+    expected = extractor.stack((extractor.raw_mfcc(x) - NORMALIZER.mean) / NORMALIZER.std)
+    torch.testing.assert_close(extractor(x), expected)
+
+
+def test_negative_prior_is_rejected() -> None:
+    with pytest.raises(ValueError, match="cmn_prior_frames"):
+        FeatureConfig(cmn_prior_frames=-1)

@@ -1,0 +1,140 @@
+"""Voice activity detection (silero-vad): speech found at any level, none in silence or noise,
+chunked equals whole, and the recognisers emit no words where nobody speaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workers.audio import load_audio
+from workers.augment import apply_gain, colored_noise
+from workers.decoder import DecoderConfig, WordTiming
+from workers.recognizer import Recognizer, StreamingRecognizer
+from workers.vad import WINDOW_S, SpeechDetector, VadConfig, keep_spoken_words
+
+AN4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "an4"
+SPEAKERS = ("fbbh", "mcfl", "mtos", "ftal")  # held-out dev speakers of the shipped model
+
+
+@pytest.fixture(scope="module")
+def detector() -> SpeechDetector:
+    return SpeechDetector()
+
+
+@pytest.fixture(scope="module")
+def speech_waves() -> list[torch.Tensor]:
+    files = [sorted((AN4 / "wav" / "an4_clstk" / s).glob("*.raw"))[:2] for s in SPEAKERS]
+    files = [f for group in files for f in group]
+    if not files:
+        pytest.skip("AN4 not present")
+    return [load_audio(f) for f in files]
+
+
+@pytest.mark.parametrize("gain_db", [-35.0, -20.0, 0.0, 10.0])
+def test_speech_is_found_at_every_level(detector: SpeechDetector, speech_waves: list[torch.Tensor], gain_db: float) -> None:
+    shares = [float(detector.speech(apply_gain(w, gain_db)).float().mean()) for w in speech_waves]
+    assert min(shares) > 0.2, shares  # every utterance has speech windows
+    assert np.mean(shares) > 0.5, shares  # AN4 utterances are mostly speech
+
+
+@pytest.mark.parametrize("level_dbfs", [None, -90.0, -60.0, -40.0, -20.0])
+@pytest.mark.parametrize("exponent", [0.0, 1.0])
+def test_no_speech_in_silence_or_noise(detector: SpeechDetector, level_dbfs: float | None, exponent: float) -> None:
+    gen = torch.Generator().manual_seed(7)
+    wave = torch.zeros(5 * 16000) if level_dbfs is None else colored_noise(5 * 16000, exponent, gen) * 10 ** (level_dbfs / 20)
+    assert int(detector.speech(wave).sum()) == 0
+
+
+def test_chunked_equals_whole(detector: SpeechDetector, speech_waves: list[torch.Tensor]) -> None:
+    wave = torch.cat(speech_waves[:3])
+    whole = detector.probabilities(wave)
+    rng = np.random.default_rng(0)
+    state, parts, pos = detector.initial_state(), [], 0
+    while pos < wave.numel():
+        size = int(rng.integers(1, 3000))
+        probs, state = detector.online(wave[pos : pos + size], state)
+        parts.append(probs)
+        pos += size
+    chunked = torch.cat(parts)
+    assert chunked.shape == whole.shape == (wave.numel() // 512,)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+
+
+def test_keep_spoken_words_keeps_words_near_speech_only() -> None:
+    speech = torch.zeros(100, dtype=torch.bool)
+    speech[30:40] = True  # 0.96 .. 1.28 s
+    words = [WordTiming("before", 0.1, 0.3), WordTiming("near", 0.6, 0.8), WordTiming("in", 1.0, 1.2),
+             WordTiming("after", 1.5, 1.6), WordTiming("far", 2.5, 2.9)]
+    kept = keep_spoken_words(words, speech, pad_ms=300)
+    assert [w.word for w in kept] == ["near", "in", "after"]
+    assert keep_spoken_words(words, torch.zeros(100, dtype=torch.bool), 300) == []
+    assert WINDOW_S == pytest.approx(0.032)
+
+
+def test_bad_settings_are_rejected() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        VadConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="pad_ms"):
+        VadConfig(pad_ms=-1)
+
+
+def test_recogniser_drops_words_without_speech(tiny_bundle) -> None:
+    """The untrained model babbles letters on noise; with the detector on nothing is emitted."""
+    gen = torch.Generator().manual_seed(3)
+    noise = colored_noise(3 * 16000, 1.0, gen) * 0.01
+    ungated = Recognizer(tiny_bundle, DecoderConfig(kind="greedy"), vad=VadConfig(enabled=False)).transcribe_wave(noise)
+    gated = Recognizer(tiny_bundle, DecoderConfig(kind="greedy")).transcribe_wave(noise)
+    assert ungated.text  # precondition: there is something to drop
+    assert gated.text == "" and gated.words == []
+
+
+def _frames(tokens: list[int]) -> torch.Tensor:
+    out = torch.full((len(tokens), 29), -20.0)
+    out[torch.arange(len(tokens)), torch.tensor(tokens)] = 0.0
+    return out
+
+
+def test_decoder_stage_drops_words_the_detector_did_not_hear() -> None:
+    """Scripted CTC frames spell "a b c" at 0.03-0.06 s, 1.5 s and 3.0 s; speech is flagged only
+    around 1.5 s, so partials and the final keep "b" alone; without flags nothing is dropped."""
+    from workers.decoder import CtcDecoder
+    from workers.stages import DecoderStage
+
+    a, b, c, sep = 3, 4, 5, 1
+    tokens = [0, a, 0, sep] + [0] * 46 + [b, 0, sep] + [0] * 47 + [c, 0, sep] + [0] * 10  # 30 ms frames
+    speech = torch.zeros(150, dtype=torch.bool)  # 32 ms windows
+    speech[45:49] = True  # 1.44 .. 1.57 s
+    stage = DecoderStage(CtcDecoder(DecoderConfig(kind="greedy"), 30.0), vad_pad_ms=100)
+    results = stage.push("s", _frames(tokens[:60]), speech=speech[:70])
+    results += stage.push("s", _frames(tokens[60:]), is_last=True, speech=speech[70:])
+    assert results[-1].is_final and results[-1].text == "b" and [w.word for w in results[-1].words] == ["b"]
+    assert all("a" not in r.text.split() for r in results)
+    ungated = DecoderStage(CtcDecoder(DecoderConfig(kind="greedy"), 30.0)).push("s", _frames(tokens), is_last=True)
+    assert ungated[-1].text == "a b c"
+    assert stage.stream_count == 0 and not stage._speech  # the stream's flags are freed with it
+
+
+def test_streaming_with_vad_equals_offline_with_vad_on_speech(speech_waves: list[torch.Tensor]) -> None:
+    """Real speech with silence and faint noise between: the streaming recogniser (shipped model)
+    keeps exactly the words the offline one keeps."""
+    from workers.bundle import DEFAULT_BUNDLE, load_bundle
+
+    if not (DEFAULT_BUNDLE / "weights.pt").is_file():
+        pytest.skip("no shipped model")
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    gen = torch.Generator().manual_seed(0)
+    gap = colored_noise(16000 * 2, 0.0, gen) * 1e-3
+    wave = torch.cat([speech_waves[0], gap, speech_waves[2], torch.zeros(16000), speech_waves[4]])
+    for kind in ("greedy", "beam"):
+        decoder = DecoderConfig(kind=kind)
+        offline = Recognizer(bundle, decoder, chunk_ms=300, lookahead_ms=150).transcribe_wave(wave)
+        rec = StreamingRecognizer(bundle, decoder, 300, 150)
+        for start in range(0, wave.numel(), 1234):
+            rec.push(wave[start : start + 1234], 16000)
+        (final,) = rec.finish()
+        assert final.text == offline.text
+        assert [w.word for w in final.words] == [w.word for w in offline.words]
+        assert len(offline.words) >= 3  # real words came through the gate

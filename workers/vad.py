@@ -1,0 +1,114 @@
+"""Voice activity: silero-vad (its model ships inside the ``silero-vad`` package).
+
+The detector runs on fixed windows of 512 samples at 16 kHz (32 ms), carrying the
+model's recurrent state and 64 samples of context from window to window, so a stream fed
+in chunks of any size gets exactly the probabilities of the whole signal. The recogniser
+uses them to emit no words where nobody speaks: a word is kept only if some speech
+window lies within ``pad_ms`` of its time span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from workers.decoder import WordTiming
+
+VAD_RATE_HZ = 16000
+WINDOW_SAMPLES = 512  # silero-vad's window at 16 kHz
+WINDOW_S = WINDOW_SAMPLES / VAD_RATE_HZ
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    """Speech / non-speech gating of recognised words."""
+
+    enabled: bool = True
+    threshold: float = 0.5  # speech probability above which a 32 ms window counts as speech
+    pad_ms: float = 300.0  # a word is kept if a speech window lies within this distance of its span
+    target_peak: float = 0.5  # the detector hears the input scaled so that its running peak is this ...
+    max_gain_db: float = 40.0  # ... amplified by at most this much (silero misses speech 35 dB below AN4's level)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"vad.threshold must be in (0, 1), got {self.threshold}")
+        if self.pad_ms < 0:
+            raise ValueError(f"vad.pad_ms must be >= 0, got {self.pad_ms}")
+
+
+@lru_cache(maxsize=1)
+def _silero() -> torch.jit.ScriptModule:
+    import warnings
+
+    from silero_vad import load_silero_vad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)  # silero-vad's use of importlib.resources.path
+        model = load_silero_vad()
+    return model._model  # the 16 kHz network, whose state is explicit: forward(x, state) -> (prob, state)
+
+
+@dataclass
+class VadState:
+    """What one stream carries between chunks: pending samples, 64 samples of context, the LSTM state."""
+
+    pending: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    context: torch.Tensor = field(default_factory=lambda: torch.zeros(64))
+    state: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 1, 128))
+    peak: float = 0.0  # largest |sample| of the stream so far
+
+
+class SpeechDetector:
+    """Speech probability per 32 ms window of a 16 kHz waveform, offline or chunk by chunk."""
+
+    def __init__(self, config: VadConfig | None = None) -> None:
+        self.config = config or VadConfig()
+        self.model = _silero()
+        self.context_samples = int(self.model.context_size_samples)
+
+    def initial_state(self) -> VadState:
+        return VadState(context=torch.zeros(self.context_samples))
+
+    def online(self, chunk: torch.Tensor, state: VadState) -> tuple[torch.Tensor, VadState]:
+        """(samples,) at 16 kHz -> speech probabilities (windows,) of the windows this chunk completed."""
+        samples = torch.cat([state.pending, chunk.float()])
+        n = samples.numel() // WINDOW_SAMPLES
+        if n == 0:
+            return torch.zeros(0), VadState(samples, state.context, state.state, state.peak)
+        probs = torch.empty(n)
+        context, h, peak = state.context, state.state, state.peak
+        max_gain = 10.0 ** (self.config.max_gain_db / 20.0)
+        with torch.no_grad():
+            for i in range(n):
+                raw = samples[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
+                # causal level normalisation: the gain depends on this window and the ones before it only
+                peak = max(peak, float(raw.abs().max()))
+                window = raw * min(max_gain, self.config.target_peak / max(peak, 1e-9))
+                out, h = self.model(torch.cat([context, window])[None], h)
+                probs[i] = out[0, 0]
+                context = window[-self.context_samples :]
+        return probs, VadState(samples[n * WINDOW_SAMPLES :].clone(), context.clone(), h, peak)
+
+    def probabilities(self, wave: torch.Tensor) -> torch.Tensor:
+        """(samples,) at 16 kHz -> (windows,) speech probabilities of the whole signal."""
+        return self.online(wave, self.initial_state())[0]
+
+    def speech(self, wave: torch.Tensor) -> torch.Tensor:
+        """(samples,) -> (windows,) bool: speech or not."""
+        return self.probabilities(wave) > self.config.threshold
+
+
+def keep_spoken_words(words: list[WordTiming], speech: torch.Tensor, pad_ms: float, offset_s: float = 0.0) -> list[WordTiming]:
+    """The words whose span (seconds from the stream start, minus ``offset_s``) has a speech
+    window (``speech`` (windows,) bool, window i covering [i, i+1) * 32 ms) within ``pad_ms``."""
+    if not words:
+        return words
+    idx = torch.nonzero(speech).flatten()
+    if idx.numel() == 0:
+        return []
+    starts = idx.double() * WINDOW_S + offset_s
+    pad = pad_ms / 1000
+    return [w for w in words if bool(((starts <= w.end_s + pad) & (starts + WINDOW_S >= w.start_s - pad)).any())]
