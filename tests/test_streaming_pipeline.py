@@ -272,3 +272,33 @@ def test_bad_streaming_settings_fail_before_any_actor_starts(bad: dict, tiny_bun
     config = AppConfig(streaming=StreamingConfig(**bad))
     with pytest.raises(ValueError, match=next(iter(bad))):
         StreamingPipeline(config, tiny_bundle, address="ray://nowhere.invalid:1")  # raises before connecting
+
+
+def test_voice_activity_gating_through_the_actors(local_ray) -> None:
+    """With the detector on (the default), the feature actor's speech flags reach the decoder
+    actors: real speech between stretches of faint noise gives exactly the in-process words,
+    and a stream of faint noise only gives none. Shipped model, so there are real words."""
+    from workers.audio import load_audio
+    from workers.augment import colored_noise
+    from workers.bundle import DEFAULT_BUNDLE
+
+    an4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "an4" / "wav" / "an4_clstk"
+    files = sorted((an4 / "mcfl").glob("*.raw"))[:2] + sorted((an4 / "ftal").glob("*.raw"))[:1]
+    if not files or not (DEFAULT_BUNDLE / "weights.pt").is_file():
+        pytest.skip("needs AN4 and the shipped model")
+    gen = torch.Generator().manual_seed(0)
+    faint = (colored_noise(16000 * 3, 0.0, gen) * 1e-3).numpy()
+    speech = np.concatenate([np.concatenate([faint[:16000], load_audio(f).numpy()]) for f in files] + [faint])
+    config = AppConfig(streaming=StreamingConfig(chunk_ms=300, lookahead_ms=150, endpoint_silence_ms=600))
+    assert config.vad.enabled
+    rng = random.Random(4)
+    streams = {"speech": (random_pieces(speech, rng), RATE_HZ), "noise": (random_pieces(faint, rng), RATE_HZ)}
+    with StreamingPipeline(config, None, DecoderConfig(kind="beam")) as pipeline:
+        got = run_interleaved(pipeline, streams)
+    for name, (pieces, _) in streams.items():
+        rec = StreamingRecognizer(None, DecoderConfig(kind="beam"), 300, 150, 600, device="cpu")
+        want = [r for p in pieces for r in rec.push(p, RATE_HZ)] + rec.finish()
+        assert finals(got[name]) == finals(want), name
+    spoken = [w for r in got["speech"] if r.is_final for w in r.words]
+    assert len(spoken) >= 4
+    assert all(r.text == "" and not r.words for r in got["noise"])
