@@ -152,7 +152,12 @@ def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: R
     for i, path in enumerate(paths):
         try:
             fmt = raw_format if Path(path).suffix.lower() in RAW_SUFFIXES else None
-            good.append((i, recognizer.analyse(recognizer.load(path, fmt))))
+            wave = recognizer.load(path, fmt)
+            if recognizer.is_long(wave):  # cut at pauses and recognised piece by piece: memory bounded by the piece
+                t = recognizer.transcribe_wave(wave, path)
+                records[i] = transcript_record(path, t.text, t.duration_s, t.words)
+            else:
+                good.append((i, recognizer.analyse(wave)))
         except AudioError as exc:
             records[i] = error_record(path, exc.reason)
         except Exception as exc:  # a bug or odd file must cost one input, not the batch

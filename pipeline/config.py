@@ -60,6 +60,7 @@ class DataConfig:
     an4_dev_speakers: tuple[str, ...] = ("fbbh", "ftal", "mcfl", "mdxs", "mgah", "mmkw", "mrcb", "mtos")
     fsdd_dev_speakers: tuple[str, ...] = ("theo",)
     use_fsdd: bool = True
+    use_an4: bool = True  # False: FSDD only (e.g. leave-one-speaker-out runs); no AN4 dev set, so the best epoch is picked by loss
     max_train_utterances: int = 0  # 0: all; a small number makes smoke-test runs
     max_dev_utterances: int = 0
     lm_order: int = 3  # word n-gram order of the LM estimated from the training transcripts
@@ -67,6 +68,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.lm_order < 1:
             raise ValueError(f"data.lm_order must be >= 1, got {self.lm_order}")
+        if not (self.use_an4 or self.use_fsdd):
+            raise ValueError("data.use_an4 and data.use_fsdd are both false: no training data")
 
 
 @dataclass(frozen=True)

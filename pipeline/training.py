@@ -12,10 +12,13 @@ from workers.corpus import Utterance, read_an4, read_fsdd, split_by_speaker, wri
 def build_split(config: AppConfig, log=print) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
     """-> (train, an4_dev, fsdd_dev). Dev speakers never appear in train."""
     data = config.data
-    an4 = read_an4(data.an4_root)
-    for source, reason in an4.skipped:
-        log(f"skipped {source}: {reason}")
-    train, an4_dev = split_by_speaker(an4.utterances, data.an4_dev_speakers)
+    train: list[Utterance] = []
+    an4_dev: list[Utterance] = []
+    if data.use_an4:
+        an4 = read_an4(data.an4_root)
+        for source, reason in an4.skipped:
+            log(f"skipped {source}: {reason}")
+        train, an4_dev = split_by_speaker(an4.utterances, data.an4_dev_speakers)
     fsdd_dev: list[Utterance] = []
     if data.use_fsdd:
         fsdd = read_fsdd(data.fsdd_root)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 import soundfile as sf
+import torch
 from conftest import NO_VAD
 
 from pipeline.batch import (
@@ -20,6 +21,7 @@ from pipeline.batch import (
     discover_inputs,
     run_transcribe,
     to_srt,
+    transcribe_batch,
     transcribe_inputs,
 )
 from workers.recognizer import Recognizer
@@ -187,3 +189,27 @@ def test_discover_single_file_and_srt_timing(tmp_path):
     assert item.rel == "x.wav" and item.duration_s == pytest.approx(0.5)
     record = {"words": [{"word": "hi", "start_s": 0.03, "end_s": 61.5}], "text": "hi", "error": None}
     assert to_srt(record) == "1\n00:00:00,030 --> 00:01:01,500\nhi\n"
+
+
+def test_long_file_is_cut_at_pauses_in_a_batch(tmp_path):
+    """A recording longer than vad.max_segment_s goes through the piece-by-piece path inside a
+    batch of short files: its record equals Recognizer.transcribe_file, word times inside it."""
+    from workers.audio import load_audio
+    from workers.bundle import DEFAULT_BUNDLE
+    from workers.vad import VadConfig
+
+    files = sorted((AN4 / "wav" / "an4_clstk" / "mcfl").glob("*.raw"))[:4]
+    if not files or not (DEFAULT_BUNDLE / "weights.pt").is_file():
+        pytest.skip("needs AN4 and the shipped model")
+    pause = np.zeros(8000, dtype=np.float32)
+    long = np.concatenate([np.concatenate([load_audio(f).numpy(), pause]) for f in files])
+    sf.write(tmp_path / "long.wav", long, 16000)
+    rec = Recognizer(None, vad=VadConfig(max_segment_s=3.0))
+    paths = [str(files[0]), str(tmp_path / "long.wav"), str(files[1])]
+    records = transcribe_batch(rec, paths)
+    assert [r["path"] for r in records] == paths and all(r["error"] is None for r in records)
+    expected = rec.transcribe_file(tmp_path / "long.wav")
+    assert rec.is_long(torch.from_numpy(long)) and len(expected.words) >= 4
+    assert records[1]["text"] == expected.text
+    assert records[1]["duration_s"] == pytest.approx(len(long) / 16000)
+    assert all(0 <= w["start_s"] <= w["end_s"] <= records[1]["duration_s"] for w in records[1]["words"])

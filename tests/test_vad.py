@@ -13,7 +13,7 @@ from workers.audio import load_audio
 from workers.augment import apply_gain, colored_noise
 from workers.decoder import DecoderConfig, WordTiming
 from workers.recognizer import Recognizer, StreamingRecognizer
-from workers.vad import WINDOW_S, SpeechDetector, VadConfig, keep_spoken_words
+from workers.vad import WINDOW_S, SpeechDetector, VadConfig, keep_spoken_words, pause_cuts
 
 AN4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "an4"
 SPEAKERS = ("fbbh", "mcfl", "mtos", "ftal")  # held-out dev speakers of the shipped model
@@ -138,3 +138,48 @@ def test_streaming_with_vad_equals_offline_with_vad_on_speech(speech_waves: list
         assert final.text == offline.text
         assert [w.word for w in final.words] == [w.word for w in offline.words]
         assert len(offline.words) >= 3  # real words came through the gate
+
+
+def test_pause_cuts_tile_the_recording_and_cut_in_pauses() -> None:
+    w = int(round(1 / WINDOW_S))  # windows per second
+    speech = torch.zeros(60 * w, dtype=torch.bool)
+    speech[1 * w : 4 * w] = True  # utterance 1
+    speech[4 * w + 3 : 9 * w] = True  # a 0.1 s gap inside it: not a pause
+    speech[10 * w : 50 * w] = True  # 40 s without a pause
+    pieces = pause_cuts(speech, max_segment_s=15, min_pause_s=0.35)
+    assert pieces[0][0] == 0 and pieces[-1][1] == speech.numel()
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # contiguous, no gaps or overlaps
+    assert all(end - start <= int(15 / WINDOW_S) for start, end in pieces)
+    cuts = [end for _, end in pieces[:-1]]
+    assert not any(4 * w <= c <= 4 * w + 3 for c in cuts)  # the short gap is not cut
+    assert any(9 * w < c < 10 * w for c in cuts)  # the 1 s pause is
+    assert pause_cuts(torch.zeros(0, dtype=torch.bool), 15, 0.35) == [(0, 0)]
+
+
+def test_long_recording_is_recognised_piece_by_piece(speech_waves: list[torch.Tensor]) -> None:
+    """Utterances joined with pauses into one long recording: cut at the pauses, the words and
+    their order are those of the separate files far more often than decoding it whole."""
+    import dataclasses
+
+    import jiwer
+
+    from workers.bundle import DEFAULT_BUNDLE, load_bundle
+
+    if not (DEFAULT_BUNDLE / "weights.pt").is_file():
+        pytest.skip("no shipped model")
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    rec = Recognizer(bundle, DecoderConfig(kind="beam"), vad=VadConfig(max_segment_s=5.0))
+    gen = torch.Generator().manual_seed(0)
+    parts = []
+    for w in speech_waves:
+        parts += [w, torch.zeros(int(16000 * (0.3 + 0.5 * float(torch.rand(1, generator=gen)))))]
+    long = torch.cat(parts)
+    assert rec.is_long(long) and not rec.is_long(speech_waves[0])
+    separate = " ".join(rec.transcribe_wave(w).text for w in speech_waves)
+    pieces = rec.transcribe_wave(long)
+    whole = Recognizer(bundle, DecoderConfig(kind="beam"), vad=VadConfig(max_segment_s=1e6)).transcribe_wave(long)
+    assert pieces.duration_s == pytest.approx(long.numel() / 16000)
+    starts = [w.start_s for w in pieces.words]
+    assert starts == sorted(starts) and 0 <= starts[0] and pieces.words[-1].end_s <= pieces.duration_s
+    assert jiwer.wer(separate, pieces.text) < 0.5 * max(jiwer.wer(separate, whole.text), 0.02)
+    assert dataclasses.replace(VadConfig(), max_segment_s=5.0).max_segment_s == 5.0

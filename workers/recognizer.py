@@ -18,7 +18,7 @@ from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult
-from workers.vad import SpeechDetector, VadConfig, keep_spoken_words
+from workers.vad import WINDOW_SAMPLES, SpeechDetector, VadConfig, keep_spoken_words, pause_cuts
 
 
 def frames_for_ms(ms: float, frame_ms: float) -> int:
@@ -99,13 +99,40 @@ class Recognizer:
             out.append((text, words))
         return out
 
-    def transcribe_wave(self, wave: torch.Tensor, source: str = "<wave>") -> Transcript:
-        """(samples,) at the model rate -> Transcript."""
+    def is_long(self, wave: torch.Tensor) -> bool:
+        """Whether ``transcribe_wave`` cuts this (samples,) recording at pauses (VAD on, longer than ``vad.max_segment_s``)."""
+        return self.vad is not None and wave.numel() > self.vad.config.max_segment_s * self.bundle.features.sample_rate_hz
+
+    def transcribe_wave(self, wave: torch.Tensor, source: str = "<wave>", batch_size: int = 16) -> Transcript:
+        """(samples,) at the model rate -> Transcript.
+
+        A long recording (see ``is_long``) is cut at pauses the voice activity detector
+        finds into pieces of at most ``vad.max_segment_s``; each piece is recognised as an
+        utterance of its own (pieces without speech are skipped), so memory and accuracy do
+        not depend on the recording's length. Word times stay relative to the recording.
+        """
         t0 = time.perf_counter()
-        feats, speech = self.analyse(wave)
-        (text, words), = self.transcribe_features([feats], [speech])
-        duration_s = len(feats) * self.bundle.features.frame_ms / 1000
-        return Transcript(source, text, duration_s, words, time.perf_counter() - t0)
+        rate = self.bundle.features.sample_rate_hz
+        if not self.is_long(wave):
+            feats, speech = self.analyse(wave)
+            (text, words), = self.transcribe_features([feats], [speech])
+            duration_s = len(feats) * self.bundle.features.frame_ms / 1000
+            return Transcript(source, text, duration_s, words, time.perf_counter() - t0)
+        assert self.vad is not None
+        speech = self.vad.speech(wave)
+        cfg = self.vad.config
+        pieces = []
+        for first, end in pause_cuts(speech, cfg.max_segment_s, cfg.min_pause_s):
+            if speech[first:end].any():
+                start, stop = first * WINDOW_SAMPLES, (end * WINDOW_SAMPLES if end < speech.numel() else wave.numel())
+                if stop - start >= self.bundle.features.min_samples:
+                    pieces.append((start, self.extractor(wave[start:stop]), speech[first:end]))
+        words: list[WordTiming] = []
+        for i in range(0, len(pieces), batch_size):
+            batch = pieces[i : i + batch_size]
+            for (start, _, _), (_, piece_words) in zip(batch, self.transcribe_features([f for _, f, _ in batch], [s for _, _, s in batch])):
+                words += [WordTiming(w.word, w.start_s + start / rate, w.end_s + start / rate) for w in piece_words]
+        return Transcript(source, " ".join(w.word for w in words), wave.numel() / rate, words, time.perf_counter() - t0)
 
     def transcribe_file(self, path: str | Path, raw_format: RawFormat | None = None) -> Transcript:
         """Raises ``AudioError`` (naming the file) for input that cannot be read."""

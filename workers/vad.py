@@ -28,6 +28,8 @@ class VadConfig:
     enabled: bool = True
     threshold: float = 0.5  # speech probability above which a 32 ms window counts as speech
     pad_ms: float = 300.0  # a word is kept if a speech window lies within this distance of its span
+    max_segment_s: float = 20.0  # offline/batch: longer recordings are cut at pauses into pieces at most this long
+    min_pause_s: float = 0.35  # shortest non-speech stretch cut at (on 40 dev utterances joined: 0.1 s gave 11.3 % WER, 0.35 s 9.4 %)
     target_peak: float = 0.5  # the detector hears the input scaled so that its running peak is this ...
     max_gain_db: float = 40.0  # ... amplified by at most this much (silero misses speech 35 dB below AN4's level)
 
@@ -36,6 +38,10 @@ class VadConfig:
             raise ValueError(f"vad.threshold must be in (0, 1), got {self.threshold}")
         if self.pad_ms < 0:
             raise ValueError(f"vad.pad_ms must be >= 0, got {self.pad_ms}")
+        if self.max_segment_s < 1.0 or self.min_pause_s <= 0:
+            raise ValueError(f"vad.max_segment_s must be >= 1 and min_pause_s > 0, got {self.max_segment_s}, {self.min_pause_s}")
+        if self.max_gain_db < 0 or not 0 < self.target_peak <= 1:
+            raise ValueError(f"vad.max_gain_db must be >= 0 and target_peak in (0, 1], got {self.max_gain_db}, {self.target_peak}")
 
 
 @lru_cache(maxsize=1)
@@ -112,3 +118,32 @@ def keep_spoken_words(words: list[WordTiming], speech: torch.Tensor, pad_ms: flo
     starts = idx.double() * WINDOW_S + offset_s
     pad = pad_ms / 1000
     return [w for w in words if bool(((starts <= w.end_s + pad) & (starts + WINDOW_S >= w.start_s - pad)).any())]
+
+
+def pause_cuts(speech: torch.Tensor, max_segment_s: float, min_pause_s: float) -> list[tuple[int, int]]:
+    """Cut a recording into utterances at the middle of its pauses, none longer than ``max_segment_s``.
+
+    ``speech``: (windows,) bool flags of the whole recording. Returns (first, end) window
+    ranges that tile it: a cut in every pause (a non-speech run of at least
+    ``min_pause_s``), and where a stretch between pauses is still longer than
+    ``max_segment_s``, cuts at the limit.
+    """
+    n = int(speech.numel())
+    limit = max(1, int(max_segment_s / WINDOW_S))
+    min_pause = max(1, int(round(min_pause_s / WINDOW_S)))
+    cuts, run_start = [0], None
+    for i, is_speech in enumerate([*speech.tolist(), True]):
+        if not is_speech and run_start is None:
+            run_start = i
+        elif is_speech and run_start is not None:
+            if i - run_start >= min_pause and 0 < run_start and i < n:
+                cuts.append((run_start + i) // 2)
+            run_start = None
+    cuts.append(n)
+    pieces = []
+    for start, end in zip(cuts, cuts[1:]):
+        while end - start > limit:
+            pieces.append((start, start + limit))
+            start += limit
+        pieces.append((start, end))
+    return pieces
