@@ -107,3 +107,19 @@ def test_global_mode_is_unchanged_by_the_new_setting() -> None:
 def test_negative_prior_is_rejected() -> None:
     with pytest.raises(ValueError, match="cmn_prior_frames"):
         FeatureConfig(cmn_prior_frames=-1)
+
+
+def test_a_low_log_floor_keeps_quiet_input_out_of_the_floor() -> None:
+    """35 dB below AN4's level, mel energies fall under torchaudio's 1e-6 floor and the cepstra
+    (beyond c0) change shape; with ``log_floor=1e-10`` they stay those of the original."""
+    wave = torch.cat([an4_wave(u) for u in UTTERANCES])
+    quiet = apply_gain(wave, -35.0)
+    gaps = {}
+    for floor in (1e-6, 1e-10):
+        extractor = MfccExtractor(FeatureConfig(cmn_prior_frames=50, log_floor=floor), NORMALIZER)
+        diff = extractor(quiet) - extractor(wave)
+        shape = [k for k in range(diff.shape[1]) if k % 40]  # every coefficient but the c0s
+        gaps[floor] = float(diff[50:, shape].abs().mean())
+    assert gaps[1e-10] < 0.1 * gaps[1e-6], gaps
+    with pytest.raises(ValueError, match="log_floor"):
+        FeatureConfig(log_floor=0.0)

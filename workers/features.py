@@ -32,6 +32,7 @@ class FeatureConfig:
     n_mfcc: int = 40
     stack_frames: int = 3  # adjacent 10 ms frames concatenated into one model frame
     cmn_prior_frames: float = 0.0  # 0: global mean; >0: causal running mean, the global mean weighted as this many 10 ms frames
+    log_floor: float = 1e-6  # added to mel energies before the log (torchaudio's MFCC: 1e-6, which quiet input reaches)
 
     def __post_init__(self) -> None:
         for name in ("sample_rate_hz", "n_mels", "n_mfcc", "stack_frames"):
@@ -41,6 +42,8 @@ class FeatureConfig:
             raise ValueError(f"features.window_ms and hop_ms must be > 0, got {self.window_ms}, {self.hop_ms}")
         if self.cmn_prior_frames < 0:
             raise ValueError(f"features.cmn_prior_frames must be >= 0, got {self.cmn_prior_frames}")
+        if not 0 < self.log_floor < 1:
+            raise ValueError(f"features.log_floor must be in (0, 1), got {self.log_floor}")
 
     @property
     def window_samples(self) -> int:
@@ -136,7 +139,9 @@ class MfccExtractor:
         if wave.numel() < self.config.window_samples:
             return torch.zeros(0, self.config.n_mfcc)
         with torch.no_grad():
-            return self._mfcc(wave.float()).transpose(0, 1).contiguous()
+            # torchaudio's MFCC with log_mels=True, but with our floor inside the log
+            mel = self._mfcc.MelSpectrogram(wave.float())
+            return torch.matmul((mel + self.config.log_floor).log().transpose(0, 1), self._mfcc.dct_mat).contiguous()
 
     def stack(self, frames: torch.Tensor) -> torch.Tensor:
         """(frames_10ms, n_mfcc) -> (frames_10ms // stack, n_mfcc * stack); a partial group is dropped."""
