@@ -123,3 +123,30 @@ def test_a_low_log_floor_keeps_quiet_input_out_of_the_floor() -> None:
     assert gaps[1e-10] < 0.1 * gaps[1e-6], gaps
     with pytest.raises(ValueError, match="log_floor"):
         FeatureConfig(log_floor=0.0)
+
+
+@pytest.mark.parametrize("gain_db", [-35.0, 0.0, 10.0])
+def test_shipped_model_streams_exactly_as_chunked_offline_at_any_level(gain_db: float) -> None:
+    """End to end with the shipped model (causal normalisation): the streaming recogniser's
+    final equals latency-controlled offline decoding of the same audio, at every input level."""
+    from workers.bundle import DEFAULT_BUNDLE, load_bundle
+    from workers.decoder import DecoderConfig
+    from workers.recognizer import Recognizer, StreamingRecognizer
+
+    if not (DEFAULT_BUNDLE / "weights.pt").is_file():
+        pytest.skip("no shipped model")
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    assert bundle.features.cmn_prior_frames > 0  # the property under test, not the old global mode
+    wave = apply_gain(torch.cat([an4_wave(u) for u in UTTERANCES]), gain_db)
+    decoder = DecoderConfig(kind="beam")
+    offline = Recognizer(bundle, decoder, chunk_ms=300, lookahead_ms=150).transcribe_wave(wave)
+    rec = StreamingRecognizer(bundle, decoder, 300, 150)
+    rng = np.random.default_rng(int(gain_db) + 50)
+    pos = 0
+    while pos < wave.numel():
+        size = int(rng.integers(100, 5000))
+        rec.push(wave[pos : pos + size], 16000)
+        pos += size
+    (final,) = rec.finish()
+    assert final.text == offline.text and len(offline.words) >= 5
+    assert [(w.word, round(w.start_s, 3)) for w in final.words] == [(w.word, round(w.start_s, 3)) for w in offline.words]
