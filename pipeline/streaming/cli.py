@@ -1,0 +1,141 @@
+"""``asr stream`` (and ``scripts/stream_mic.py``): options, the audio source, the pipeline,
+and results printed as they come."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import shutil
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+import numpy as np
+
+from pipeline.config import AppConfig, ConfigError, load_config
+from pipeline.streaming.session import StreamingPipeline
+from pipeline.streaming.sources import MicError, _audio_source, _list_devices
+from workers.audio import AudioError
+from workers.bundle import BundleError
+from workers.decoder import DecoderConfig
+from workers.stages import RecognitionResult
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser, config_options: bool = False) -> argparse.ArgumentParser:
+    """Options of ``asr stream`` / ``scripts/stream_mic.py``. ``config_options`` also adds
+    ``--config`` and ``--set`` (``asr`` adds those itself, to every subcommand)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--mic", action="store_true", help="capture 16 kHz mono from an input device (the default)")
+    source.add_argument("--file", default=None, help="stream an audio file instead, paced in real time")
+    parser.add_argument("--device", default=None, help="input device index or name (see --list-devices)")
+    parser.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    parser.add_argument("--fast", action="store_true", help="with --file: send as fast as the pipeline takes it")
+    parser.add_argument("--model", default=None, help="model bundle directory (default: the shipped models/default)")
+    parser.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="decoder kind (default: from config)")
+    parser.add_argument("--chunk-ms", type=float, default=None, help="acoustic chunk length (default: from config)")
+    parser.add_argument("--lookahead-ms", type=float, default=None, help="right context per chunk (default: from config)")
+    parser.add_argument("--endpoint-ms", type=float, default=None, help="silence that ends an utterance; 0 disables")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--show-partials", action="store_true", help="print partial results as lines when not on a terminal")
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop after this much audio")
+    if config_options:
+        parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                            help="override a config value, e.g. --set streaming.max_inflight_chunks=4 (repeatable)")
+    return parser
+
+
+def stream_settings(args: argparse.Namespace, config: AppConfig) -> tuple[AppConfig, DecoderConfig]:
+    """The config with the command line's streaming options applied, and the decoder config."""
+    changes = {"chunk_ms": args.chunk_ms, "lookahead_ms": args.lookahead_ms, "endpoint_silence_ms": args.endpoint_ms}
+    streaming = dataclasses.replace(config.streaming, **{k: v for k, v in changes.items() if v is not None})
+    decoder = dataclasses.replace(config.decoder, kind=args.decoder) if args.decoder else config.decoder
+    return dataclasses.replace(config, streaming=streaming), decoder
+
+
+def format_final(result: RecognitionResult) -> str:
+    """``[start_s - end_s] text`` with times in seconds from the start of the stream."""
+    return f"[{result.start_s:.2f} - {result.end_s:.2f}] {result.text}".rstrip()
+
+
+class ResultPrinter:
+    """Finals as lines; the partial as a live line on a terminal (``\\r``), as ``... text``
+    lines elsewhere only with ``show_partials``."""
+
+    def __init__(self, out: TextIO, show_partials: bool = False) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self.show_partials = show_partials
+        self._partial = ""
+
+    def show(self, results: list[RecognitionResult]) -> None:
+        for result in results:
+            if result.is_final:
+                self._clear()
+                print(format_final(result), file=self.out, flush=True)
+            elif result.text != self._partial:
+                self._show_partial(result.text)
+
+    def _show_partial(self, text: str) -> None:
+        if self.live:  # one terminal line: the tail of a long partial
+            width = shutil.get_terminal_size().columns - 1
+            self.out.write(f"\r{text[-width:]}\x1b[K")
+            self.out.flush()
+        elif self.show_partials:
+            print(f"... {text}", file=self.out, flush=True)
+        self._partial = text
+
+    def _clear(self) -> None:
+        if self.live and self._partial:
+            self.out.write("\r\x1b[K")
+        self._partial = ""
+
+
+def run_stream(args: argparse.Namespace, config: AppConfig | None = None, out: TextIO | None = None) -> int:
+    """``asr stream``: mic or file -> pipeline -> finals on ``out`` (default stdout).
+
+    Exit codes: 0 done (also after Ctrl-C, which flushes the last result); 1 bad model or
+    audio file; 2 no microphone (PortAudio missing, no input device) or a bad config; 130
+    Ctrl-C while Ray starts or while flushing.
+    """
+    out = out or sys.stdout
+    if args.list_devices:
+        return _list_devices(out)
+    try:
+        config = config or load_config(getattr(args, "config", None), getattr(args, "overrides", None))
+        config, decoder_config = stream_settings(args, config)
+        blocks, rate = _audio_source(args, config, sys.stderr)
+        pipeline = StreamingPipeline(config, args.model, decoder_config, args.address)
+    except (MicError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (BundleError, AudioError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    try:
+        return run_session(pipeline, blocks, rate, ResultPrinter(out, args.show_partials))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        pipeline.shutdown()
+
+
+def run_session(pipeline: StreamingPipeline, blocks: Iterator[np.ndarray], rate_hz: int, printer: ResultPrinter) -> int:
+    """Push every block of one stream, then close it; Ctrl-C ends the capture early."""
+    stream_id = pipeline.open_stream()
+    code = 0
+    try:
+        with contextlib.closing(blocks):  # stops the capture however the loop ends
+            for block in blocks:
+                printer.show(pipeline.push(stream_id, block, rate_hz))
+    except KeyboardInterrupt:
+        print("\nstopping: flushing the last result", file=sys.stderr, flush=True)
+    except MicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    printer.show(pipeline.close(stream_id))
+    return code

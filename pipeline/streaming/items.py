@@ -1,0 +1,46 @@
+"""What travels between the stage actors: ``StageItem`` (one push of one stream), the errors
+of a stream, and the array conversion the actors share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class StreamError(RuntimeError):
+    """Remote work of one stream failed; the stream has been dropped from every stage."""
+
+
+class StreamOrderError(RuntimeError):
+    """A stage actor got a stream's calls out of order, or lost its state (actor restart)."""
+
+
+@dataclass
+class StageItem:
+    """One push of one stream on its way through the stages of a chain.
+
+    ``data`` is the stage's input and, after it, its output: (audio, rate_hz) for ingest
+    (None at the end of the stream), model-rate chunks for features, features (frames,
+    feature_dim) for the acoustic model, log-probs (frames, num_tokens) for the decoder,
+    and the decoder's ``list[RecognitionResult]``. Arrays travel as numpy float32, which
+    Ray serialises far faster than torch tensors. ``error`` is set when a stage failed on
+    this item; later stages pass it on untouched and forget the stream.
+    """
+
+    stream_id: str
+    seq: int
+    is_last: bool
+    data: Any = None
+    error: str | None = None
+    speech: Any = None  # voice activity flags (windows,) bool of this push's audio, from the feature actor
+    acoustic: int = 0  # which acoustic actor keeps this stream's state
+    decoder: int = 0  # which decoder actor keeps this stream's state
+    stage_times: tuple[float, ...] = ()  # time.time() at entry to and exit from each stage so far
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A writable float32 tensor from an array Ray handed over (those are read-only views)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32))

@@ -1,0 +1,72 @@
+"""Where and how the stage actors run: connecting to Ray, GPUs and actor counts, actor
+options, and shipping the model bundle's files to the actors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.config import StreamingConfig
+from workers.bundle import Bundle, load_bundle
+
+ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back for new streams (in-flight streams fail)
+ACOUSTIC_MAX_CONCURRENCY = 10_000  # concurrent calls the batching actor accepts (held ones included)
+ACTOR_START_TIMEOUT_S = 300.0  # model loading included; longer means resources no node offers
+
+
+def read_bundle_files(path: str | Path) -> dict[str, bytes]:
+    """The bundle directory's files (name -> bytes), to ``ray.put`` once for all actors."""
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
+
+
+@contextlib.contextmanager
+def unpacked_bundle(files: dict[str, bytes], device: str = "cpu") -> Iterator[Bundle]:
+    """Write the files to a temporary directory and load them; the directory is removed on
+    exit, so build everything that reads bundle files (decoder LM, lexicon) inside."""
+    with tempfile.TemporaryDirectory(prefix="asr-bundle-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        yield load_bundle(tmp, device)
+
+
+def connect_ray(address: str | None = None) -> bool:
+    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray, unless Ray is already
+    initialised. Returns True when this call initialised Ray (the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def acoustic_num_gpus(streaming: StreamingConfig) -> float:
+    """GPUs for the acoustic actor: ``acoustic_num_gpus``, or with -1 one when the cluster has one."""
+    if streaming.acoustic_num_gpus >= 0:
+        return streaming.acoustic_num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def acoustic_actor_count(streaming: StreamingConfig, num_gpus: float) -> int:
+    """``acoustic_actors``, or with 0: one when it has a GPU (one batch for all streams),
+    else two (on CPUs two half-size batches run in parallel, sooner than one full one)."""
+    if streaming.acoustic_actors:
+        return streaming.acoustic_actors
+    return 1 if num_gpus > 0 else 2
+
+
+def _actor_options(resources: dict | None = None, **extra: Any) -> dict[str, Any]:
+    # max_task_retries=0: a retried call would replay audio into per-stream state.
+    # num_cpus=0: stage actors are long-lived services placed by custom resources; without
+    # it Ray reserves a CPU for the lifetime of any actor that names a resource, and the
+    # acoustic actor plus two decoders would not fit a 2-CPU node.
+    return {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": 0, "num_cpus": 0, "resources": dict(resources or {}), **extra}

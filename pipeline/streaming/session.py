@@ -1,0 +1,377 @@
+"""``StreamingPipeline``: sessions over the stage actors, with the submitter thread that
+sends the queued pushes of all streams as one chain, and backpressure per stream."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.config import AppConfig
+from pipeline.streaming.acoustic_actor import AcousticActor
+from pipeline.streaming.actors import DecoderActor, FeatureActor, IngestActor
+from pipeline.streaming.items import StageItem, StreamError
+from pipeline.streaming.placement import (
+    ACOUSTIC_MAX_CONCURRENCY,
+    ACTOR_START_TIMEOUT_S,
+    _actor_options,
+    acoustic_actor_count,
+    acoustic_num_gpus,
+    connect_ray,
+    read_bundle_files,
+)
+from workers.audio import validate_samples
+from workers.bundle import Bundle, load_bundle
+from workers.decoder import DecoderConfig
+from workers.recognizer import frames_for_ms
+from workers.stages import RecognitionResult
+
+
+@dataclass
+class PipelineStats:
+    """Backpressure and submission counters over all streams of a pipeline."""
+
+    max_inflight: int = 0  # most pushes of one stream in flight at once (bounded by max_inflight_chunks)
+    blocked_pushes: int = 0  # pushes that had to wait for an earlier push of their stream
+    chains: int = 0  # chains submitted (each carries the pushes of one or more streams)
+    max_pushes_per_chain: int = 0
+
+
+class _Chain:
+    """One submission through the actors; its refs (one per decoder actor involved) yield
+    ``list[StageItem]`` whose ``data`` is each push's ``list[RecognitionResult]``. Fetched
+    once, shared by the chain's streams."""
+
+    def __init__(self, refs: list[Any] | None = None, failure: BaseException | None = None) -> None:
+        self.refs = refs or []
+        self._lock = threading.Lock()
+        self._results: dict[tuple[str, int], StageItem] | BaseException | None = failure
+
+    def done(self) -> bool:
+        return self._results is not None or len(ray.wait(self.refs, num_returns=len(self.refs), timeout=0)[0]) == len(self.refs)
+
+    def results(self) -> dict[tuple[str, int], StageItem] | BaseException:
+        """(stream_id, seq) -> its item, or the exception that failed the whole chain (blocks)."""
+        with self._lock:
+            if self._results is None:
+                try:
+                    self._results = {(i.stream_id, i.seq): i for part in ray.get(self.refs) for i in part}
+                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                    self._results = exc
+            return self._results
+
+
+@dataclass
+class _Push:
+    """One push of a stream (``audio=None``: its end); ``chain`` is set once submitted."""
+
+    seq: int
+    audio: np.ndarray | None
+    rate_hz: int
+    chain: _Chain | None = None
+
+
+@dataclass
+class _Stream:
+    acoustic: int = 0  # index of the acoustic actor that keeps this stream's state
+    decoder: int = 0  # index of the decoder actor that keeps this stream's state
+    next_seq: int = 0
+    inflight: deque = field(default_factory=deque)  # _Push, oldest first: queued or submitted, not yet collected
+
+
+class StreamingPipeline:
+    """Sessions over the four stage actors; many concurrent streams share them.
+
+    >>> pipe = StreamingPipeline(load_config())
+    >>> sid = pipe.open_stream()
+    >>> for chunk in chunks: show(pipe.push(sid, chunk, 16000))   # partials, endpoint finals
+    >>> show(pipe.close(sid))                                     # the rest, ending with the final
+    >>> pipe.shutdown()
+
+    ``bundle_path``: model bundle directory (default: the shipped ``models/default``);
+    ``decoder_config``: default ``config.decoder``; ``address``: Ray cluster to connect to
+    (default RAY_ADDRESS, else a local Ray) unless Ray is already initialised.
+    """
+
+    def __init__(
+        self,
+        config: AppConfig | None = None,
+        bundle_path: str | Path | None = None,
+        decoder_config: DecoderConfig | None = None,
+        address: str | None = None,
+    ) -> None:
+        self.config = config or AppConfig()
+        self.streaming = self.config.streaming
+        if self.streaming.max_inflight_chunks < 1:
+            raise ValueError(f"streaming.max_inflight_chunks must be >= 1, got {self.streaming.max_inflight_chunks}")
+        if self.streaming.decoder_actors < 1:
+            raise ValueError(f"streaming.decoder_actors must be >= 1, got {self.streaming.decoder_actors}")
+        if self.streaming.acoustic_actors < 0:
+            raise ValueError(f"streaming.acoustic_actors must be >= 0 (0: automatic), got {self.streaming.acoustic_actors}")
+        bundle = load_bundle(bundle_path)  # validate here, with a clear error, before any actor starts
+        self.sample_rate_hz = bundle.features.sample_rate_hz
+        self._owns_ray = connect_ray(address)
+        self.stats = PipelineStats()
+        self._streams: dict[str, _Stream] = {}
+        self._recovering = False  # a stream failed: open_stream first waits for restarted actors
+        self.actors: dict[str, Any] = {}  # stage name -> actor handle (ingest, features, acoustic, decoder)
+        # Pushes wait in _queue for the submitter thread; _cond guards _streams and _queue.
+        self._cond = threading.Condition()
+        self._queue: list[tuple[str, _Stream, _Push]] = []
+        self._queued_since = 0.0
+        self._opened = 0  # streams opened so far: stream k uses acoustic/decoder actor k % their count
+        self._stopping = False
+        self._submitter: threading.Thread | None = None
+        try:
+            self._start_actors(bundle, decoder_config or self.config.decoder)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._submitter = threading.Thread(target=self._submit_loop, name="asr-submit", daemon=True)
+        self._submitter.start()
+
+    def _start_actors(self, bundle: Bundle, decoder_config: DecoderConfig) -> None:
+        s, frame_ms = self.streaming, bundle.features.frame_ms
+        self._bundle_files = ray.put(read_bundle_files(bundle.path))  # once; held for actor restarts
+        files = self._bundle_files
+        num_gpus = acoustic_num_gpus(s)
+        chunk_samples = max(1, int(self.sample_rate_hz * s.ingest_chunk_ms / 1000))
+        self._ingest = ray.remote(IngestActor).options(**_actor_options()).remote(self.sample_rate_hz, chunk_samples)
+        self._features = ray.remote(FeatureActor).options(**_actor_options()).remote(files, self.config.vad)
+        acoustic_options = _actor_options(s.acoustic_resources, num_gpus=num_gpus, max_concurrency=ACOUSTIC_MAX_CONCURRENCY)
+        self._acoustics = [
+            ray.remote(AcousticActor)
+            .options(**acoustic_options)
+            .remote(
+                files,
+                max(1, frames_for_ms(s.chunk_ms, frame_ms)),
+                frames_for_ms(s.lookahead_ms, frame_ms),
+                s.max_batch_wait_ms,
+                s.max_batch_streams,
+                "cuda" if num_gpus > 0 else "cpu",
+                s.acoustic_num_threads,
+            )
+            for _ in range(acoustic_actor_count(s, num_gpus))
+        ]
+        self._decoders = [
+            ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(files, decoder_config, s.endpoint_silence_ms, self.config.vad)
+            for _ in range(s.decoder_actors)
+        ]
+        self.actors = {"ingest": self._ingest, "features": self._features}
+        for name, group in (("acoustic", self._acoustics), ("decoder", self._decoders)):
+            self.actors.update({name if k == 0 else f"{name}-{k + 1}": actor for k, actor in enumerate(group)})
+        try:  # surface start-up errors here, and resources no node offers
+            ray.get([a.__ray_ready__.remote() for a in self.actors.values()], timeout=ACTOR_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"stage actors did not start in {ACTOR_START_TIMEOUT_S:.0f} s: does the cluster offer "
+                f"acoustic_resources={s.acoustic_resources}, decoder_resources={s.decoder_resources}, GPUs={num_gpus}?"
+            ) from None
+
+    # ---- streams ---------------------------------------------------------------------
+    def open_stream(self, stream_id: str | None = None) -> str:
+        """Start a stream; returns its id (a new unique one unless given)."""
+        stream_id = stream_id or uuid.uuid4().hex
+        if stream_id in self._streams:
+            raise ValueError(f"stream {stream_id} is already open")
+        if self._recovering:
+            self._wait_for_actors()
+        with self._cond:
+            k = self._opened
+            self._streams[stream_id] = _Stream(acoustic=k % len(self._acoustics), decoder=k % len(self._decoders))
+            self._opened += 1
+        return stream_id
+
+    def _wait_for_actors(self) -> None:
+        """After a stream failed, wait until every stage actor answers again (a crashed one
+        restarts: new streams must not reach it mid-restart)."""
+        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+        for actor in self.actors.values():
+            while True:
+                try:
+                    ray.get(actor.__ray_ready__.remote(), timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        self._recovering = False
+
+    def push(self, stream_id: str, samples: np.ndarray | torch.Tensor, rate_hz: int) -> list[RecognitionResult]:
+        """Send audio (samples,) or (samples, channels), float in [-1, 1] or integer PCM, at
+        ``rate_hz``. Returns the results completed so far, in order (partials, endpoint
+        finals). Blocks while the stream has ``max_inflight_chunks`` pushes in flight."""
+        stream = self._stream(stream_id)
+        audio = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+        if audio.size == 0:
+            return self._collect(stream_id, stream, block=False)
+        if rate_hz <= 0:
+            raise ValueError(f"stream {stream_id}: rate_hz must be > 0, got {rate_hz}")
+        validate_samples(audio, f"stream {stream_id}")  # bad input fails here, not inside the chain
+        results = self._make_room(stream_id, stream)
+        self._enqueue(stream_id, stream, audio, rate_hz)
+        return results + self._collect(stream_id, stream, block=False)
+
+    def close(self, stream_id: str) -> list[RecognitionResult]:
+        """Flush the stream; returns every remaining result in order, ending with the final(s)."""
+        stream = self._stream(stream_id)
+        results = self._make_room(stream_id, stream)
+        self._enqueue(stream_id, stream, None, self.sample_rate_hz)
+        results += self._collect(stream_id, stream, block=True)
+        with self._cond:
+            del self._streams[stream_id]
+        return results
+
+    def inflight(self, stream_id: str) -> int:
+        """Chains of this stream submitted but not yet collected (<= max_inflight_chunks)."""
+        return len(self._stream(stream_id).inflight)
+
+    def acoustic_stats(self) -> dict[str, int]:
+        """The acoustic actors' batching counters (``AcousticActor.stats``), summed (the
+        most streams in one round: the largest over the actors)."""
+        per_actor = ray.get([a.stats.remote() for a in self._acoustics])
+        total = {key: sum(st[key] for st in per_actor) for key in ("rounds", "calls")}
+        return {**total, "max_streams_per_round": max(st["max_streams_per_round"] for st in per_actor)}
+
+    def shutdown(self) -> None:
+        """Stop the actors (open streams are abandoned) and Ray if this pipeline started it."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._submitter is not None:
+            self._submitter.join()
+            self._submitter = None
+        for actor in self.actors.values() if ray.is_initialized() else ():
+            ray.kill(actor, no_restart=True)
+        self.actors, self._streams = {}, {}
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def __enter__(self) -> StreamingPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    # ---- internals -------------------------------------------------------------------
+    def _stream(self, stream_id: str) -> _Stream:
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise KeyError(f"stream {stream_id} is not open") from None
+
+    def _enqueue(self, stream_id: str, stream: _Stream, audio: np.ndarray | None, rate_hz: int) -> None:
+        """Queue one push (``audio=None``: the end of the stream) for the submitter thread."""
+        push = _Push(stream.next_seq, audio, rate_hz)
+        stream.next_seq += 1
+        with self._cond:
+            if not self._queue:
+                self._queued_since = time.monotonic()
+            self._queue.append((stream_id, stream, push))
+            stream.inflight.append(push)
+            self.stats.max_inflight = max(self.stats.max_inflight, len(stream.inflight))
+            self._cond.notify_all()
+
+    def _submit_loop(self) -> None:
+        """The submitter thread: takes the queued pushes of all streams, waiting up to
+        ``max_submit_wait_ms`` for every open stream to have one, and submits them as one
+        chain. Ray call overhead is then paid per chain, not per stream."""
+        wait_s = self.streaming.max_submit_wait_ms / 1000
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    failed = _Chain(failure=StreamError("the pipeline was shut down"))
+                    for *_, push in self._queue:
+                        push.chain = failed
+                    self._queue = []
+                    self._cond.notify_all()
+                    return
+                while not self._stopping and not self._every_stream_queued():
+                    left = self._queued_since + wait_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, self._queue = self._queue, []
+            chain = self._submit_chain(batch)
+            with self._cond:
+                for *_, push in batch:
+                    push.chain = chain
+                self._cond.notify_all()
+
+    def _every_stream_queued(self) -> bool:
+        return {sid for sid, *_ in self._queue} >= self._streams.keys()
+
+    def _submit_chain(self, batch: list[tuple[str, _Stream, _Push]]) -> _Chain:
+        """Chain the pushes of ``batch`` through the actors: one call to the ingest and the
+        feature actor, and one to each acoustic and decoder actor that has streams in the
+        batch (those run in parallel)."""
+        items = [
+            StageItem(sid, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz), acoustic=st.acoustic, decoder=st.decoder)
+            for sid, st, p in batch
+        ]
+        self.stats.chains += 1
+        self.stats.max_pushes_per_chain = max(self.stats.max_pushes_per_chain, len(items))
+        try:
+            chunks = self._ingest.push_many.remote(items)
+            feats = self._features.push_many.remote(chunks)
+            log_probs = {a: self._acoustics[a].process_many.remote(feats, a) for a in sorted({i.acoustic for i in items})}
+            decoders = sorted({item.decoder for item in items})
+            return _Chain([
+                self._decoders[d].push_many.remote(d, *[log_probs[a] for a in sorted({i.acoustic for i in items if i.decoder == d})])
+                for d in decoders
+            ])
+        except Exception as exc:  # e.g. Ray shut down under us: the pushes fail, the thread lives
+            return _Chain(failure=exc)
+
+    def _wait_submitted(self, push: _Push) -> _Chain:
+        with self._cond:
+            self._cond.wait_for(lambda: push.chain is not None)
+        return push.chain
+
+    def _make_room(self, stream_id: str, stream: _Stream) -> list[RecognitionResult]:
+        """Backpressure: wait for the oldest pushes until another one may be queued."""
+        results: list[RecognitionResult] = []
+        if len(stream.inflight) >= self.streaming.max_inflight_chunks:
+            self.stats.blocked_pushes += 1
+        while len(stream.inflight) >= self.streaming.max_inflight_chunks:
+            self._wait_submitted(stream.inflight[0]).results()
+            results += self._collect(stream_id, stream, block=False)
+        return results
+
+    def _collect(self, stream_id: str, stream: _Stream, block: bool) -> list[RecognitionResult]:
+        """Results of the finished pushes at the front of the queue (``block``: of all of them)."""
+        results: list[RecognitionResult] = []
+        while stream.inflight:
+            push = stream.inflight[0]
+            if not block and (push.chain is None or not push.chain.done()):
+                break
+            outcome = self._wait_submitted(push).results()
+            stream.inflight.popleft()
+            item = outcome if isinstance(outcome, BaseException) else outcome[(stream_id, push.seq)]
+            error = item if isinstance(item, BaseException) else item.error
+            if error is not None:
+                self._abort(stream_id)
+                raise StreamError(f"stream {stream_id} failed and was dropped: {error}") from (item if isinstance(item, BaseException) else None)
+            results += item.data
+        return results
+
+    def _abort(self, stream_id: str) -> None:
+        """Forget a failed stream everywhere (best effort: an actor may be restarting)."""
+        with self._cond:
+            self._streams.pop(stream_id, None)
+            self._queue = [entry for entry in self._queue if entry[0] != stream_id]
+        self._recovering = True
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get([actor.drop.remote(stream_id) for actor in self.actors.values()], timeout=10)
