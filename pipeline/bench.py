@@ -122,45 +122,35 @@ class _CompletionWatcher:
     """Timestamps pushes as their chains complete, in a thread, so latency is not quantised
     by the push loop. A push counts when its results hold a partial (it completed a chunk)."""
 
-    def __init__(self) -> None:
-        import ray
-
-        self._ray = ray
+    def __init__(self, pipe) -> None:
+        self._pipe = pipe
         self._lock = threading.Lock()
-        self._pending: list = []  # (stream_id, _Push, send time)
+        self._pending: list = []  # (PushHandle, send time)
         self.latencies_ms: list[float] = []
         self.breakdowns_ms: list[list[float]] = []  # per counted push: time in each STAGE_SPANS span
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def add(self, stream_id: str, push, t_sent: float) -> None:
+    def add(self, push, t_sent: float) -> None:
         with self._lock:
-            self._pending.append((stream_id, push, t_sent))
+            self._pending.append((push, t_sent))
 
     def _run(self) -> None:
         while not self._stop.is_set() or self._pending:
             with self._lock:
                 pending = list(self._pending)
-            submitted = [(sid, p, t) for sid, p, t in pending if p.chain is not None]
-            if not submitted:
+            if not any(p.submitted() for p, _ in pending):
                 time.sleep(0.001)
                 continue
-            chains = {id(p.chain): p.chain for _, p, _ in submitted if p.chain.refs}  # (a failed chain has none)
-            done: set = set()
-            if chains:
-                # block until the oldest chain is back (chains finish about in order); no busy
-                # polling, which would take CPU from the pipeline being measured
-                oldest = next(iter(chains.values())).refs
-                self._ray.wait(oldest, num_returns=len(oldest), timeout=0.05)
-                refs = [r for c in chains.values() for r in c.refs]
-                done = set(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+            # block until the oldest chain is back (chains finish about in order); no busy
+            # polling, which would take CPU from the pipeline being measured
+            done = {id(p) for p in self._pipe.completed([p for p, _ in pending], timeout_s=0.05)}
             t_done = time.perf_counter()
-            finished = [(sid, p, t) for sid, p, t in submitted if all(r in done for r in p.chain.refs)]
+            finished = [(p, t) for p, t in pending if id(p) in done]
             t_done_wall = time.time()
-            for sid, push, t_sent in finished:
-                outcome = push.chain.results()
-                item = None if isinstance(outcome, BaseException) else outcome.get((sid, push.seq))
+            for push, t_sent in finished:
+                item = push.item()
                 if item is not None and item.data:  # this push completed a model chunk and returned a partial
                     latency_s = t_done - t_sent
                     self.latencies_ms.append(1000 * latency_s)
@@ -168,8 +158,7 @@ class _CompletionWatcher:
                         marks = [t_done_wall - latency_s, *item.stage_times, t_done_wall]
                         self.breakdowns_ms.append([1000 * (b - a) for a, b in zip(marks, marks[1:])])
             with self._lock:
-                gone = {id(p) for _, p, _ in finished}
-                self._pending = [e for e in self._pending if id(e[1]) not in gone]
+                self._pending = [e for e in self._pending if id(e[0]) not in done]
 
     def finish(self) -> float:
         """Wait for every push; returns the seconds that took."""
@@ -184,7 +173,7 @@ def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float,
     block = int(rate_hz * push_ms / 1000)
     sids = [pipe.open_stream() for _ in range(n_streams)]
     sources = [np.concatenate([waves[(i + k) % len(waves)] for k in range(len(waves))]) for i in range(n_streams)]
-    watcher = _CompletionWatcher()
+    watcher = _CompletionWatcher(pipe)
     late_pushes, n_push = 0, int(seconds * 1000 / push_ms)
     t_start = time.perf_counter()
     for k in range(n_push):
@@ -198,7 +187,7 @@ def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float,
             offset = (k * block) % max(1, len(src) - block)
             t_sent = time.perf_counter()
             pipe.push(sid, src[offset : offset + block], rate_hz)
-            watcher.add(sid, pipe._streams[sid].inflight[-1], t_sent)
+            watcher.add(pipe.last_push(sid), t_sent)
     drain_s = watcher.finish()
     for sid in sids:
         pipe.close(sid)

@@ -200,6 +200,28 @@ def test_backpressure_bounds_inflight_chunks(pipe: Pipe) -> None:
     assert_in_order(results)
 
 
+def test_last_push_can_be_followed_to_completion(pipe: Pipe) -> None:
+    """``last_push`` / ``completed`` (what ``asr bench`` times pushes with): each push's item
+    comes back with the results that push and close hand out, and its stage timestamps."""
+    pipeline = pipe.pipeline
+    sid = pipeline.open_stream()
+    with pytest.raises(ValueError):
+        pipeline.last_push(sid)
+    handles, results = [], []
+    for piece in np.array_split(make_audio(6, 3.0), 6):
+        results += pipeline.push(sid, piece, RATE_HZ)
+        handles.append(pipeline.last_push(sid))
+    assert [h.seq for h in handles] == list(range(6)) and all(h.stream_id == sid for h in handles)
+    waiting = list(handles)
+    while waiting:
+        done = pipeline.completed(waiting, timeout_s=0.05)
+        waiting = [h for h in waiting if h not in done]
+    items = [h.item() for h in handles]
+    assert all(i is not None and i.error is None and len(i.stage_times) == 8 for i in items)
+    results += pipeline.close(sid)
+    assert [r for i in items for r in i.data] == results[: sum(len(i.data) for i in items)]
+
+
 def test_bad_input_and_unknown_streams(pipe: Pipe) -> None:
     pipeline = pipe.pipeline
     sid = pipeline.open_stream()

@@ -60,7 +60,7 @@ from pipeline.streaming.placement import (
     read_bundle_files,
     unpacked_bundle,
 )
-from pipeline.streaming.session import PipelineStats, StreamingPipeline
+from pipeline.streaming.session import PipelineStats, PushHandle, StreamingPipeline
 from pipeline.streaming.sources import (
     MIC_NO_AUDIO_TIMEOUT_S,
     MIC_RATE_HZ,
@@ -85,6 +85,7 @@ __all__ = [
     "IngestActor",
     "MicError",
     "PipelineStats",
+    "PushHandle",
     "ResultPrinter",
     "StageItem",
     "StreamError",

@@ -86,6 +86,32 @@ class _Stream:
     decoder: int = 0  # index of the decoder actor that keeps this stream's state
     next_seq: int = 0
     inflight: deque = field(default_factory=deque)  # _Push, oldest first: queued or submitted, not yet collected
+    last: _Push | None = None  # the latest push (collected or not), for last_push
+
+
+@dataclass(frozen=True, eq=False)
+class PushHandle:
+    """One push of a stream, to follow to its completion (``StreamingPipeline.last_push``)."""
+
+    stream_id: str
+    _push: _Push
+
+    @property
+    def seq(self) -> int:
+        return self._push.seq
+
+    def submitted(self) -> bool:
+        """Whether the submitter thread has sent this push in a chain."""
+        return self._push.chain is not None
+
+    def item(self) -> StageItem | None:
+        """What came back for this push (blocks until its chain is back): its ``StageItem``, whose
+        ``data`` is the push's ``list[RecognitionResult]`` and ``stage_times`` when it entered and
+        left each stage; None when the whole chain failed."""
+        if self._push.chain is None:
+            raise RuntimeError(f"stream {self.stream_id}: push {self.seq} has not been submitted yet")
+        outcome = self._push.chain.results()
+        return None if isinstance(outcome, BaseException) else outcome.get((self.stream_id, self.seq))
 
 
 class StreamingPipeline:
@@ -235,6 +261,27 @@ class StreamingPipeline:
         """Chains of this stream submitted but not yet collected (<= max_inflight_chunks)."""
         return len(self._stream(stream_id).inflight)
 
+    def last_push(self, stream_id: str) -> PushHandle:
+        """The stream's latest push (or close), to follow with ``completed`` (e.g. for latency)."""
+        push = self._stream(stream_id).last
+        if push is None:
+            raise ValueError(f"stream {stream_id} has no push yet")
+        return PushHandle(stream_id, push)
+
+    def completed(self, pushes: list[PushHandle], timeout_s: float = 0.0) -> list[PushHandle]:
+        """The pushes among ``pushes`` whose chains are back (failed ones included; a push not
+        yet submitted is not). Waits up to ``timeout_s`` for the chain of the first submitted
+        one (chains complete about in order), without polling."""
+        submitted = [p for p in pushes if p.submitted()]
+        chains = {id(p._push.chain): p._push.chain for p in submitted if p._push.chain.refs}  # (a failed chain has none)
+        done: set = set()
+        if chains:
+            oldest = next(iter(chains.values())).refs
+            ray.wait(oldest, num_returns=len(oldest), timeout=timeout_s)
+            refs = [r for c in chains.values() for r in c.refs]
+            done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        return [p for p in submitted if all(r in done for r in p._push.chain.refs)]
+
     def acoustic_stats(self) -> dict[str, int]:
         """The acoustic actors' batching counters (``AcousticActor.stats``), summed (the
         most streams in one round: the largest over the actors)."""
@@ -279,6 +326,7 @@ class StreamingPipeline:
                 self._queued_since = time.monotonic()
             self._queue.append((stream_id, stream, push))
             stream.inflight.append(push)
+            stream.last = push
             self.stats.max_inflight = max(self.stats.max_inflight, len(stream.inflight))
             self._cond.notify_all()
 
