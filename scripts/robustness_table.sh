@@ -34,6 +34,7 @@ MODES=("offline|--mode offline" "stream_300_150|--mode streaming --chunk-ms 300 
 for cond in "${CONDITIONS[@]}"; do
   name=${cond%%|*}; args=${cond#*|}
   echo "$name" >> "$OUT/conditions.txt"
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then continue; fi  # ONLY=regex: run a subset (e.g. two halves in parallel)
   for mode in "${MODES[@]}"; do
     mname=${mode%%|*}; margs=${mode#*|}
     # shellcheck disable=SC2086
@@ -46,6 +47,7 @@ for cond in "${CONDITIONS[@]}"; do
   done
 done
 
+[ -n "${ONLY:-}" ] && exit 0  # a subset run: the table needs every cell
 python - "$OUT" "$MODEL" <<'PY'
 import json, math, pathlib, sys
 out, model = pathlib.Path(sys.argv[1]), sys.argv[2]
