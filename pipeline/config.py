@@ -52,6 +52,25 @@ class StreamingConfig:
     acoustic_resources: dict = field(default_factory=dict)
     decoder_resources: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Every numeric setting range-checked here, so a bad one fails before Ray starts."""
+        positive = ("chunk_ms", "ingest_chunk_ms")
+        at_least_one = ("max_batch_streams", "max_inflight_chunks", "decoder_actors")
+        non_negative = ("lookahead_ms", "endpoint_silence_ms", "max_batch_wait_ms", "max_submit_wait_ms",
+                        "acoustic_actors", "acoustic_num_threads")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"streaming.{name} must be > 0, got {getattr(self, name)}")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"streaming.{name} must be >= 1, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                hint = " (0: automatic)" if name == "acoustic_actors" else ""
+                raise ValueError(f"streaming.{name} must be >= 0{hint}, got {getattr(self, name)}")
+        if self.acoustic_num_gpus != -1 and self.acoustic_num_gpus < 0:
+            raise ValueError(f"streaming.acoustic_num_gpus must be -1 (automatic) or >= 0, got {self.acoustic_num_gpus}")
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -289,11 +289,27 @@ def test_crashed_actor_fails_its_streams_and_restarts_for_new_ones(pipe: Pipe) -
     assert finals(got) == finals(reference(pipe, pieces))
 
 
-@pytest.mark.parametrize("bad", [{"max_inflight_chunks": 0}, {"decoder_actors": 0}, {"acoustic_actors": -1}])
-def test_bad_streaming_settings_fail_before_any_actor_starts(bad: dict, tiny_bundle) -> None:
-    config = AppConfig(streaming=StreamingConfig(**bad))
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        StreamingPipeline(config, tiny_bundle, address="ray://nowhere.invalid:1")  # raises before connecting
+@pytest.mark.parametrize("bad", [{"max_inflight_chunks": 0}, {"decoder_actors": 0}, {"acoustic_actors": -1}, {"chunk_ms": 0},
+                                 {"chunk_ms": -300}, {"lookahead_ms": -150}, {"endpoint_silence_ms": -5}, {"ingest_chunk_ms": 0},
+                                 {"max_batch_streams": 0}, {"acoustic_num_gpus": -2}])
+def test_bad_streaming_settings_fail_when_the_config_is_built(bad: dict) -> None:
+    """Before any actor or Ray starts: the config cannot even be made, and from YAML or --set
+    it is a one-line ConfigError naming the key."""
+    from pipeline.config import ConfigError, load_config
+
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        StreamingConfig(**bad)
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"streaming.{key}={bad[key]}"])
+
+
+def test_bad_latency_on_the_command_line_is_exit_2(capsys) -> None:
+    from pipeline.cli import main
+
+    assert main(["stream", "--file", "nowhere.wav", "--lookahead-ms", "-150"]) == 2
+    err = capsys.readouterr().err
+    assert "lookahead_ms must be >= 0" in err and "Traceback" not in err
 
 
 def test_voice_activity_gating_through_the_actors(local_ray) -> None:

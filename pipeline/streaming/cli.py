@@ -49,7 +49,10 @@ def add_stream_arguments(parser: argparse.ArgumentParser, config_options: bool =
 def stream_settings(args: argparse.Namespace, config: AppConfig) -> tuple[AppConfig, DecoderConfig]:
     """The config with the command line's streaming options applied, and the decoder config."""
     changes = {"chunk_ms": args.chunk_ms, "lookahead_ms": args.lookahead_ms, "endpoint_silence_ms": args.endpoint_ms}
-    streaming = dataclasses.replace(config.streaming, **{k: v for k, v in changes.items() if v is not None})
+    try:
+        streaming = dataclasses.replace(config.streaming, **{k: v for k, v in changes.items() if v is not None})
+    except ValueError as exc:  # a bad --chunk-ms / --lookahead-ms / --endpoint-ms: a user error, exit 2
+        raise ConfigError(str(exc)) from None
     decoder = dataclasses.replace(config.decoder, kind=args.decoder) if args.decoder else config.decoder
     return dataclasses.replace(config, streaming=streaming), decoder
 

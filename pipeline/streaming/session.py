@@ -136,13 +136,7 @@ class StreamingPipeline:
         address: str | None = None,
     ) -> None:
         self.config = config or AppConfig()
-        self.streaming = self.config.streaming
-        if self.streaming.max_inflight_chunks < 1:
-            raise ValueError(f"streaming.max_inflight_chunks must be >= 1, got {self.streaming.max_inflight_chunks}")
-        if self.streaming.decoder_actors < 1:
-            raise ValueError(f"streaming.decoder_actors must be >= 1, got {self.streaming.decoder_actors}")
-        if self.streaming.acoustic_actors < 0:
-            raise ValueError(f"streaming.acoustic_actors must be >= 0 (0: automatic), got {self.streaming.acoustic_actors}")
+        self.streaming = self.config.streaming  # range-checked by StreamingConfig itself
         bundle = load_bundle(bundle_path)  # validate here, with a clear error, before any actor starts
         self.sample_rate_hz = bundle.features.sample_rate_hz
         self._owns_ray = connect_ray(address)
