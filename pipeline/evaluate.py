@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import AppConfig
 from workers.audio import AudioError, to_model_rate
+from workers.bundle import BundleError, load_bundle
 from workers.corpus import Utterance, read_corpus
 from workers.decoder import DecoderConfig
 from workers.perturb import Perturbation, perturb, removes_speech
@@ -276,7 +277,13 @@ def babble_pool_for(source: str, exclude_speakers: set[str], rate_hz: int, size:
 def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
     import dataclasses
 
-    corpus = read_corpus(args.data)
+    try:
+        corpus = read_corpus(args.data)
+        if args.model is not None:
+            load_bundle(args.model)  # a refused bundle is the user's error: one line, not a traceback
+    except (FileNotFoundError, NotADirectoryError, BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for source, reason in corpus.skipped:
         print(f"skipped {source}: {reason}", file=sys.stderr)
     utts = select_split(corpus.utterances, config, args.split, args.speakers)[: args.limit]

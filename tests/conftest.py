@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,21 @@ def make_tiny_bundle(path: Path, seed: int = 0, hidden_size: int = 24, with_lm: 
             "lm_path": build_arpa(texts, order=3, path=path.parent / f"{path.name}_lm.arpa"),
         }
     return save_bundle(path, model, features, Normalizer(torch.full((40,), -5.0), torch.full((40,), 8.0)), **extras)
+
+
+#: In CI (``CI=true``, set by .ci/run) the corpora and the shipped model must be there: a
+#: missing one fails the run instead of quietly skipping the tests that need it.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_sessionstart(session) -> None:
+    if not IN_CI:
+        return
+    from workers.bundle import DEFAULT_BUNDLE
+
+    missing = [str(p) for p in (AN4, FSDD, DEFAULT_BUNDLE / "weights.pt") if not p.exists()]
+    if missing:
+        pytest.exit(f"CI=true but {', '.join(missing)} missing: these tests would be skipped, not run", returncode=1)
 
 
 @pytest.fixture(scope="session")

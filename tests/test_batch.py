@@ -77,7 +77,7 @@ def _rows(out_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=150 * 1024**2)
     yield
     ray.shutdown()
 

@@ -37,7 +37,10 @@ def test_bench_prints_every_figure(tmp_path: Path) -> None:
         assert list(spans) == ["queue_and_send", "ingest", "to_features", "features", "to_acoustic", "acoustic",
                                "to_decoder", "decoder", "to_driver"]
         assert sum(s["p50_ms"] for s in spans.values()) > 0
-    assert result["max_realtime_streams"]["streams"] in (0, 1, 3)
+    for run in runs.values():  # the criterion, recomputed from the run's own figures
+        meets = run["p95_ms"] is not None and run["p95_ms"] <= 150.0 and run["late_pushes"] == 0 and run["drain_after_audio_s"] <= 1.0
+        assert run["kept_real_time"] == meets
+    assert result["max_realtime_streams"]["streams"] == max([n for n, r in runs.items() if r["kept_real_time"]], default=0)
 
     long_stream = result["long_stream"]
     assert long_stream["audio_min"] >= 0.2 and long_stream["finals"] >= 1

@@ -109,3 +109,21 @@ def test_score_of_empty_references_counts_hypothesis_words():
     report = score(["a", "b", "c"], ["", "", ""], ["", "oh no", "x"])
     assert report.hypothesis_words == 3 and report.files_with_words == 2 and report.reference_words == 0
     assert report.wer != report.wer  # NaN: undefined without reference words
+
+
+def test_eval_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    assert run_eval(_eval_args(str(tmp_path / "nowhere")), load_config()) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+    bad = tmp_path / "bundle"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("yes\n")
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(corpus / "a.wav", np.zeros(16000, dtype=np.float32), 16000)
+    assert run_eval(_eval_args(str(corpus), "--model", str(bad)), load_config()) == 2
+    assert "weights.pt" in capsys.readouterr().err

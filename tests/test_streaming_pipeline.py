@@ -49,7 +49,7 @@ class Pipe:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, resources=NODE_RESOURCES, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=2, num_gpus=0, resources=NODE_RESOURCES, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 

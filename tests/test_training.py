@@ -69,7 +69,7 @@ def test_ray_train_two_workers_exports_loadable_bundle(tmp_path):
     config = load_config("configs/tiny.yaml", [f"data.an4_root={AN4}", "data.use_fsdd=false", "data.max_train_utterances=8",
                                                 "train.epochs=1"])
     train, _, _ = build_split(config)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
     try:
         out = train_distributed(train, config.features, config.model, config.train, num_workers=2, export_dir=tmp_path / "bundle",
                                 use_gpu=False, storage_path=tmp_path / "ray_train")
