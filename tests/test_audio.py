@@ -275,7 +275,48 @@ def test_streaming_ingest_integer_chunks(dtype: type, scale: int) -> None:
 
 def test_streaming_ingest_stereo_and_tensor_chunks() -> None:
     rng = np.random.default_rng(9)
-    stereo = rng.standard_normal((3200, 2)).astype(np.float32)
+    stereo = (0.2 * rng.standard_normal((3200, 2))).astype(np.float32)
     ingest = StreamingIngest(out_chunk_samples=800)
     chunks = ingest.push(torch.from_numpy(stereo[:1000]), 16000) + ingest.push(stereo[1000:], 16000)
     np.testing.assert_allclose(torch.cat(chunks).numpy(), stereo.mean(axis=1), atol=1e-6)
+
+
+def test_float_file_far_outside_full_scale_is_scaled_to_peak_one(tmp_path) -> None:
+    """A float WAV holding 16-bit-sized values (or any gain) reads as the same waveform at full scale."""
+    from workers.audio import read_audio
+
+    rng = np.random.default_rng(0)
+    x = (0.4 * rng.standard_normal(8000)).clip(-0.9, 0.9).astype(np.float32)
+    for gain in (1.0, 32768.0, 1e6):
+        path = tmp_path / f"g{gain:g}.wav"
+        sf.write(path, x * gain, 16000, subtype="FLOAT")
+        samples, _ = read_audio(path)
+        expected = x if gain == 1.0 else x / np.abs(x).max()
+        np.testing.assert_allclose(samples[:, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not AN4_ROOT.is_dir(), reason="shared AN4 data not present")
+def test_scaled_float_speech_transcribes_like_the_original(tmp_path) -> None:
+    from workers.bundle import DEFAULT_BUNDLE
+    from workers.recognizer import Recognizer
+
+    if not (DEFAULT_BUNDLE / "weights.pt").is_file():
+        pytest.skip("no shipped model")
+    wave = load_audio(sorted((AN4_ROOT / "wav" / "an4_clstk" / "mcfl").glob("*.raw"))[3]).numpy()
+    rec = Recognizer()
+    texts = []
+    for gain in (1.0, 1e6):
+        sf.write(tmp_path / "s.wav", wave * gain, 16000, subtype="FLOAT")
+        texts.append(rec.transcribe_file(tmp_path / "s.wav").text)
+    assert texts[0] and texts[1] == rec.transcribe_file(tmp_path / "s.wav").text
+    peak_one = wave / np.abs(wave).max()
+    sf.write(tmp_path / "p.wav", peak_one, 16000, subtype="FLOAT")
+    assert texts[1] == rec.transcribe_file(tmp_path / "p.wav").text
+
+
+def test_stream_refuses_float_chunks_far_outside_full_scale() -> None:
+    ingest = StreamingIngest(16000, 1600)
+    assert ingest.push(np.full(1600, 1.5, dtype=np.float32), 16000)  # a little over full scale: accepted
+    with pytest.raises(AudioError, match="far outside"):
+        ingest.push(np.full(1600, 3000.0, dtype=np.float32), 16000, source="stream s1")
+    assert ingest.push(np.full(1600, 20000, dtype=np.int16), 16000)  # integers are scaled, never refused

@@ -65,7 +65,8 @@ def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[n
     """Read a file as float32 (samples, channels) and its sample rate, validating it.
 
     WAV/FLAC/OGG (anything libsndfile reads) by header; ``.raw``/``.pcm`` or any file
-    given ``raw_format`` as headerless PCM.
+    given ``raw_format`` as headerless PCM. Float files whose samples exceed [-1, 1] are
+    scaled down to a peak of 1 (the whole file by one factor).
     """
     source = str(path)
     p = Path(path)
@@ -82,16 +83,29 @@ def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[n
             samples, rate = sf.read(str(p), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
             raise AudioError(source, f"not readable audio ({exc})") from exc
-    validate_samples(samples, source)
+    validate_samples(samples, source, max_peak=None)
+    peak = float(np.abs(samples).max())
+    if peak > 1.0:  # float files may hold any scale (e.g. 16-bit values stored as floats): bring to full scale
+        samples = samples / peak
     return samples, int(rate)
 
 
-def validate_samples(samples: np.ndarray, source: str) -> None:
-    """Reject empty or non-finite signals."""
+#: Streamed float chunks louder than this are refused: a file can be scaled as a whole, a
+#: stream cannot, and such values are nearly always integers sent as floats.
+MAX_STREAM_PEAK = 2.0
+
+
+def validate_samples(samples: np.ndarray, source: str, max_peak: float | None = MAX_STREAM_PEAK) -> None:
+    """Reject empty or non-finite signals, and (``max_peak``) float samples far outside [-1, 1]."""
     if samples.size == 0:
         raise AudioError(source, "no audio samples (header only or truncated)")
     if not np.all(np.isfinite(samples)):
         raise AudioError(source, "NaN or infinite samples")
+    if max_peak is not None and np.issubdtype(samples.dtype, np.floating):
+        peak = float(np.abs(samples).max())
+        if peak > max_peak:
+            raise AudioError(source, f"float samples reach {peak:.4g}, far outside [-1, 1] (integer PCM sent as floats? "
+                                     "scale to full scale 1.0, e.g. divide 16-bit values by 32768)")
 
 
 def to_model_rate(samples: np.ndarray, rate_hz: int, target_rate_hz: int) -> torch.Tensor:
