@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class InputFile:
     path: str
     rel: str
     duration_s: float
+    out_rel: str = ""  # where its .txt/.srt go under OUT, without the format suffix (set by collect_inputs)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -99,7 +101,8 @@ def discover_inputs(source: str | Path) -> list[InputFile]:
     """
     source = Path(source).absolute()
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        # broken symbolic links included: they must get an error record, not vanish
+        files = sorted(p for p in source.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in AUDIO_SUFFIXES)
         return [InputFile(str(p), _relative(p, source), probe_duration_s(p)) for p in files]
     if source.is_file() and source.suffix.lower() == ".jsonl":
         out = []
@@ -113,14 +116,23 @@ def discover_inputs(source: str | Path) -> list[InputFile]:
 
 
 def collect_inputs(sources: str | Path | Iterable[str | Path]) -> list[InputFile]:
-    """Expand every source; an audio file listed twice is kept once (the first time)."""
+    """Expand every source; an audio file listed twice is kept once (the first time).
+
+    Output names drop the audio suffix (``a.wav`` -> ``a.txt``) unless two inputs would then
+    share one (``a.flac`` and ``a.mp3``): those keep it (``a.flac.txt``, ``a.mp3.txt``).
+    """
     if isinstance(sources, (str, Path)):
         sources = [sources]
     seen: dict[str, InputFile] = {}
     for source in sources:
         for item in discover_inputs(source):
             seen.setdefault(item.path, item)
-    return list(seen.values())
+    stems = Counter(str(Path(item.rel).with_suffix("")) for item in seen.values())
+    out = []
+    for item in seen.values():
+        stem = str(Path(item.rel).with_suffix(""))
+        out.append(dataclasses.replace(item, out_rel=stem if stems[stem] == 1 else item.rel))
+    return out
 
 
 # --------------------------------------------------------------------------- records
@@ -269,17 +281,17 @@ def to_srt(record: dict) -> str:
     return "\n".join(cues)
 
 
-def format_path(out_dir: Path, rel: str, fmt: str) -> Path:
-    """Where the ``fmt`` file of an input goes: its relative path under OUTDIR, suffix replaced."""
-    return (out_dir / rel).with_suffix(f".{fmt}")
+def format_path(out_dir: Path, out_rel: str, fmt: str) -> Path:
+    """Where the ``fmt`` file of an input goes: ``InputFile.out_rel`` under OUTDIR plus ``.fmt``."""
+    return out_dir / f"{out_rel}.{fmt}"
 
 
-def write_formats(out_dir: Path, rel: str, record: dict, formats: Sequence[str], only_missing: bool = False) -> None:
+def write_formats(out_dir: Path, out_rel: str, record: dict, formats: Sequence[str], only_missing: bool = False) -> None:
     """Write the requested per-input files (nothing for an errored input)."""
     if record["error"] is not None:
         return
     for fmt in formats:
-        target = format_path(out_dir, rel, fmt)
+        target = format_path(out_dir, out_rel, fmt)
         if only_missing and target.exists():
             continue
         write_text_atomic(target, record["text"] + "\n" if fmt == "txt" else to_srt(record))
@@ -348,7 +360,7 @@ def _transcribe_todo(
 ) -> _RunStats:
     """Run the dataset; each record goes to the partial file (flushed), ``rows`` and its format files."""
     stats = _RunStats()
-    rels = {item.path: item.rel for item in todo}
+    rels = {item.path: item.out_rel for item in todo}
     t0 = time.perf_counter()
     with (out_dir / PARTIAL_NAME).open("a") as partial:
         for path, record, actor_s in run_dataset(todo, udf_kwargs, batch_size, concurrency, num_gpus):
@@ -416,7 +428,7 @@ def transcribe_inputs(
     done = set() if overwrite else {i.path for i in items if rows.get(i.path, {"error": "new"})["error"] is None}
     for item in items:
         if item.path in done:
-            write_formats(out_dir, item.rel, rows[item.path], formats, only_missing=True)
+            write_formats(out_dir, item.out_rel, rows[item.path], formats, only_missing=True)
     todo = [item for item in items if item.path not in done]
     stats = _RunStats()
     if todo:

@@ -33,7 +33,9 @@ BAD_REASONS = {  # file name -> a phrase its error must contain
     "bad/not_audio.wav": "not readable audio",
     "bad/truncated.wav": "no audio samples",
     "bad/odd_bytes.raw": "truncated raw PCM",
+    "bad/dangling.wav": "broken symbolic link",
 }
+COLLIDING = {"sub/d.flac", "sub/d.ogg"}  # same stem: their outputs keep the audio suffix
 
 
 def _tone(rate_hz: int, seconds: float, seed: int) -> np.ndarray:
@@ -50,6 +52,7 @@ def _make_tree(root: Path) -> tuple[list[str], list[str]]:
         "b_16k.wav": (16000, 1.2),
         "c_44k.wav": (44100, 0.8),
         "sub/d.flac": (16000, 0.9),
+        "sub/d.ogg": (16000, 0.7),
         "sub/deeper/e_16k.wav": (16000, 0.4),
     }
     for n, (rel, (rate, seconds)) in enumerate(good.items()):
@@ -67,6 +70,7 @@ def _make_tree(root: Path) -> tuple[list[str], list[str]]:
     (root / "bad/not_audio.wav").write_text("this is not audio\n" * 20)
     (root / "bad/truncated.wav").write_bytes((root / "b_16k.wav").read_bytes()[:44])
     (root / "bad/odd_bytes.raw").write_bytes(b"\x01\x02\x03")
+    (root / "bad/dangling.wav").symlink_to(root / "bad/deleted.wav")
     (root / "notes.txt").write_text("not an audio suffix: ignored\n")
     return good_rel, list(BAD_REASONS)
 
@@ -133,8 +137,10 @@ def test_txt_and_srt_mirror_the_input_tree(tree, first_run):
     out = first_run[0]
     by_path = {r["path"]: r for r in _rows(out)}
     for rel in good:
-        assert (out / rel).with_suffix(".txt").read_text() == by_path[str(root / rel)]["text"] + "\n"
-        assert (out / rel).with_suffix(".srt").is_file()
+        base = out / rel if rel in COLLIDING else (out / rel).with_suffix("")
+        assert Path(f"{base}.txt").read_text() == by_path[str(root / rel)]["text"] + "\n"
+        assert Path(f"{base}.srt").is_file()
+    assert not (out / "sub" / "d.txt").exists()  # neither of the two same-stem inputs lost its transcript
     for rel in bad:
         assert not (out / rel).with_suffix(".txt").exists()
 

@@ -71,6 +71,8 @@ def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[n
     source = str(path)
     p = Path(path)
     if not p.is_file():
+        if p.is_symlink():
+            raise AudioError(source, f"broken symbolic link (to {p.readlink()})")
         raise AudioError(source, "no such file")
     if p.stat().st_size == 0:
         raise AudioError(source, "empty file")
