@@ -7,6 +7,7 @@ unknown section or key, or a value of the wrong type, raises ``ConfigError`` nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,14 +59,14 @@ class StreamingConfig:
         at_least_one = ("max_batch_streams", "max_inflight_chunks", "decoder_actors")
         non_negative = ("lookahead_ms", "endpoint_silence_ms", "max_batch_wait_ms", "max_submit_wait_ms",
                         "acoustic_actors", "acoustic_num_threads")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"streaming.{name} must be > 0, got {getattr(self, name)}")
+        for name in positive:  # written as "not >" so that NaN fails too
+            if not getattr(self, name) > 0 or getattr(self, name) == math.inf:
+                raise ValueError(f"streaming.{name} must be > 0 and finite, got {getattr(self, name)}")
         for name in at_least_one:
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:
                 raise ValueError(f"streaming.{name} must be >= 1, got {getattr(self, name)}")
         for name in non_negative:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 hint = " (0: automatic)" if name == "acoustic_actors" else ""
                 raise ValueError(f"streaming.{name} must be >= 0{hint}, got {getattr(self, name)}")
         if self.acoustic_num_gpus != -1 and self.acoustic_num_gpus < 0:

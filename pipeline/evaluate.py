@@ -158,6 +158,8 @@ def evaluate(
                 loaded.append((u, rec.analyse(wave)))
             except AudioError as exc:
                 failed.append({"id": u.id, "audio": u.audio, "error": str(exc)})
+            except Exception as exc:  # e.g. a perturbation that cannot apply to this audio: one utterance, not the run
+                failed.append({"id": u.id, "audio": u.audio, "error": f"{u.audio}: {type(exc).__name__}: {exc}"})
         loaded.sort(key=lambda p: len(p[1][0]))
         for start in range(0, len(loaded), batch_size):
             batch = loaded[start : start + batch_size]
@@ -177,6 +179,10 @@ def evaluate(
                 hyps.append(_stream_wave(stream, wave, rate_hz))
             except AudioError as exc:
                 failed.append({"id": u.id, "audio": u.audio, "error": str(exc)})
+                continue
+            except Exception as exc:  # e.g. a perturbation that cannot apply to this audio: one utterance, not the run
+                failed.append({"id": u.id, "audio": u.audio, "error": f"{u.audio}: {type(exc).__name__}: {exc}"})
+                stream = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms, vad=vad)  # its state is unknown now
                 continue
             ids.append(u.id)
             refs.append(load.reference(u))

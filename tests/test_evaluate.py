@@ -127,3 +127,12 @@ def test_eval_user_errors_are_one_line_exit_2(tmp_path, capsys):
     sf.write(corpus / "a.wav", np.zeros(16000, dtype=np.float32), 16000)
     assert run_eval(_eval_args(str(corpus), "--model", str(bad)), load_config()) == 2
     assert "weights.pt" in capsys.readouterr().err
+
+
+def test_a_perturbation_failing_on_one_utterance_is_listed_not_fatal(tiny_bundle, small_manifest):
+    from workers.perturb import Perturbation
+
+    _, utts = small_manifest
+    spec = [Perturbation.parse("silence_s=0.00001"), Perturbation.parse("noise_snr_db=10")]  # nothing to add noise to
+    report = evaluate(utts[:2], tiny_bundle, DecoderConfig(kind="greedy"), progress=False, perturbations=spec)
+    assert len(report.failed) == 2 and all(f["audio"] in f["error"] for f in report.failed)

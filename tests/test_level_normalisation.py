@@ -76,8 +76,8 @@ def test_causal_mean_starts_from_the_global_mean() -> None:
     out, state = NORMALIZER.causal(frames, NORMALIZER.initial_state(), 50.0)
     expected0 = (frames[0] - (50 * NORMALIZER.mean + frames[0]) / 51) / NORMALIZER.std
     torch.testing.assert_close(out[0], expected0)
-    assert state.frames == 10
-    torch.testing.assert_close(state.total, frames.double().sum(0))
+    assert state.count == 60
+    torch.testing.assert_close(state.mean, (50 * NORMALIZER.mean.double() + frames.double().sum(0)) / 60)
 
 
 @pytest.mark.parametrize("gain_db", [-35.0, -20.0, 10.0])
@@ -150,3 +150,44 @@ def test_shipped_model_streams_exactly_as_chunked_offline_at_any_level(gain_db: 
     (final,) = rec.finish()
     assert final.text == offline.text and len(offline.words) >= 5
     assert [(w.word, round(w.start_s, 3)) for w in final.words] == [(w.word, round(w.start_s, 3)) for w in offline.words]
+
+
+def test_digital_silence_does_not_drag_the_mean() -> None:
+    """Seconds of digital zeros before speech (a muted microphone, a padded file) leave the
+    speech's features as they are without them; only the causal mean's prior sees the gap."""
+    speech = torch.cat([an4_wave(u) for u in UTTERANCES])
+    extractor = MfccExtractor(FeatureConfig(cmn_prior_frames=50, log_floor=1e-10), NORMALIZER)
+    alone = extractor(speech)
+    zeros = torch.zeros(266 * 480)  # ~8 s, a whole number of 30 ms model frames: the frames line up
+    after_zeros = extractor(torch.cat([zeros, speech]))[-alone.shape[0] :]
+    no_skip = MfccExtractor(FeatureConfig(cmn_prior_frames=50, log_floor=1e-10, cmn_silence_std=0.0), NORMALIZER)
+    dragged = no_skip(torch.cat([zeros, speech]))[-alone.shape[0] :]
+    c0 = slice(None, None, 40)
+    # (the two 10 ms frames whose windows straddle the zeros and the speech do count: a trace)
+    assert float((after_zeros - alone)[:, c0].abs().mean()) < 0.05
+    assert float((dragged - alone)[:, c0].abs().mean()) > 1.0  # what the skip prevents
+
+
+def test_late_level_change_is_absorbed_in_a_long_stream() -> None:
+    """After a minute of speech the mean still follows a 20 dB drop within ~10 s (cmn_max_frames),
+    where a mean over everything since the start would barely move."""
+    speech = torch.cat([an4_wave(u) for u in UTTERANCES])
+    first = speech.repeat(int(60 * 16000 / speech.numel()) + 1)
+    later = apply_gain(speech.repeat(6), -20.0)  # ~30 s
+    capped = MfccExtractor(FeatureConfig(cmn_prior_frames=50, log_floor=1e-10), NORMALIZER)
+    uncapped = MfccExtractor(FeatureConfig(cmn_prior_frames=50, log_floor=1e-10, cmn_max_frames=1e9), NORMALIZER)
+    reference = capped(later)[-200:, ::40].mean()  # the quiet part's level as a fresh stream sees it
+    tail = slice(-200, None)
+    gap_capped = (capped(torch.cat([first, later]))[tail, ::40].mean() - reference).abs()
+    gap_uncapped = (uncapped(torch.cat([first, later]))[tail, ::40].mean() - reference).abs()
+    assert gap_capped < 0.25 * gap_uncapped, (float(gap_capped), float(gap_uncapped))
+
+
+def test_capped_mean_streams_exactly_past_the_cap() -> None:
+    speech = torch.cat([an4_wave(u) for u in UTTERANCES])
+    wave = torch.cat([speech, torch.zeros(16000), apply_gain(speech, -20.0)])
+    extractor = MfccExtractor(FeatureConfig(cmn_prior_frames=50, cmn_max_frames=200, log_floor=1e-10), NORMALIZER)
+    offline = extractor(wave)
+    online = stream(extractor, wave, [1234, 80, 4000, 333])
+    assert offline.shape == online.shape and offline.shape[0] > 3 * 200 // 3
+    assert float((online - offline).abs().max()) <= 1e-4

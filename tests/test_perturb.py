@@ -160,3 +160,9 @@ def test_augmenter_is_seeded_keeps_length_and_changes_the_audio(speech: torch.Te
     levels = [power_db(x) - power_db(speech) for x in outs_a]
     assert max(levels) - min(levels) > 10  # random gain over a wide range
     assert all(not torch.equal(x, speech) for x in outs_a)
+
+
+def test_non_finite_values_are_rejected() -> None:
+    for text in ("gain_db=nan", "noise_snr_db=inf"):
+        with pytest.raises(ValueError, match="finite"):
+            Perturbation.parse(text)

@@ -291,7 +291,8 @@ def test_crashed_actor_fails_its_streams_and_restarts_for_new_ones(pipe: Pipe) -
 
 @pytest.mark.parametrize("bad", [{"max_inflight_chunks": 0}, {"decoder_actors": 0}, {"acoustic_actors": -1}, {"chunk_ms": 0},
                                  {"chunk_ms": -300}, {"lookahead_ms": -150}, {"endpoint_silence_ms": -5}, {"ingest_chunk_ms": 0},
-                                 {"max_batch_streams": 0}, {"acoustic_num_gpus": -2}])
+                                 {"max_batch_streams": 0}, {"acoustic_num_gpus": -2}, {"lookahead_ms": float("nan")},
+                                 {"chunk_ms": float("inf")}])
 def test_bad_streaming_settings_fail_when_the_config_is_built(bad: dict) -> None:
     """Before any actor or Ray starts: the config cannot even be made, and from YAML or --set
     it is a one-line ConfigError naming the key."""

@@ -183,3 +183,30 @@ def test_long_recording_is_recognised_piece_by_piece(speech_waves: list[torch.Te
     assert starts == sorted(starts) and 0 <= starts[0] and pieces.words[-1].end_s <= pieces.duration_s
     assert jiwer.wer(separate, pieces.text) <= 0.75 * jiwer.wer(separate, whole.text)  # shipped model: 0.15 against 0.25
     assert dataclasses.replace(VadConfig(), max_segment_s=5.0).max_segment_s == 5.0
+
+
+def test_decoder_stage_keeps_only_recent_flags_on_long_streams() -> None:
+    """With endpointing, flags older than the current utterance (minus the pad) are dropped, and
+    words of later utterances are still judged against the right windows."""
+    from workers.decoder import CtcDecoder
+    from workers.stages import DecoderStage
+
+    a, sep = 3, 1
+    utterance = [0, a, 0, sep] + [0] * 40  # "a", then 1.2 s of blanks: an endpoint (300 ms)
+    stage = DecoderStage(CtcDecoder(DecoderConfig(kind="greedy"), 30.0), endpoint_silence_ms=300, vad_pad_ms=100)
+    finals = []
+    for k in range(20):
+        windows = int(len(utterance) * 30 / 32)
+        flags = torch.zeros(windows, dtype=torch.bool)
+        if k % 2 == 0:
+            flags[:6] = True  # speech at the start of even utterances only
+        finals += [r for r in stage.push("s", _frames(utterance), speech=flags) if r.is_final]
+    assert len(finals) >= 18
+    assert [r.text for r in finals[:6]] == ["a", "", "a", "", "a", ""]
+    assert stage._speech["s"].numel() < 3 * len(utterance)  # bounded, not 20 utterances' worth
+    assert stage._speech_from["s"] > 0
+
+
+def test_detector_refuses_other_rates() -> None:
+    with pytest.raises(ValueError, match="16000 Hz"):
+        SpeechDetector(VadConfig(), rate_hz=8000)

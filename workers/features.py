@@ -15,6 +15,7 @@ frames, so the offline and the streaming extractor stay identical.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,8 @@ class FeatureConfig:
     stack_frames: int = 3  # adjacent 10 ms frames concatenated into one model frame
     cmn_prior_frames: float = 0.0  # 0: global mean; >0: causal running mean, the global mean weighted as this many 10 ms frames
     log_floor: float = 1e-6  # added to mel energies before the log (torchaudio's MFCC: 1e-6, which quiet input reaches)
+    cmn_max_frames: float = 1000.0  # causal mean: past this many frames (10 s) it forgets with this time constant
+    cmn_silence_std: float = 5.5  # causal mean: frames with c0 this many stds below the global mean (digital silence) don't move it
 
     def __post_init__(self) -> None:
         for name in ("sample_rate_hz", "n_mels", "n_mfcc", "stack_frames"):
@@ -42,6 +45,9 @@ class FeatureConfig:
             raise ValueError(f"features.window_ms and hop_ms must be > 0, got {self.window_ms}, {self.hop_ms}")
         if self.cmn_prior_frames < 0:
             raise ValueError(f"features.cmn_prior_frames must be >= 0, got {self.cmn_prior_frames}")
+        if self.cmn_max_frames < 1 or self.cmn_max_frames <= self.cmn_prior_frames or self.cmn_silence_std < 0:
+            raise ValueError(f"features.cmn_max_frames must be > max(1, cmn_prior_frames) and cmn_silence_std >= 0, "
+                             f"got {self.cmn_max_frames}, {self.cmn_silence_std}")
         if not 0 < self.log_floor < 1:
             raise ValueError(f"features.log_floor must be in (0, 1), got {self.log_floor}")
 
@@ -70,10 +76,11 @@ class FeatureConfig:
 
 @dataclass
 class CmnState:
-    """Running sum (n_mfcc,) float64 and count of the raw MFCC frames a stream has produced."""
+    """A stream's running cepstral mean (n_mfcc,) float64 and the number of frames it stands for
+    (None: not started, i.e. the global mean counting as the prior)."""
 
-    total: torch.Tensor
-    frames: int = 0
+    mean: torch.Tensor | None = None
+    count: float = 0.0
 
 
 @dataclass
@@ -87,22 +94,42 @@ class Normalizer:
         return (frames - self.mean) / self.std
 
     def initial_state(self) -> CmnState:
-        return CmnState(torch.zeros(self.mean.shape[0], dtype=torch.float64))
+        return CmnState()
 
-    def causal(self, frames: torch.Tensor, state: CmnState, prior_frames: float) -> tuple[torch.Tensor, CmnState]:
-        """(frames, n_mfcc) raw MFCC -> normalised frames and the updated running sum.
+    def causal(
+        self, frames: torch.Tensor, state: CmnState, prior_frames: float, max_frames: float = math.inf, silence_std: float = 0.0
+    ) -> tuple[torch.Tensor, CmnState]:
+        """(frames, n_mfcc) raw MFCC -> normalised frames and the updated running mean.
 
         Frame t is centred on ``(prior_frames * mean + sum of frames 0..t) / (prior_frames + t + 1)``
         (frames counted from the start of the stream, across calls) and divided by the global std.
+        Once that count reaches ``max_frames`` the mean forgets exponentially with that time
+        constant (so a level change late in a long stream is absorbed as fast as an early one).
+        Frames whose c0 lies more than ``silence_std`` global stds below the global mean
+        (digital silence) are normalised but do not move the mean.
         """
         if frames.shape[0] == 0:
             return frames.clone(), state
         x = frames.double()
-        running_sum = state.total + torch.cumsum(x, dim=0)
-        counts = state.frames + torch.arange(1, x.shape[0] + 1, dtype=torch.float64)
-        running_mean = (prior_frames * self.mean.double() + running_sum) / (prior_frames + counts)[:, None]
-        out = ((x - running_mean) / self.std.double()).float()
-        return out, CmnState(running_sum[-1].clone(), state.frames + x.shape[0])
+        mean = state.mean if state.mean is not None else self.mean.double()
+        count = state.count if state.mean is not None else float(prior_frames)
+        use = torch.ones(x.shape[0], dtype=torch.bool)
+        if silence_std > 0:
+            use = x[:, 0] >= float(self.mean[0]) - silence_std * float(self.std[0])
+        counts = count + torch.cumsum(use.double(), dim=0)
+        k = int((counts <= max_frames).sum())  # a prefix: the cumulative regime
+        running = torch.empty_like(x)
+        if k:
+            total = mean * count + torch.cumsum(x[:k] * use[:k, None], dim=0)
+            running[:k] = total / counts[:k, None]
+            mean, count = running[k - 1].clone(), float(counts[k - 1])
+        for t in range(k, x.shape[0]):  # the capped regime (streams longer than max_frames)
+            if use[t]:
+                count = min(count + 1.0, max_frames)
+                mean = mean + (x[t] - mean) / count
+            running[t] = mean
+        out = ((x - running) / self.std.double()).float()
+        return out, CmnState(mean, count)
 
     @classmethod
     def identity(cls, n_mfcc: int) -> Normalizer:
@@ -153,7 +180,8 @@ class MfccExtractor:
         """(frames_10ms, n_mfcc) raw MFCC -> normalised frames; ``state`` carries a stream's running mean."""
         state = state if state is not None else self.normalizer.initial_state()
         if self.config.cmn_prior_frames > 0:
-            return self.normalizer.causal(frames, state, self.config.cmn_prior_frames)
+            cfg = self.config
+            return self.normalizer.causal(frames, state, cfg.cmn_prior_frames, cfg.cmn_max_frames, cfg.cmn_silence_std)
         return self.normalizer(frames), state
 
     def features_from_raw(self, frames: torch.Tensor) -> torch.Tensor:

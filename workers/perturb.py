@@ -15,6 +15,7 @@ every mode hears the same audio.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,6 +48,8 @@ class Perturbation:
             number = float(value)
         except ValueError:
             raise ValueError(f"perturbation {text!r}: {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"perturbation {text!r}: the value must be finite")
         if kind == "rate_hz" and not 1000 <= number <= 192000:
             raise ValueError(f"perturbation {text!r}: rate_hz must be in [1000, 192000]")
         if kind in ("reverb_rt60_s", "silence_s") and number <= 0:

@@ -69,7 +69,7 @@ class Recognizer:
         self.acoustic = AcousticStage(self.bundle.model, self.chunk_frames or 1, self.right_context_frames, self.device)
         self.decoder = build_decoder(self.bundle, decoder_config or DecoderConfig())
         vad = vad or VadConfig()
-        self.vad = SpeechDetector(vad) if vad.enabled else None
+        self.vad = SpeechDetector(vad, self.bundle.features.sample_rate_hz) if vad.enabled else None
 
     def load(self, path: str | Path, raw_format: RawFormat | None = None) -> torch.Tensor:
         """Read a file -> (samples,) at the model rate; ``AudioError`` names the file and the reason."""
@@ -168,7 +168,7 @@ class StreamingRecognizer:
         self.stream_id = stream_id
         self.ingest = IngestStage(feats.sample_rate_hz, max(1, int(feats.sample_rate_hz * ingest_chunk_ms / 1000)))
         vad = vad or VadConfig()
-        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), SpeechDetector(vad) if vad.enabled else None)
+        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), SpeechDetector(vad, feats.sample_rate_hz) if vad.enabled else None)
         self.acoustic = AcousticStage(
             self.bundle.model, max(1, frames_for_ms(chunk_ms, feats.frame_ms)), frames_for_ms(lookahead_ms, feats.frame_ms), device_t
         )

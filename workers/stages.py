@@ -21,7 +21,7 @@ from workers.decoder import CtcDecoder, Hypothesis, StreamState, WordTiming
 from workers.features import FeatureState, MfccExtractor, StreamingFeatures
 from workers.model import BiLSTMCTC
 from workers.tokens import BLANK_ID, SEPARATOR_ID
-from workers.vad import SpeechDetector, VadState, keep_spoken_words
+from workers.vad import WINDOW_S, SpeechDetector, VadState, keep_spoken_words
 
 
 @dataclass
@@ -183,14 +183,16 @@ class DecoderStage:
         self.vad_pad_ms = vad_pad_ms
         self._segments: dict[str, _Segment] = {}
         self._emitted_final: set[str] = set()
-        self._speech: dict[str, torch.Tensor] = {}
+        self._speech: dict[str, torch.Tensor] = {}  # flags since window _speech_from[stream_id]
+        self._speech_from: dict[str, int] = {}
 
     def _result(self, stream_id: str, seg: _Segment, hyp: Hypothesis, final: bool) -> RecognitionResult:
         offset_s = seg.start_frame * self.frame_ms / 1000
         words = [WordTiming(w.word, w.start_s + offset_s, w.end_s + offset_s) for w in hyp.words]
         text = hyp.text
         if self.vad_pad_ms is not None:
-            kept = keep_spoken_words(words, self._speech.get(stream_id, torch.zeros(0, dtype=torch.bool)), self.vad_pad_ms)
+            flags = self._speech.get(stream_id, torch.zeros(0, dtype=torch.bool))
+            kept = keep_spoken_words(words, flags, self.vad_pad_ms, self._speech_from.get(stream_id, 0) * WINDOW_S)
             if len(kept) != len(words):
                 words, text = kept, " ".join(w.word for w in kept)
         end_s = (seg.start_frame + seg.frames) * self.frame_ms / 1000
@@ -200,6 +202,17 @@ class DecoderStage:
         self._segments.pop(stream_id, None)
         self._emitted_final.discard(stream_id)
         self._speech.pop(stream_id, None)
+        self._speech_from.pop(stream_id, None)
+
+    def _forget_speech_before(self, stream_id: str, start_s: float) -> None:
+        """Drop the flags no word from ``start_s`` on can need (memory stays bounded on long streams)."""
+        if self.vad_pad_ms is None or stream_id not in self._speech:
+            return
+        first = self._speech_from.get(stream_id, 0)
+        drop = max(0, int((start_s - self.vad_pad_ms / 1000) / WINDOW_S) - first)
+        if drop:
+            self._speech[stream_id] = self._speech[stream_id][drop:]
+            self._speech_from[stream_id] = first + drop
 
     @property
     def stream_count(self) -> int:
@@ -226,6 +239,7 @@ class DecoderStage:
                     results.append(self._result(stream_id, seg, self.decoder.end(seg.state), True))
                     self._emitted_final.add(stream_id)
                     seg = self._segments[stream_id] = _Segment(self.decoder.begin(), seg.start_frame + seg.frames)
+                    self._forget_speech_before(stream_id, seg.start_frame * self.frame_ms / 1000)
                     start = t + 1
         rest = log_probs[start:]
         if len(rest) or is_last:

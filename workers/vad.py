@@ -70,7 +70,10 @@ class VadState:
 class SpeechDetector:
     """Speech probability per 32 ms window of a 16 kHz waveform, offline or chunk by chunk."""
 
-    def __init__(self, config: VadConfig | None = None) -> None:
+    def __init__(self, config: VadConfig | None = None, rate_hz: int = VAD_RATE_HZ) -> None:
+        if rate_hz != VAD_RATE_HZ:
+            raise ValueError(f"voice activity detection needs {VAD_RATE_HZ} Hz audio, the model runs at {rate_hz} Hz "
+                             "(set vad.enabled=false for this model)")
         self.config = config or VadConfig()
         self.model = _silero()
         self.context_samples = int(self.model.context_size_samples)
@@ -108,8 +111,8 @@ class SpeechDetector:
 
 
 def keep_spoken_words(words: list[WordTiming], speech: torch.Tensor, pad_ms: float, offset_s: float = 0.0) -> list[WordTiming]:
-    """The words whose span (seconds from the stream start, minus ``offset_s``) has a speech
-    window (``speech`` (windows,) bool, window i covering [i, i+1) * 32 ms) within ``pad_ms``."""
+    """The words whose span (seconds from the stream start) has a speech window within ``pad_ms``:
+    ``speech`` (windows,) bool, window i covering ``offset_s + [i, i+1) * 32 ms``."""
     if not words:
         return words
     idx = torch.nonzero(speech).flatten()

@@ -88,7 +88,7 @@ class FeatureActor:
     def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None) -> None:
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
-            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), SpeechDetector(vad) if vad.enabled else None)
+            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), SpeechDetector(vad, bundle.features.sample_rate_hz) if vad.enabled else None)
             self.feature_dim = bundle.features.feature_dim
         self.order = _SequenceCheck()
 
