@@ -320,3 +320,19 @@ def test_stream_refuses_float_chunks_far_outside_full_scale() -> None:
     with pytest.raises(AudioError, match="far outside"):
         ingest.push(np.full(1600, 3000.0, dtype=np.float32), 16000, source="stream s1")
     assert ingest.push(np.full(1600, 20000, dtype=np.int16), 16000)  # integers are scaled, never refused
+
+
+def test_truncated_wav_is_an_error_naming_both_durations(tmp_path) -> None:
+    """libsndfile reads the part that is there without a word; the header says more."""
+    x = (0.1 * np.random.default_rng(1).standard_normal(12800)).astype(np.float32)  # 0.80 s
+    sf.write(tmp_path / "full.wav", x, 16000, subtype="PCM_16")
+    data = (tmp_path / "full.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: 44 + 2 * 4320])  # 0.27 s of samples left
+    with pytest.raises(AudioError, match=r"truncated WAV: the header declares 0\.80 s, 0\.27 s are present") as err:
+        read_audio(tmp_path / "cut.wav")
+    assert "cut.wav" in str(err.value)
+    assert read_audio(tmp_path / "full.wav")[0].shape == (12800, 1)
+    unknown = bytearray(data[: 44 + 2 * 4320])
+    unknown[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a streaming writer's "length unknown"
+    (tmp_path / "streamed.wav").write_bytes(bytes(unknown))
+    assert read_audio(tmp_path / "streamed.wav")[0].shape[0] == 4320

@@ -85,6 +85,10 @@ def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[n
             samples, rate = sf.read(str(p), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
             raise AudioError(source, f"not readable audio ({exc})") from exc
+        declared = wav_declared_frames(p)
+        if declared is not None and declared > samples.shape[0] > 0:  # nothing at all: validate_samples says so
+            raise AudioError(source, f"truncated WAV: the header declares {declared / rate:.2f} s, "
+                                     f"{samples.shape[0] / rate:.2f} s are present")
     validate_samples(samples, source, max_peak=None)
     peak = float(np.abs(samples).max())
     if peak > 1.0:  # float files may hold any scale (e.g. 16-bit values stored as floats): bring to full scale
@@ -95,6 +99,26 @@ def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[n
 #: Streamed float chunks louder than this are refused: a file can be scaled as a whole, a
 #: stream cannot, and such values are nearly always integers sent as floats.
 MAX_STREAM_PEAK = 2.0
+
+
+def wav_declared_frames(path: Path) -> int | None:
+    """Frames the RIFF/WAVE header of ``path`` declares (libsndfile reads a cut file silently);
+    None for other formats or an unknown length (0 or 0xFFFFFFFF, as streaming writers leave it)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, 0
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if chunk == b"fmt " and pos + 22 <= len(head):
+            block_align = int.from_bytes(head[pos + 20 : pos + 22], "little")
+        elif chunk == b"data":
+            if block_align == 0 or size in (0, 0xFFFFFFFF):
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)
+    return None
 
 
 def validate_samples(samples: np.ndarray, source: str, max_peak: float | None = MAX_STREAM_PEAK) -> None:
