@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -348,6 +349,22 @@ class _RunStats:
     actor_s: float = 0.0  # seconds spent inside the UDF, summed over actors
 
 
+def run_settings(bundle_path: str | None, decoder_config: DecoderConfig | None, chunk_ms: float | None, lookahead_ms: float,
+                 vad: VadConfig | None) -> dict:
+    """What decides a transcript: the model (its directory and a hash of its weights), the
+    decoder, the latency and the voice activity settings. Stored in every record; a rerun
+    with other settings redoes the inputs instead of keeping transcripts made differently."""
+    from workers.bundle import DEFAULT_BUNDLE
+
+    bundle = Path(bundle_path) if bundle_path else DEFAULT_BUNDLE
+    digest = hashlib.sha256((bundle / "weights.pt").read_bytes()).hexdigest()[:16]
+    settings = {"model": str(bundle.absolute()), "weights_sha256": digest,
+                "decoder": dataclasses.asdict(decoder_config or DecoderConfig()),
+                "chunk_ms": chunk_ms, "lookahead_ms": lookahead_ms if chunk_ms is not None else 0.0,
+                "vad": dataclasses.asdict(vad or VadConfig())}
+    return json.loads(json.dumps(settings))  # as it reads back from the JSONL file (tuples become lists)
+
+
 def _transcribe_todo(
     todo: list[InputFile],
     out_dir: Path,
@@ -357,13 +374,15 @@ def _transcribe_todo(
     batch_size: int,
     concurrency: int,
     num_gpus: int,
+    settings: dict | None = None,
 ) -> _RunStats:
-    """Run the dataset; each record goes to the partial file (flushed), ``rows`` and its format files."""
+    """Run the dataset; each record (with ``settings``) goes to the partial file (flushed), ``rows`` and its format files."""
     stats = _RunStats()
     rels = {item.path: item.out_rel for item in todo}
     t0 = time.perf_counter()
     with (out_dir / PARTIAL_NAME).open("a") as partial:
         for path, record, actor_s in run_dataset(todo, udf_kwargs, batch_size, concurrency, num_gpus):
+            record["settings"] = settings
             partial.write(json.dumps(record) + "\n")
             partial.flush()
             rows[path] = record
@@ -425,15 +444,22 @@ def transcribe_inputs(
     if overwrite:
         (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
     rows = load_previous(out_dir)
-    done = set() if overwrite else {i.path for i in items if rows.get(i.path, {"error": "new"})["error"] is None}
+    bundle = None if bundle_path is None else str(Path(bundle_path).absolute())
+    load_bundle(bundle)  # fail here, with the bundle's own message, not inside an actor
+    settings = run_settings(bundle, decoder_config, chunk_ms, lookahead_ms, vad)
+
+    def is_done(path: str) -> bool:  # transcribed without error, with these settings
+        row = rows.get(path)
+        return row is not None and row["error"] is None and row.get("settings") == settings
+
+    done = set() if overwrite else {i.path for i in items if is_done(i.path)}
+    redone = sum(1 for i in items if i.path not in done and rows.get(i.path, {}).get("error", "x") is None)
     for item in items:
         if item.path in done:
             write_formats(out_dir, item.out_rel, rows[item.path], formats, only_missing=True)
     todo = [item for item in items if item.path not in done]
     stats = _RunStats()
     if todo:
-        bundle = None if bundle_path is None else str(Path(bundle_path).absolute())
-        load_bundle(bundle)  # fail here, with the bundle's own message, not inside an actor
         ensure_ray(address)
         num_gpus = acoustic_num_gpus()
         udf_kwargs = {
@@ -445,7 +471,7 @@ def transcribe_inputs(
             "raw_format": raw_format,
             "vad": vad,
         }
-        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus)
+        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings)
     _finish(out_dir, rows)
     missing = [item.path for item in items if item.path not in rows]
     if missing:  # cannot happen unless Ray dropped rows; never report success then
@@ -454,6 +480,7 @@ def transcribe_inputs(
         "files": len(items),
         "transcribed": stats.transcribed,
         "skipped": len(done),
+        "redone_new_settings": redone,  # transcribed before with other settings (model, decoder, latency, VAD)
         "errors": sum(1 for item in items if rows[item.path]["error"] is not None),
         "audio_s": round(stats.audio_s, 3),
         "audio_hours": round(stats.audio_s / 3600, 6),
@@ -468,9 +495,11 @@ def transcribe_inputs(
 
 def format_summary(summary: dict) -> str:
     """One human-readable line for the end of a run."""
+    redone = summary.get("redone_new_settings")
     return (
         f"{summary['files']} files: {summary['transcribed']} transcribed, {summary['skipped']} skipped (done earlier), "
-        f"{summary['errors']} errors; {summary['audio_hours']:.4f} h of audio in {summary['wall_s']:.1f} s wall "
+        + (f"{redone} of them redone (done earlier with other settings), " if redone else "")
+        + f"{summary['errors']} errors; {summary['audio_hours']:.4f} h of audio in {summary['wall_s']:.1f} s wall "
         f"(compute {summary['compute_s']:.1f} s, real-time factor {summary['rtf']:.3f}) -> {summary['out']}"
     )
 

@@ -19,6 +19,7 @@ from pipeline.batch import (
     TRANSCRIPTS_NAME,
     add_transcribe_arguments,
     discover_inputs,
+    format_summary,
     run_transcribe,
     to_srt,
     transcribe_batch,
@@ -149,15 +150,30 @@ def test_rerun_skips_done_inputs_and_retries_errors(tree, first_run, tiny_bundle
     root, good, bad = tree
     out = first_run[0]
     before = _rows(out)
-    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle)
+    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, vad=NO_VAD)  # the first run's settings
     assert (summary["skipped"], summary["transcribed"], summary["errors"]) == (len(good), 0, len(bad))
     assert _rows(out) == before
+
+
+def test_rerun_with_other_settings_redoes_the_inputs(tree, tiny_bundle, local_ray, tmp_path):
+    """Records carry the settings that made them; another decoder or latency redoes them."""
+    root, good, bad = tree
+    out = tmp_path / "out"
+    first = transcribe_inputs(root, out, bundle_path=tiny_bundle, vad=NO_VAD, batch_size=4)
+    assert first["transcribed"] == len(good)
+    settings = {r["settings"]["chunk_ms"] for r in _rows(out) if r["error"] is None}
+    assert settings == {None}
+    again = transcribe_inputs(root, out, bundle_path=tiny_bundle, vad=NO_VAD, chunk_ms=300, lookahead_ms=150, batch_size=4)
+    assert (again["skipped"], again["transcribed"], again["redone_new_settings"]) == (0, len(good), len(good))
+    rows = [r for r in _rows(out) if r["error"] is None]
+    assert len(rows) == len(good) and all(r["settings"]["chunk_ms"] == 300 for r in rows)
+    assert "redone (done earlier with other settings)" in format_summary(again)
 
 
 def test_overwrite_redoes_everything(tree, first_run, tiny_bundle):
     root, good, bad = tree
     out = first_run[0]
-    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, overwrite=True)
+    summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, overwrite=True, vad=NO_VAD)
     assert (summary["skipped"], summary["transcribed"], summary["errors"]) == (0, len(good), len(bad))
     assert len(_rows(out)) == len(good) + len(bad)
 
@@ -169,7 +185,15 @@ def test_manifest_input_cli_and_resume_from_partial(local_ray, tree, tiny_bundle
     manifest.write_text("".join(json.dumps({"audio": str(root / rel)}) + "\n" for rel in good[:3]))
     out = tmp_path / "out"
     out.mkdir()
-    interrupted = {"path": str(root / good[0]), "text": "from before", "duration_s": 1.0, "words": [], "error": None}
+    import dataclasses
+
+    from pipeline.batch import run_settings
+    from pipeline.config import load_config
+
+    config = load_config()
+    same = run_settings(str(tiny_bundle), dataclasses.replace(config.decoder, kind="greedy"), None, 0.0, config.vad)
+    interrupted = {"path": str(root / good[0]), "text": "from before", "duration_s": 1.0, "words": [], "error": None,
+                   "settings": same}  # made by an interrupted run with the same settings
     (out / PARTIAL_NAME).write_text(json.dumps(interrupted) + "\n" + '{"path": "half a li')
     parser = add_transcribe_arguments(argparse.ArgumentParser())
     assert run_transcribe(parser.parse_args([str(manifest), "--out", str(out), "--model", str(tiny_bundle), "--decoder", "greedy"])) == 0
