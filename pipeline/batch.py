@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -397,7 +398,13 @@ def _transcribe_todo(
     return stats
 
 
-def _check_options(formats: Sequence[str], batch_size: int, concurrency: int) -> None:
+def _check_options(formats: Sequence[str], batch_size: int, concurrency: int, chunk_ms: float | None = None,
+                   lookahead_ms: float = 0.0) -> None:
+    """Every option checked before Ray starts (a bad one is the user's error: exit 2, one line)."""
+    if chunk_ms is not None and not 0 < chunk_ms < math.inf:
+        raise ValueError(f"--chunk-ms must be > 0, got {chunk_ms}")
+    if not 0 <= lookahead_ms < math.inf:
+        raise ValueError(f"--lookahead-ms must be >= 0, got {lookahead_ms}")
     if batch_size < 1 or concurrency < 1:
         raise ValueError(f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}")
     unknown = set(formats) - set(FORMATS)
@@ -437,7 +444,7 @@ def transcribe_inputs(
     (compute_s / audio_s; 0 when nothing ran), ``out`` (the transcripts file).
     """
     t0 = time.perf_counter()
-    _check_options(formats, batch_size, concurrency)
+    _check_options(formats, batch_size, concurrency, chunk_ms, lookahead_ms)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     items = collect_inputs(inputs)

@@ -243,3 +243,16 @@ def test_long_file_is_cut_at_pauses_in_a_batch(tmp_path):
     assert records[1]["text"] == expected.text
     assert records[1]["duration_s"] == pytest.approx(len(long) / 16000)
     assert all(0 <= w["start_s"] <= w["end_s"] <= records[1]["duration_s"] for w in records[1]["words"])
+
+
+@pytest.mark.parametrize("bad", [["--lookahead-ms", "-150"], ["--chunk-ms", "0"], ["--chunk-ms", "-300"]])
+def test_bad_latency_is_exit_2_before_anything_starts(tmp_path, tiny_bundle, capsys, bad):
+    parser = add_transcribe_arguments(argparse.ArgumentParser())
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "a.wav", np.zeros(8000, dtype=np.float32), 16000)
+    out = tmp_path / "out"
+    code = run_transcribe(parser.parse_args([str(tmp_path / "in"), "--out", str(out), "--model", str(tiny_bundle), *bad]))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert bad[0] in err and "Traceback" not in err
+    assert not out.exists()  # nothing left behind (no empty .partial file)
