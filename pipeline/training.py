@@ -12,20 +12,16 @@ from workers.corpus import Utterance, read_an4, read_fsdd, split_by_speaker, wri
 def build_split(config: AppConfig, log=print) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
     """-> (train, an4_dev, fsdd_dev). Dev speakers never appear in train."""
     data = config.data
-    train: list[Utterance] = []
-    an4_dev: list[Utterance] = []
-    if data.use_an4:
-        an4 = read_an4(data.an4_root)
-        for source, reason in an4.skipped:
+
+    def split(reader, root: str, dev_speakers: tuple[str, ...]) -> tuple[list[Utterance], list[Utterance]]:
+        corpus = reader(root)
+        for source, reason in corpus.skipped:
             log(f"skipped {source}: {reason}")
-        train, an4_dev = split_by_speaker(an4.utterances, data.an4_dev_speakers)
-    fsdd_dev: list[Utterance] = []
-    if data.use_fsdd:
-        fsdd = read_fsdd(data.fsdd_root)
-        for source, reason in fsdd.skipped:
-            log(f"skipped {source}: {reason}")
-        fsdd_train, fsdd_dev = split_by_speaker(fsdd.utterances, data.fsdd_dev_speakers)
-        train = train + fsdd_train
+        return split_by_speaker(corpus.utterances, dev_speakers)
+
+    an4_train, an4_dev = split(read_an4, data.an4_root, data.an4_dev_speakers) if data.use_an4 else ([], [])
+    fsdd_train, fsdd_dev = split(read_fsdd, data.fsdd_root, data.fsdd_dev_speakers) if data.use_fsdd else ([], [])
+    train = an4_train + fsdd_train
     if data.max_train_utterances:
         train = train[:: max(1, len(train) // data.max_train_utterances)][: data.max_train_utterances]
     if data.max_dev_utterances:

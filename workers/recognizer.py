@@ -18,7 +18,7 @@ from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult
-from workers.vad import WINDOW_SAMPLES, SpeechDetector, VadConfig, keep_spoken_words, pause_cuts
+from workers.vad import WINDOW_SAMPLES, VadConfig, gate_words, pause_cuts, speech_detector
 
 
 def frames_for_ms(ms: float, frame_ms: float) -> int:
@@ -68,8 +68,7 @@ class Recognizer:
         self.extractor = MfccExtractor(self.bundle.features, self.bundle.normalizer)
         self.acoustic = AcousticStage(self.bundle.model, self.chunk_frames or 1, self.right_context_frames, self.device)
         self.decoder = build_decoder(self.bundle, decoder_config or DecoderConfig())
-        vad = vad or VadConfig()
-        self.vad = SpeechDetector(vad, self.bundle.features.sample_rate_hz) if vad.enabled else None
+        self.vad = speech_detector(vad or VadConfig(), self.bundle.features.sample_rate_hz)
 
     def load(self, path: str | Path, raw_format: RawFormat | None = None) -> torch.Tensor:
         """Read a file -> (samples,) at the model rate; ``AudioError`` names the file and the reason."""
@@ -90,13 +89,11 @@ class Recognizer:
         out = []
         for i, e in enumerate(emissions):
             hyp = self.decoder.decode(e)
-            text, words = hyp.text, hyp.words
             flags = speech[i] if speech is not None else None
             if flags is not None and self.vad is not None:
-                kept = keep_spoken_words(words, flags, self.vad.config.pad_ms)
-                if len(kept) != len(words):
-                    text, words = " ".join(w.word for w in kept), kept
-            out.append((text, words))
+                out.append(gate_words(hyp.text, hyp.words, flags, self.vad.config.pad_ms))
+            else:
+                out.append((hyp.text, hyp.words))
         return out
 
     def is_long(self, wave: torch.Tensor) -> bool:
@@ -168,12 +165,12 @@ class StreamingRecognizer:
         self.stream_id = stream_id
         self.ingest = IngestStage(feats.sample_rate_hz, max(1, int(feats.sample_rate_hz * ingest_chunk_ms / 1000)))
         vad = vad or VadConfig()
-        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), SpeechDetector(vad, feats.sample_rate_hz) if vad.enabled else None)
+        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), speech_detector(vad, feats.sample_rate_hz))
         self.acoustic = AcousticStage(
             self.bundle.model, max(1, frames_for_ms(chunk_ms, feats.frame_ms)), frames_for_ms(lookahead_ms, feats.frame_ms), device_t
         )
         self.decoder = DecoderStage(
-            build_decoder(self.bundle, decoder_config or DecoderConfig()), endpoint_silence_ms, vad.pad_ms if vad.enabled else None
+            build_decoder(self.bundle, decoder_config or DecoderConfig()), endpoint_silence_ms, vad.gate_pad_ms
         )
 
     @property

@@ -21,7 +21,7 @@ from workers.decoder import CtcDecoder, Hypothesis, StreamState, WordTiming
 from workers.features import FeatureState, MfccExtractor, StreamingFeatures
 from workers.model import BiLSTMCTC
 from workers.tokens import BLANK_ID, SEPARATOR_ID
-from workers.vad import WINDOW_S, SpeechDetector, VadState, keep_spoken_words
+from workers.vad import WINDOW_S, SpeechDetector, VadState, gate_words
 
 
 @dataclass
@@ -192,9 +192,7 @@ class DecoderStage:
         text = hyp.text
         if self.vad_pad_ms is not None:
             flags = self._speech.get(stream_id, torch.zeros(0, dtype=torch.bool))
-            kept = keep_spoken_words(words, flags, self.vad_pad_ms, self._speech_from.get(stream_id, 0) * WINDOW_S)
-            if len(kept) != len(words):
-                words, text = kept, " ".join(w.word for w in kept)
+            text, words = gate_words(text, words, flags, self.vad_pad_ms, self._speech_from.get(stream_id, 0) * WINDOW_S)
         end_s = (seg.start_frame + seg.frames) * self.frame_ms / 1000
         return RecognitionResult(stream_id, text, final, offset_s, end_s, words)
 

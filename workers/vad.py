@@ -33,6 +33,11 @@ class VadConfig:
     target_peak: float = 0.5  # the detector hears the input scaled so that its running peak is this ...
     max_gain_db: float = 40.0  # ... amplified by at most this much (silero misses speech 35 dB below AN4's level)
 
+    @property
+    def gate_pad_ms(self) -> float | None:
+        """What the decoder stages gate words with: ``pad_ms``, or None when detection is off."""
+        return self.pad_ms if self.enabled else None
+
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"vad.threshold must be in (0, 1), got {self.threshold}")
@@ -108,6 +113,20 @@ class SpeechDetector:
     def speech(self, wave: torch.Tensor) -> torch.Tensor:
         """(samples,) -> (windows,) bool: speech or not."""
         return self.probabilities(wave) > self.config.threshold
+
+
+def speech_detector(config: VadConfig, rate_hz: int) -> SpeechDetector | None:
+    """The detector for a model running at ``rate_hz``, or None when ``config`` turns detection off."""
+    return SpeechDetector(config, rate_hz) if config.enabled else None
+
+
+def gate_words(
+    text: str, words: list[WordTiming], speech: torch.Tensor, pad_ms: float, offset_s: float = 0.0
+) -> tuple[str, list[WordTiming]]:
+    """(text, words) of a hypothesis with the unspoken words removed (``keep_spoken_words``);
+    the text is rebuilt only when a word was dropped."""
+    kept = keep_spoken_words(words, speech, pad_ms, offset_s)
+    return (text, words) if len(kept) == len(words) else (" ".join(w.word for w in kept), kept)
 
 
 def keep_spoken_words(words: list[WordTiming], speech: torch.Tensor, pad_ms: float, offset_s: float = 0.0) -> list[WordTiming]:

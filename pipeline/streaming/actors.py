@@ -17,7 +17,7 @@ from workers.decoder import DecoderConfig
 from workers.features import MfccExtractor
 from workers.recognizer import build_decoder
 from workers.stages import DecoderStage, FeatureStage, IngestStage, RecognitionResult
-from workers.vad import SpeechDetector, VadConfig
+from workers.vad import VadConfig, speech_detector
 
 
 class _SequenceCheck:
@@ -88,7 +88,7 @@ class FeatureActor:
     def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None) -> None:
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
-            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), SpeechDetector(vad, bundle.features.sample_rate_hz) if vad.enabled else None)
+            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), speech_detector(vad, bundle.features.sample_rate_hz))
             self.feature_dim = bundle.features.feature_dim
         self.order = _SequenceCheck()
 
@@ -120,7 +120,7 @@ class DecoderActor:
     ) -> None:
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
-            self.stage = DecoderStage(build_decoder(bundle, decoder_config), endpoint_silence_ms, vad.pad_ms if vad.enabled else None)
+            self.stage = DecoderStage(build_decoder(bundle, decoder_config), endpoint_silence_ms, vad.gate_pad_ms)
             self.num_tokens = bundle.model_config.num_tokens
         self.order = _SequenceCheck()
 
