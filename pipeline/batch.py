@@ -10,17 +10,20 @@ decodes.
 Output, one JSON line per input (sorted by path) in ``OUTDIR/transcripts.jsonl``::
 
     {"path": str, "text": str, "duration_s": float,
-     "words": [{"word": str, "start_s": float, "end_s": float}], "error": null | "<reason>"}
+     "words": [{"word": str, "start_s": float, "end_s": float}], "error": null | "<reason>",
+     "settings": {model, weights hash, decoder, latency, voice activity}}
 
 ``path`` is absolute; a file listed twice (e.g. in a manifest) gets one line. A bad input
 never stops the run or disappears: it gets a line whose ``error`` says why. With
 ``--format txt|srt`` a file per input mirrors the input tree under OUTDIR, the audio
-suffix replaced (so ``a.wav`` and ``a.flac`` in one folder would share ``a.txt``).
+suffix replaced, or kept where two inputs share a stem (``a.wav.txt``, ``a.flac.txt``).
+Reading inputs and writing these files: ``pipeline.batch_files``.
 
 Resume: lines are appended to ``transcripts.jsonl.partial`` as batches finish, and
 ``transcripts.jsonl`` is rewritten atomically (temporary file + rename) at the end. A
-rerun skips inputs that already have an error-free line (in either file) unless
-``--overwrite``; inputs that errored are retried.
+rerun skips inputs that already have an error-free line (in either file) made with the
+same settings unless ``--overwrite``; inputs that errored or were made with other settings
+are redone.
 
 Exit code of ``asr transcribe``: 0 when every input was transcribed, 1 when any input
 errored (see its ``error``), 2 when the run could not start (input not found, bad
@@ -34,10 +37,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,115 +46,29 @@ from typing import Any
 
 import numpy as np
 import ray
-import soundfile as sf
 
+from pipeline.batch_files import (  # noqa: F401  (re-exported: the job's files are part of this module's API)
+    FORMATS,
+    PARTIAL_NAME,
+    TRANSCRIPTS_NAME,
+    InputFile,
+    collect_inputs,
+    discover_inputs,
+    error_record,
+    format_path,
+    load_previous,
+    read_records,
+    to_srt,
+    transcript_record,
+    write_formats,
+    write_text_atomic,
+)
 from pipeline.config import AppConfig, AudioConfig, ConfigError, load_config
 from workers.audio import RAW_SUFFIXES, AudioError, RawFormat
 from workers.bundle import BundleError, load_bundle
-from workers.corpus import AUDIO_SUFFIXES, read_manifest
 from workers.decoder import DecoderConfig, WordTiming
 from workers.recognizer import Recognizer
 from workers.vad import VadConfig
-
-TRANSCRIPTS_NAME = "transcripts.jsonl"
-PARTIAL_NAME = "transcripts.jsonl.partial"  # lines of finished batches of a run in progress
-FORMATS = ("txt", "srt")
-SRT_MAX_WORDS = 10  # words per subtitle cue
-RAW_BYTES_PER_SECOND = 2 * 16000  # duration estimate for headerless PCM (16-bit, 16 kHz)
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One audio input: absolute path, path relative to its source root (for mirrored
-    outputs), and a duration estimate in seconds from the header (0 when unknown), used
-    only to group similar lengths into a batch."""
-
-    path: str
-    rel: str
-    duration_s: float
-    out_rel: str = ""  # where its .txt/.srt go under OUT, without the format suffix (set by collect_inputs)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def probe_duration_s(path: Path) -> float:
-    """Duration in seconds from the file header (size for raw PCM); 0.0 when unreadable."""
-    try:
-        if path.suffix.lower() in RAW_SUFFIXES:
-            return path.stat().st_size / RAW_BYTES_PER_SECOND
-        return float(sf.info(str(path)).duration)
-    except (OSError, RuntimeError, sf.LibsndfileError):
-        return 0.0
-
-
-def _relative(path: Path, root: Path) -> str:
-    """``path`` relative to ``root``, or, outside it, the absolute path without its anchor."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.relative_to(path.anchor).as_posix()
-
-
-def discover_inputs(source: str | Path) -> list[InputFile]:
-    """Expand one INPUT: an audio file, a directory (recursive) or a ``.jsonl`` manifest.
-
-    Raises ``FileNotFoundError`` when ``source`` does not exist and ``ValueError`` for a
-    bad manifest line (naming file and line).
-    """
-    source = Path(source).absolute()
-    if source.is_dir():
-        # broken symbolic links included: they must get an error record, not vanish
-        files = sorted(p for p in source.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in AUDIO_SUFFIXES)
-        return [InputFile(str(p), _relative(p, source), probe_duration_s(p)) for p in files]
-    if source.is_file() and source.suffix.lower() == ".jsonl":
-        out = []
-        for utt in read_manifest(source):
-            p = Path(utt.audio).absolute()
-            out.append(InputFile(str(p), _relative(p, source.parent), utt.duration_s or probe_duration_s(p)))
-        return out
-    if source.is_file():
-        return [InputFile(str(source), source.name, probe_duration_s(source))]
-    raise FileNotFoundError(f"{source}: no such file, directory or manifest")
-
-
-def collect_inputs(sources: str | Path | Iterable[str | Path]) -> list[InputFile]:
-    """Expand every source; an audio file listed twice is kept once (the first time).
-
-    Output names drop the audio suffix (``a.wav`` -> ``a.txt``) unless two inputs would then
-    share one (``a.flac`` and ``a.mp3``): those keep it (``a.flac.txt``, ``a.mp3.txt``).
-    """
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    seen: dict[str, InputFile] = {}
-    for source in sources:
-        for item in discover_inputs(source):
-            seen.setdefault(item.path, item)
-    stems = Counter(str(Path(item.rel).with_suffix("")) for item in seen.values())
-    out = []
-    for item in seen.values():
-        stem = str(Path(item.rel).with_suffix(""))
-        out.append(dataclasses.replace(item, out_rel=stem if stems[stem] == 1 else item.rel))
-    return out
-
-
-# --------------------------------------------------------------------------- records
-
-
-def transcript_record(path: str, text: str, duration_s: float, words: Sequence[WordTiming]) -> dict:
-    """An output line for a transcribed input (times in seconds)."""
-    return {
-        "path": path,
-        "text": text,
-        "duration_s": round(duration_s, 4),
-        "words": [{"word": w.word, "start_s": round(w.start_s, 4), "end_s": round(w.end_s, 4)} for w in words],
-        "error": None,
-    }
-
-
-def error_record(path: str, reason: str) -> dict:
-    """An output line for an input that could not be transcribed."""
-    return {"path": path, "text": "", "duration_s": 0.0, "words": [], "error": reason}
 
 
 def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: RawFormat | None = None) -> list[dict]:
@@ -232,71 +147,6 @@ class TranscribeBatch:
             "actor_s": np.full(len(paths), share_s),
         }
 
-
-# --------------------------------------------------------------------------- files
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary sibling and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def read_records(path: Path) -> Iterator[dict]:
-    """Records of a JSONL file; an unparsable line (a crash mid-write) is ignored."""
-    if not path.is_file():
-        return
-    with path.open() as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "path" in row:
-                yield row
-
-
-def load_previous(out_dir: Path) -> dict[str, dict]:
-    """Records of earlier runs by path: the final file, then the partial file of an interrupted run."""
-    rows: dict[str, dict] = {}
-    for name in (TRANSCRIPTS_NAME, PARTIAL_NAME):
-        for row in read_records(out_dir / name):
-            rows[row["path"]] = row
-    return rows
-
-
-def _srt_time(seconds: float) -> str:
-    ms = int(round(seconds * 1000))
-    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
-
-
-def to_srt(record: dict) -> str:
-    """SubRip cues of at most ``SRT_MAX_WORDS`` words each, timed by the word timings."""
-    words = record["words"]
-    cues = []
-    for n, start in enumerate(range(0, len(words), SRT_MAX_WORDS), 1):
-        group = words[start : start + SRT_MAX_WORDS]
-        text = " ".join(w["word"] for w in group)
-        cues.append(f"{n}\n{_srt_time(group[0]['start_s'])} --> {_srt_time(group[-1]['end_s'])}\n{text}\n")
-    return "\n".join(cues)
-
-
-def format_path(out_dir: Path, out_rel: str, fmt: str) -> Path:
-    """Where the ``fmt`` file of an input goes: ``InputFile.out_rel`` under OUTDIR plus ``.fmt``."""
-    return out_dir / f"{out_rel}.{fmt}"
-
-
-def write_formats(out_dir: Path, out_rel: str, record: dict, formats: Sequence[str], only_missing: bool = False) -> None:
-    """Write the requested per-input files (nothing for an errored input)."""
-    if record["error"] is not None:
-        return
-    for fmt in formats:
-        target = format_path(out_dir, out_rel, fmt)
-        if only_missing and target.exists():
-            continue
-        write_text_atomic(target, record["text"] + "\n" if fmt == "txt" else to_srt(record))
 
 
 # --------------------------------------------------------------------------- Ray
