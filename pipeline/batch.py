@@ -158,13 +158,16 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address)
 
 
-def acoustic_num_gpus() -> int:
-    """1 when the cluster has a GPU (each acoustic actor then holds one), else 0."""
-    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+def acoustic_num_gpus(concurrency: int = 1) -> float:
+    """GPUs per batch actor: with a GPU in the cluster, the actors share it (each holds
+    ``1 / concurrency``, at most 1, so an actor pool larger than the GPU count still starts);
+    0 without one. Loading and features run on the actors' CPUs, the model on the GPU."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return 0.0 if gpus <= 0 else min(1.0, gpus / max(1, concurrency))
 
 
 def run_dataset(
-    todo: list[InputFile], udf_kwargs: dict, batch_size: int, concurrency: int, num_gpus: int
+    todo: list[InputFile], udf_kwargs: dict, batch_size: int, concurrency: int, num_gpus: float
 ) -> Iterator[tuple[str, dict, float]]:
     """Run the UDF over ``todo`` sorted by duration (so a batch holds similar lengths); yield (path, record, actor_s)."""
     ordered = sorted(todo, key=lambda item: (item.duration_s, item.path))
@@ -224,7 +227,7 @@ def _transcribe_todo(
     udf_kwargs: dict,
     batch_size: int,
     concurrency: int,
-    num_gpus: int,
+    num_gpus: float,
     settings: dict | None = None,
 ) -> _RunStats:
     """Run the dataset; each record (with ``settings``) goes to the partial file (flushed), ``rows`` and its format files."""
@@ -318,7 +321,7 @@ def transcribe_inputs(
     stats = _RunStats()
     if todo:
         ensure_ray(address)
-        num_gpus = acoustic_num_gpus()
+        num_gpus = acoustic_num_gpus(concurrency)
         udf_kwargs = {
             "bundle_path": bundle,
             "decoder_config": decoder_config,

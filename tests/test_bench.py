@@ -4,6 +4,7 @@ Ray Data) and concurrent streams through the Ray pipeline; the JSON must hold ev
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,12 @@ def test_bench_rejects_a_missing_or_broken_corpus(tmp_path: Path) -> None:
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and str(data) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpu_check_says_so_when_there_is_no_gpu(tmp_path) -> None:
+    """scripts/gpu_check.sh on a machine (or with CUDA hidden) without a GPU: a clear line, exit 77, nothing run."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "out")}
+    done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 77, done.stdout + done.stderr
+    assert "no CUDA GPU visible" in done.stdout and "nothing was run" in done.stdout
+    assert not (tmp_path / "out").exists()

@@ -106,6 +106,10 @@ class AcousticActor:
             end = [(stream_id, torch.zeros(0, self.stage.model.config.input_dim), True)]
             await asyncio.get_running_loop().run_in_executor(self._executor, self.stage.process, end)
 
+    def device(self) -> str:
+        """Where the model runs ("cpu", "cuda:0")."""
+        return str(next(self.stage.model.parameters()).device)
+
     def stats(self) -> dict[str, int]:
         """rounds (batched model calls), calls answered, and the most streams in one round."""
         return dict(self._stats)
