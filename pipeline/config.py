@@ -52,10 +52,14 @@ class StreamingConfig:
     decoder_actors: int = 2  # streams are spread over this many decoder actors, which decode in parallel
     acoustic_resources: dict = field(default_factory=dict)
     decoder_resources: dict = field(default_factory=dict)
+    # Crash recovery: the driver keeps each stream's audio (from its start while it fits, else
+    # since its last final) and replays it on the restarted actors when a stage actor dies.
+    replay_buffer_s: float = 60.0  # seconds of audio kept per stream; a stream with more since its last final is lost in a crash
+    recovery_timeout_s: float = 60.0  # longest wait for a crashed actor to come back (and for any chain's results)
 
     def __post_init__(self) -> None:
         """Every numeric setting range-checked here, so a bad one fails before Ray starts."""
-        positive = ("chunk_ms", "ingest_chunk_ms")
+        positive = ("chunk_ms", "ingest_chunk_ms", "replay_buffer_s", "recovery_timeout_s")
         at_least_one = ("max_batch_streams", "max_inflight_chunks", "decoder_actors")
         non_negative = ("lookahead_ms", "endpoint_silence_ms", "max_batch_wait_ms", "max_submit_wait_ms",
                         "acoustic_actors", "acoustic_num_threads")

@@ -30,7 +30,7 @@ import soundfile as sf
 import torch
 
 from pipeline.config import load_config
-from pipeline.streaming import ResultPrinter, file_blocks, format_final, run_session
+from pipeline.streaming import ResultPrinter, StreamError, file_blocks, format_final, run_session
 from workers.audio import read_audio
 from workers.bundle import load_bundle, save_bundle
 from workers.decoder import DecoderConfig
@@ -152,8 +152,9 @@ def test_missing_input_device_exits_2() -> None:
 class _FakePipeline:
     """Stands in for ``StreamingPipeline`` in ``run_session``; can raise Ctrl-C in a push."""
 
-    def __init__(self, interrupt_at_push: int | None) -> None:
+    def __init__(self, interrupt_at_push: int | None, lose_at_push: int | None = None) -> None:
         self.interrupt_at_push = interrupt_at_push
+        self.lose_at_push = lose_at_push
         self.pushes = 0
         self.closed = False
 
@@ -164,6 +165,9 @@ class _FakePipeline:
         self.pushes += 1
         if self.pushes == self.interrupt_at_push:
             raise KeyboardInterrupt
+        if self.pushes == self.lose_at_push:
+            raise StreamError(f"stream {stream_id} was lost after a stage actor crashed (ActorDiedError): more than "
+                              "streaming.replay_buffer_s=60 s of its audio since its last final was needed to replay it")
         return [RecognitionResult(stream_id, "partial", False, 0.0, 0.1 * self.pushes)]
 
     def close(self, stream_id: str) -> list[RecognitionResult]:
@@ -192,6 +196,25 @@ def test_ctrl_c_flushes_the_last_result_and_stops_capture(where: str) -> None:
     assert run_session(pipeline, blocks(), 16000, ResultPrinter(out)) == 0
     assert pipeline.closed and capture_stopped
     assert out.getvalue() == "[0.00 - 0.30] last words\n"
+
+
+def test_a_lost_stream_is_one_line_and_exit_1(capsys) -> None:
+    """A stream the pipeline could not replay after a crash (StreamError): one line on stderr,
+    no traceback, exit 1, the capture stopped (tests/test_stream_recovery.py makes a real one)."""
+    capture_stopped = []
+
+    def blocks():
+        try:
+            while True:
+                yield np.zeros(1600, np.float32)
+        finally:
+            capture_stopped.append(True)
+
+    pipeline = _FakePipeline(interrupt_at_push=None, lose_at_push=3)
+    assert run_session(pipeline, blocks(), 16000, ResultPrinter(io.StringIO())) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: stream s was lost") and "Traceback" not in err
+    assert capture_stopped and not pipeline.closed
 
 
 # --------------------------------------------------------------------------- virtual microphone

@@ -6,17 +6,18 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.streaming.items import StageItem, StreamOrderError, _tensor
+from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError, _tensor
 from pipeline.streaming.placement import unpacked_bundle
 from workers.stages import AcousticStage
 
-TURN_TIMEOUT_S = 300.0  # an acoustic call whose predecessor never arrives (lost in a crash) fails after this
+TURN_TIMEOUT_S = 30.0  # a call whose predecessor never arrives fails after this (a restart is caught sooner, by the epoch)
 
 
 @dataclass
@@ -65,6 +66,13 @@ class AcousticActor:
         threads = (num_threads,) if num_threads > 0 else (torch.get_num_threads(),)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acoustic", initializer=torch.set_num_threads, initargs=threads)
         self._stats = {"rounds": 0, "calls": 0, "max_streams_per_round": 0}
+        self._epoch = uuid.uuid4().hex  # this incarnation: a restart after a crash gets a new one
+
+    def epoch(self) -> str:
+        """This incarnation's id. The driver sends it with each item; an item that expects
+        another one fails at once with ``StateLostError`` (its stream's state died with the
+        previous incarnation) instead of waiting for predecessors that will never come."""
+        return self._epoch
 
     async def process(self, stream_id: str, seq: int, features: torch.Tensor, is_last: bool) -> torch.Tensor:
         """features (frames, feature_dim) of chunk ``seq`` -> log-probs (frames', num_tokens)."""
@@ -86,6 +94,8 @@ class AcousticActor:
         t_in = time.time()
 
         async def one(item: StageItem) -> StageItem:
+            if item.error is None and item.acoustic_epoch and item.acoustic_epoch != self._epoch:
+                item = dataclasses.replace(item, data=None, error=f"{StateLostError.__name__}: stream {item.stream_id}: the acoustic actor restarted (state lost)")
             if item.error is None:
                 try:
                     log_probs = await self.process(item.stream_id, item.seq, _tensor(item.data), item.is_last)

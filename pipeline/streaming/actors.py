@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.streaming.items import StageItem, StreamOrderError, _tensor
+from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError, _tensor
 from pipeline.streaming.placement import unpacked_bundle
 from workers.decoder import DecoderConfig
 from workers.features import MfccExtractor
@@ -27,10 +27,12 @@ class _SequenceCheck:
         self._next: dict[str, int] = {}
 
     def check(self, stream_id: str, seq: int, is_last: bool = False) -> None:
-        expected = self._next.get(stream_id, 0)
-        if seq != expected:
+        expected = self._next.get(stream_id)
+        if expected is None and seq > 0:  # in-order actor: its predecessors came before, so this one restarted
+            raise StateLostError(f"stream {stream_id}: got chunk {seq} of a stream this actor holds no state for (restarted after a crash)")
+        if seq != (expected or 0):
             self._next.pop(stream_id, None)
-            raise StreamOrderError(f"stream {stream_id}: got chunk {seq}, expected {expected} (state lost in a restart?)")
+            raise StreamOrderError(f"stream {stream_id}: got chunk {seq}, expected {expected}")
         if is_last:
             self._next.pop(stream_id, None)
         else:

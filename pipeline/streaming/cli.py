@@ -14,6 +14,7 @@ from typing import TextIO
 import numpy as np
 
 from pipeline.config import AppConfig, ConfigError, load_config
+from pipeline.streaming.items import StreamError
 from pipeline.streaming.session import StreamingPipeline
 from pipeline.streaming.sources import MicError, _audio_source, _list_devices
 from workers.audio import AudioError
@@ -132,13 +133,17 @@ def run_session(pipeline: StreamingPipeline, blocks: Iterator[np.ndarray], rate_
     stream_id = pipeline.open_stream()
     code = 0
     try:
-        with contextlib.closing(blocks):  # stops the capture however the loop ends
-            for block in blocks:
-                printer.show(pipeline.push(stream_id, block, rate_hz))
-    except KeyboardInterrupt:
-        print("\nstopping: flushing the last result", file=sys.stderr, flush=True)
-    except MicError as exc:
+        try:
+            with contextlib.closing(blocks):  # stops the capture however the loop ends
+                for block in blocks:
+                    printer.show(pipeline.push(stream_id, block, rate_hz))
+        except KeyboardInterrupt:
+            print("\nstopping: flushing the last result", file=sys.stderr, flush=True)
+        except MicError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
+        printer.show(pipeline.close(stream_id))
+    except StreamError as exc:  # a crash the pipeline could not replay (see streaming.replay_buffer_s)
         print(f"error: {exc}", file=sys.stderr)
-        code = 2
-    printer.show(pipeline.close(stream_id))
+        return 1
     return code

@@ -18,6 +18,11 @@ class StreamOrderError(RuntimeError):
     """A stage actor got a stream's calls out of order, or lost its state (actor restart)."""
 
 
+class StateLostError(StreamOrderError):
+    """A stage actor no longer holds the stream's state: it restarted after a crash. The
+    driver replays the stream's audio on the restarted actors."""
+
+
 @dataclass
 class StageItem:
     """One push of one stream on its way through the stages of a chain.
@@ -38,6 +43,7 @@ class StageItem:
     speech: Any = None  # voice activity flags (windows,) bool of this push's audio, from the feature actor
     acoustic: int = 0  # which acoustic actor keeps this stream's state
     decoder: int = 0  # which decoder actor keeps this stream's state
+    acoustic_epoch: str = ""  # the acoustic actor's incarnation the driver expects (a restarted one has another)
     stage_times: tuple[float, ...] = ()  # time.time() at entry to and exit from each stage so far
 
 

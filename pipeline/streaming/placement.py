@@ -16,7 +16,7 @@ import ray
 from pipeline.config import StreamingConfig
 from workers.bundle import Bundle, load_bundle
 
-ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back for new streams (in-flight streams fail)
+ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back; the driver replays its streams there (session._recover)
 ACOUSTIC_MAX_CONCURRENCY = 10_000  # concurrent calls the batching actor accepts (held ones included)
 ACTOR_START_TIMEOUT_S = 300.0  # model loading included; longer means resources no node offers
 

@@ -4,6 +4,7 @@ sends the queued pushes of all streams as one chain, and backpressure per stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ import torch
 from pipeline.config import AppConfig
 from pipeline.streaming.acoustic_actor import AcousticActor
 from pipeline.streaming.actors import DecoderActor, FeatureActor, IngestActor
-from pipeline.streaming.items import StageItem, StreamError
+from pipeline.streaming.items import StageItem, StateLostError, StreamError, StreamOrderError
 from pipeline.streaming.placement import (
     ACOUSTIC_MAX_CONCURRENCY,
     ACTOR_START_TIMEOUT_S,
@@ -29,11 +30,18 @@ from pipeline.streaming.placement import (
     connect_ray,
     read_bundle_files,
 )
+from pipeline.streaming.replay import ReplayBuffer
 from workers.audio import validate_samples
 from workers.bundle import Bundle, load_bundle
 from workers.decoder import DecoderConfig
 from workers.recognizer import frames_for_ms
 from workers.stages import RecognitionResult
+
+MAX_RECOVERIES_PER_STREAM = 5  # replays of one stream before it is given up (a crash loop)
+# Errors (as the stage actors report them, "Name: message") that mean a stage actor lost the
+# stream's state: it restarted after a crash, or the stream's calls could no longer be ordered.
+_STATE_LOST_ERRORS = frozenset({StateLostError.__name__, StreamOrderError.__name__, "RayActorError", "ActorDiedError",
+                                "ActorUnavailableError", "WorkerCrashedError"})
 
 
 @dataclass
@@ -44,36 +52,50 @@ class PipelineStats:
     blocked_pushes: int = 0  # pushes that had to wait for an earlier push of their stream
     chains: int = 0  # chains submitted (each carries the pushes of one or more streams)
     max_pushes_per_chain: int = 0
+    recoveries: int = 0  # streams replayed on restarted actors after a stage actor crashed
+    lost_streams: int = 0  # streams that could not be replayed (StreamError)
 
 
 class _Chain:
     """One submission through the actors; its refs (one per decoder actor involved) yield
     ``list[StageItem]`` whose ``data`` is each push's ``list[RecognitionResult]``. Fetched
-    once, shared by the chain's streams."""
+    once, shared by the chain's streams. Each ref is fetched on its own, so a crashed actor
+    fails only the pushes whose results depended on it."""
 
-    def __init__(self, refs: list[Any] | None = None, failure: BaseException | None = None) -> None:
+    def __init__(
+        self, refs: list[Any] | None = None, keys: list[list[tuple[str, int]]] | None = None,
+        failure: BaseException | None = None, timeout_s: float | None = None,
+    ) -> None:
         self.refs = refs or []
+        self.keys = keys or [[] for _ in self.refs]  # (actor-side stream key, seq) of the pushes in each ref
+        self.timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._results: dict[tuple[str, int], StageItem] | BaseException | None = failure
+        self._results: dict[tuple[str, int], StageItem | BaseException] | BaseException | None = failure
 
     def done(self) -> bool:
         return self._results is not None or len(ray.wait(self.refs, num_returns=len(self.refs), timeout=0)[0]) == len(self.refs)
 
-    def results(self) -> dict[tuple[str, int], StageItem] | BaseException:
-        """(stream_id, seq) -> its item, or the exception that failed the whole chain (blocks)."""
+    def results(self) -> dict[tuple[str, int], StageItem | BaseException] | BaseException:
+        """(stream key, seq) -> its item, or the exception that failed it; or the exception
+        that failed the whole chain before it was sent. Blocks, at most ``timeout_s`` per ref."""
         with self._lock:
             if self._results is None:
-                try:
-                    self._results = {(i.stream_id, i.seq): i for part in ray.get(self.refs) for i in part}
-                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-                    self._results = exc
+                results: dict[tuple[str, int], StageItem | BaseException] = {}
+                for ref, keys in zip(self.refs, self.keys):
+                    try:
+                        results.update({(i.stream_id, i.seq): i for i in ray.get(ref, timeout=self.timeout_s)})
+                    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                        results.update(dict.fromkeys(keys, exc))
+                self._results = results
             return self._results
 
 
 @dataclass
 class _Push:
-    """One push of a stream (``audio=None``: its end); ``chain`` is set once submitted."""
+    """One push of a stream (``audio=None``: its end) under actor-side key ``key``; ``chain``
+    is set once submitted."""
 
+    key: str
     seq: int
     audio: np.ndarray | None
     rate_hz: int
@@ -82,11 +104,18 @@ class _Push:
 
 @dataclass
 class _Stream:
+    key: str  # the id the actors keep its state under (a new one for each replay after a crash)
+    buffer: ReplayBuffer  # its audio, kept for a replay
     acoustic: int = 0  # index of the acoustic actor that keeps this stream's state
     decoder: int = 0  # index of the decoder actor that keeps this stream's state
     next_seq: int = 0
     inflight: deque = field(default_factory=deque)  # _Push, oldest first: queued or submitted, not yet collected
     last: _Push | None = None  # the latest push (collected or not), for last_push
+    closing: bool = False  # its end has been queued (a replay queues it again)
+    finals_delivered: int = 0  # finals the caller got
+    skip_finals: int = 0  # after a replay from the start: finals (and the partials before them) the caller has
+    offset_s: float = 0.0  # added to result times: stream time where the current key's audio starts
+    recoveries: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,7 +140,8 @@ class PushHandle:
         if self._push.chain is None:
             raise RuntimeError(f"stream {self.stream_id}: push {self.seq} has not been submitted yet")
         outcome = self._push.chain.results()
-        return None if isinstance(outcome, BaseException) else outcome.get((self.stream_id, self.seq))
+        item = None if isinstance(outcome, BaseException) else outcome.get((self._push.key, self.seq))
+        return item if isinstance(item, StageItem) else None
 
 
 class StreamingPipeline:
@@ -148,6 +178,7 @@ class StreamingPipeline:
         self._cond = threading.Condition()
         self._queue: list[tuple[str, _Stream, _Push]] = []
         self._queued_since = 0.0
+        self._epochs: list[str] = []  # the acoustic actors' incarnations (``AcousticActor.epoch``)
         self._opened = 0  # streams opened so far: stream k uses acoustic/decoder actor k % their count
         self._stopping = False
         self._submitter: threading.Thread | None = None
@@ -191,6 +222,7 @@ class StreamingPipeline:
             self.actors.update({name if k == 0 else f"{name}-{k + 1}": actor for k, actor in enumerate(group)})
         try:  # surface start-up errors here, and resources no node offers
             ray.get([a.__ray_ready__.remote() for a in self.actors.values()], timeout=ACTOR_START_TIMEOUT_S)
+            self._epochs = ray.get([a.epoch.remote() for a in self._acoustics], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(
                 f"stage actors did not start in {ACTOR_START_TIMEOUT_S:.0f} s: does the cluster offer "
@@ -207,14 +239,16 @@ class StreamingPipeline:
             self._wait_for_actors()
         with self._cond:
             k = self._opened
-            self._streams[stream_id] = _Stream(acoustic=k % len(self._acoustics), decoder=k % len(self._decoders))
+            self._streams[stream_id] = _Stream(stream_id, ReplayBuffer(self.streaming.replay_buffer_s),
+                                               acoustic=k % len(self._acoustics), decoder=k % len(self._decoders))
             self._opened += 1
         return stream_id
 
-    def _wait_for_actors(self) -> None:
+    def _wait_for_actors(self, timeout_s: float | None = None) -> None:
         """After a stream failed, wait until every stage actor answers again (a crashed one
-        restarts: new streams must not reach it mid-restart)."""
-        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+        restarts: new streams must not reach it mid-restart), then learn the acoustic actors'
+        incarnations. Raises ``RayError`` (e.g. ``GetTimeoutError``) if one does not come back."""
+        deadline = time.monotonic() + (timeout_s or self.streaming.recovery_timeout_s)
         for actor in self.actors.values():
             while True:
                 try:
@@ -224,6 +258,7 @@ class StreamingPipeline:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
+        self._epochs = ray.get([a.epoch.remote() for a in self._acoustics], timeout=max(0.0, deadline - time.monotonic()))
         self._recovering = False
 
     def push(self, stream_id: str, samples: np.ndarray | torch.Tensor, rate_hz: int) -> list[RecognitionResult]:
@@ -245,6 +280,7 @@ class StreamingPipeline:
         """Flush the stream; returns every remaining result in order, ending with the final(s)."""
         stream = self._stream(stream_id)
         results = self._make_room(stream_id, stream)
+        stream.closing = True
         self._enqueue(stream_id, stream, None, self.sample_rate_hz)
         results += self._collect(stream_id, stream, block=True)
         with self._cond:
@@ -311,9 +347,12 @@ class StreamingPipeline:
         except KeyError:
             raise KeyError(f"stream {stream_id} is not open") from None
 
-    def _enqueue(self, stream_id: str, stream: _Stream, audio: np.ndarray | None, rate_hz: int) -> None:
-        """Queue one push (``audio=None``: the end of the stream) for the submitter thread."""
-        push = _Push(stream.next_seq, audio, rate_hz)
+    def _enqueue(self, stream_id: str, stream: _Stream, audio: np.ndarray | None, rate_hz: int, keep: bool = True) -> None:
+        """Queue one push (``audio=None``: the end of the stream) for the submitter thread;
+        ``keep``: also keep its audio for a replay."""
+        if keep and audio is not None:
+            stream.buffer.add(audio, rate_hz)
+        push = _Push(stream.key, stream.next_seq, audio, rate_hz)
         stream.next_seq += 1
         with self._cond:
             if not self._queue:
@@ -360,8 +399,9 @@ class StreamingPipeline:
         feature actor, and one to each acoustic and decoder actor that has streams in the
         batch (those run in parallel)."""
         items = [
-            StageItem(sid, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz), acoustic=st.acoustic, decoder=st.decoder)
-            for sid, st, p in batch
+            StageItem(p.key, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz),
+                      acoustic=st.acoustic, decoder=st.decoder, acoustic_epoch=self._epochs[st.acoustic])
+            for _, st, p in batch
         ]
         self.stats.chains += 1
         self.stats.max_pushes_per_chain = max(self.stats.max_pushes_per_chain, len(items))
@@ -370,10 +410,12 @@ class StreamingPipeline:
             feats = self._features.push_many.remote(chunks)
             log_probs = {a: self._acoustics[a].process_many.remote(feats, a) for a in sorted({i.acoustic for i in items})}
             decoders = sorted({item.decoder for item in items})
-            return _Chain([
-                self._decoders[d].push_many.remote(d, *[log_probs[a] for a in sorted({i.acoustic for i in items if i.decoder == d})])
-                for d in decoders
-            ])
+            return _Chain(
+                [self._decoders[d].push_many.remote(d, *[log_probs[a] for a in sorted({i.acoustic for i in items if i.decoder == d})])
+                 for d in decoders],
+                [[(i.stream_id, i.seq) for i in items if i.decoder == d] for d in decoders],
+                timeout_s=self.streaming.recovery_timeout_s,
+            )
         except Exception as exc:  # e.g. Ray shut down under us: the pushes fail, the thread lives
             return _Chain(failure=exc)
 
@@ -401,19 +443,86 @@ class StreamingPipeline:
                 break
             outcome = self._wait_submitted(push).results()
             stream.inflight.popleft()
-            item = outcome if isinstance(outcome, BaseException) else outcome[(stream_id, push.seq)]
+            item = outcome if isinstance(outcome, BaseException) else outcome[(push.key, push.seq)]
             error = item if isinstance(item, BaseException) else item.error
             if error is not None:
+                if _state_lost(error):
+                    self._recover(stream_id, stream, error)  # replays the stream, or raises StreamError
+                    continue
                 self._abort(stream_id)
                 raise StreamError(f"stream {stream_id} failed and was dropped: {error}") from (item if isinstance(item, BaseException) else None)
-            results += item.data
+            results += self._deliver(stream_id, stream, item.data)
         return results
+
+    def _deliver(self, stream_id: str, stream: _Stream, results: list[RecognitionResult]) -> list[RecognitionResult]:
+        """Results of the stream's current key, as the caller sees them: its own id, stream
+        time, and after a replay from the start without what it already has."""
+        out = []
+        for r in results:
+            if stream.skip_finals:  # a replay from the start: these came before the crash
+                stream.skip_finals -= r.is_final
+                continue
+            if stream.offset_s:
+                r = dataclasses.replace(r, start_s=r.start_s + stream.offset_s, end_s=r.end_s + stream.offset_s,
+                                        words=[dataclasses.replace(w, start_s=w.start_s + stream.offset_s, end_s=w.end_s + stream.offset_s)
+                                               for w in r.words])
+            r = dataclasses.replace(r, stream_id=stream_id)
+            if r.is_final:
+                stream.finals_delivered += 1
+                stream.buffer.final(r.end_s)
+            out.append(r)
+        return out
+
+    def _recover(self, stream_id: str, stream: _Stream, error: BaseException | str) -> None:
+        """A stage actor that holds this stream's state crashed: wait for it to restart, then
+        push the stream's kept audio again under a new key (see ``ReplayBuffer``). Raises
+        ``StreamError`` (and drops the stream) when that cannot be done."""
+        with self._cond:  # the old key's pushes, queued or in flight, are void
+            self._queue = [entry for entry in self._queue if entry[1] is not stream]
+            stream.inflight.clear()
+        plan = stream.buffer.plan()
+        reason = None
+        if stream.recoveries >= MAX_RECOVERIES_PER_STREAM:
+            reason = f"its actors crashed {stream.recoveries + 1} times"
+        elif plan is None:
+            reason = (f"more than streaming.replay_buffer_s={self.streaming.replay_buffer_s:g} s of its audio since its "
+                      f"last final was needed to replay it")
+        else:
+            try:
+                self._wait_for_actors()
+            except ray.exceptions.RayError as exc:
+                reason = f"the crashed actor did not come back within {self.streaming.recovery_timeout_s:g} s ({type(exc).__name__})"
+        if reason is not None:
+            self.stats.lost_streams += 1
+            self._abort(stream_id)
+            raise StreamError(f"stream {stream_id} was lost after a stage actor crashed ({error}): {reason}")
+        with contextlib.suppress(ray.exceptions.RayError):  # free the old key's state where it survived
+            ray.get([actor.drop.remote(stream.key) for actor in self.actors.values()], timeout=10)
+        stream.recoveries += 1
+        self.stats.recoveries += 1
+        stream.key = f"{stream_id}~{stream.recoveries}"
+        stream.next_seq = 0
+        stream.offset_s = plan.offset_s
+        stream.skip_finals = stream.finals_delivered if plan.from_start else 0
+        for audio, rate_hz in plan.pushes:
+            self._enqueue(stream_id, stream, audio, rate_hz, keep=False)
+        if stream.closing:
+            self._enqueue(stream_id, stream, None, self.sample_rate_hz)
 
     def _abort(self, stream_id: str) -> None:
         """Forget a failed stream everywhere (best effort: an actor may be restarting)."""
         with self._cond:
-            self._streams.pop(stream_id, None)
+            stream = self._streams.pop(stream_id, None)
             self._queue = [entry for entry in self._queue if entry[0] != stream_id]
         self._recovering = True
         with contextlib.suppress(ray.exceptions.RayError):
-            ray.get([actor.drop.remote(stream_id) for actor in self.actors.values()], timeout=10)
+            ray.get([actor.drop.remote(stream.key if stream else stream_id) for actor in self.actors.values()], timeout=10)
+
+
+def _state_lost(error: BaseException | str) -> bool:
+    """Whether a push failed because a stage actor lost the stream's state (it crashed and
+    restarted, or died mid-call), as opposed to the stream's own input or a bug."""
+    if isinstance(error, BaseException):
+        return isinstance(error, ray.exceptions.RayActorError | ray.exceptions.GetTimeoutError) or (
+            isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, ray.exceptions.RayActorError))
+    return error.split(":", 1)[0] in _STATE_LOST_ERRORS
