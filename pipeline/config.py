@@ -50,6 +50,7 @@ class StreamingConfig:
     acoustic_actors: int = 0  # streams are spread over this many acoustic actors; 0: one with a GPU, else 2
     acoustic_num_threads: int = 1  # torch intra-op threads of the acoustic actor; on 2 cores 2 threads gave a worse p95 (OpenMP spin-waits)
     decoder_actors: int = 2  # streams are spread over this many decoder actors, which decode in parallel
+    feature_actors: int = 0  # streams are spread over this many feature actors (MFCC + VAD); 0: one per 4 CPUs of the cluster
     acoustic_resources: dict = field(default_factory=dict)
     decoder_resources: dict = field(default_factory=dict)
     # Crash recovery: the driver keeps each stream's audio (from its start while it fits, else
@@ -62,7 +63,7 @@ class StreamingConfig:
         positive = ("chunk_ms", "ingest_chunk_ms", "replay_buffer_s", "recovery_timeout_s")
         at_least_one = ("max_batch_streams", "max_inflight_chunks", "decoder_actors")
         non_negative = ("lookahead_ms", "endpoint_silence_ms", "max_batch_wait_ms", "max_submit_wait_ms",
-                        "acoustic_actors", "acoustic_num_threads")
+                        "acoustic_actors", "acoustic_num_threads", "feature_actors")
         for name in positive:  # written as "not >" so that NaN fails too
             if not getattr(self, name) > 0 or getattr(self, name) == math.inf:
                 raise ValueError(f"streaming.{name} must be > 0 and finite, got {getattr(self, name)}")
@@ -71,7 +72,7 @@ class StreamingConfig:
                 raise ValueError(f"streaming.{name} must be >= 1, got {getattr(self, name)}")
         for name in non_negative:
             if not getattr(self, name) >= 0:
-                hint = " (0: automatic)" if name == "acoustic_actors" else ""
+                hint = " (0: automatic)" if name in ("acoustic_actors", "feature_actors") else ""
                 raise ValueError(f"streaming.{name} must be >= 0{hint}, got {getattr(self, name)}")
         if self.acoustic_num_gpus != -1 and self.acoustic_num_gpus < 0:
             raise ValueError(f"streaming.acoustic_num_gpus must be -1 (automatic) or >= 0, got {self.acoustic_num_gpus}")

@@ -57,6 +57,7 @@ from pipeline.streaming.placement import (
     acoustic_actor_count,
     acoustic_num_gpus,
     connect_ray,
+    feature_actor_count,
     read_bundle_files,
     unpacked_bundle,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "StreamOrderError",
     "StreamingPipeline",
     "acoustic_actor_count",
+    "feature_actor_count",
     "acoustic_num_gpus",
     "add_stream_arguments",
     "check_input_device",

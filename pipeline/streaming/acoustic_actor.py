@@ -86,11 +86,12 @@ class AcousticActor:
             await self.drop(stream_id)
             raise StreamOrderError(f"stream {stream_id}: chunk {seq} waited {TURN_TIMEOUT_S:.0f} s for its predecessors") from None
 
-    async def process_many(self, items: list[StageItem], acoustic: int = 0) -> list[StageItem]:
+    async def process_many(self, acoustic: int, *parts: list[StageItem]) -> list[StageItem]:
         """item.data: features (frames, feature_dim) -> log-probs (frames', num_tokens), for
-        the items of this actor's streams (``item.acoustic == acoustic``), many streams at
-        once (they join the batches like separate calls)."""
-        items = [item for item in items if item.acoustic == acoustic]
+        the items of this actor's streams (``item.acoustic == acoustic``) in ``parts`` (the
+        outputs of the feature actors), many streams at once (they join the batches like
+        separate calls)."""
+        items = [item for part in parts for item in part if item.acoustic == acoustic]
         t_in = time.time()
 
         async def one(item: StageItem) -> StageItem:

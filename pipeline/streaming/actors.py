@@ -94,10 +94,11 @@ class FeatureActor:
             self.feature_dim = bundle.features.feature_dim
         self.order = _SequenceCheck()
 
-    def push_many(self, items: list[StageItem]) -> list[StageItem]:
+    def push_many(self, items: list[StageItem], features: int = 0) -> list[StageItem]:
         """item.data: model-rate waves, each (samples,) -> their features (frames, feature_dim);
-        item.speech: their voice activity flags (windows,)."""
-        out = _each(items, self._push, self.drop)
+        item.speech: their voice activity flags (windows,); for the items of this feature
+        actor's streams (``item.features == features``)."""
+        out = _each([i for i in items if i.features == features], self._push, self.drop)
         return [dataclasses.replace(i, data=i.data[0], speech=i.data[1]) if i.error is None else i for i in out]
 
     def _push(self, item: StageItem) -> tuple[np.ndarray, np.ndarray]:

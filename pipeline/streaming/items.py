@@ -41,6 +41,7 @@ class StageItem:
     data: Any = None
     error: str | None = None
     speech: Any = None  # voice activity flags (windows,) bool of this push's audio, from the feature actor
+    features: int = 0  # which feature actor keeps this stream's state
     acoustic: int = 0  # which acoustic actor keeps this stream's state
     decoder: int = 0  # which decoder actor keeps this stream's state
     acoustic_epoch: str = ""  # the acoustic actor's incarnation the driver expects (a restarted one has another)

@@ -28,6 +28,7 @@ from pipeline.streaming.placement import (
     acoustic_actor_count,
     acoustic_num_gpus,
     connect_ray,
+    feature_actor_count,
     read_bundle_files,
 )
 from pipeline.streaming.replay import ReplayBuffer
@@ -106,6 +107,7 @@ class _Push:
 class _Stream:
     key: str  # the id the actors keep its state under (a new one for each replay after a crash)
     buffer: ReplayBuffer  # its audio, kept for a replay
+    features: int = 0  # index of the feature actor that keeps this stream's state
     acoustic: int = 0  # index of the acoustic actor that keeps this stream's state
     decoder: int = 0  # index of the decoder actor that keeps this stream's state
     next_seq: int = 0
@@ -197,7 +199,9 @@ class StreamingPipeline:
         num_gpus = acoustic_num_gpus(s)
         chunk_samples = max(1, int(self.sample_rate_hz * s.ingest_chunk_ms / 1000))
         self._ingest = ray.remote(IngestActor).options(**_actor_options()).remote(self.sample_rate_hz, chunk_samples)
-        self._features = ray.remote(FeatureActor).options(**_actor_options()).remote(files, self.config.vad)
+        self._features = [
+            ray.remote(FeatureActor).options(**_actor_options()).remote(files, self.config.vad) for _ in range(feature_actor_count(s))
+        ]
         acoustic_options = _actor_options(s.acoustic_resources, num_gpus=num_gpus, max_concurrency=ACOUSTIC_MAX_CONCURRENCY)
         self._acoustics = [
             ray.remote(AcousticActor)
@@ -217,8 +221,8 @@ class StreamingPipeline:
             ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(files, decoder_config, s.endpoint_silence_ms, self.config.vad)
             for _ in range(s.decoder_actors)
         ]
-        self.actors = {"ingest": self._ingest, "features": self._features}
-        for name, group in (("acoustic", self._acoustics), ("decoder", self._decoders)):
+        self.actors = {"ingest": self._ingest}
+        for name, group in (("features", self._features), ("acoustic", self._acoustics), ("decoder", self._decoders)):
             self.actors.update({name if k == 0 else f"{name}-{k + 1}": actor for k, actor in enumerate(group)})
         try:  # surface start-up errors here, and resources no node offers
             ray.get([a.__ray_ready__.remote() for a in self.actors.values()], timeout=ACTOR_START_TIMEOUT_S)
@@ -239,7 +243,7 @@ class StreamingPipeline:
             self._wait_for_actors()
         with self._cond:
             k = self._opened
-            self._streams[stream_id] = _Stream(stream_id, ReplayBuffer(self.streaming.replay_buffer_s),
+            self._streams[stream_id] = _Stream(stream_id, ReplayBuffer(self.streaming.replay_buffer_s), features=k % len(self._features),
                                                acoustic=k % len(self._acoustics), decoder=k % len(self._decoders))
             self._opened += 1
         return stream_id
@@ -400,15 +404,16 @@ class StreamingPipeline:
         batch (those run in parallel)."""
         items = [
             StageItem(p.key, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz),
-                      acoustic=st.acoustic, decoder=st.decoder, acoustic_epoch=self._epochs[st.acoustic])
+                      features=st.features, acoustic=st.acoustic, decoder=st.decoder, acoustic_epoch=self._epochs[st.acoustic])
             for _, st, p in batch
         ]
         self.stats.chains += 1
         self.stats.max_pushes_per_chain = max(self.stats.max_pushes_per_chain, len(items))
         try:
             chunks = self._ingest.push_many.remote(items)
-            feats = self._features.push_many.remote(chunks)
-            log_probs = {a: self._acoustics[a].process_many.remote(feats, a) for a in sorted({i.acoustic for i in items})}
+            feats = {f: self._features[f].push_many.remote(chunks, f) for f in sorted({i.features for i in items})}
+            log_probs = {a: self._acoustics[a].process_many.remote(a, *[feats[f] for f in sorted({i.features for i in items if i.acoustic == a})])
+                         for a in sorted({i.acoustic for i in items})}
             decoders = sorted({item.decoder for item in items})
             return _Chain(
                 [self._decoders[d].push_many.remote(d, *[log_probs[a] for a in sorted({i.acoustic for i in items if i.decoder == d})])
