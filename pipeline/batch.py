@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from tqdm import tqdm
 
 from pipeline.batch_files import (  # noqa: F401  (re-exported: the job's files are part of this module's API)
     FORMATS,
@@ -64,6 +65,7 @@ from pipeline.batch_files import (  # noqa: F401  (re-exported: the job's files 
     write_text_atomic,
 )
 from pipeline.config import AppConfig, AudioConfig, ConfigError, load_config
+from pipeline.ray_session import configure_ray_data_output, connect_ray, ray_log_dir
 from workers.audio import RAW_SUFFIXES, AudioError, RawFormat
 from workers.bundle import BundleError, load_bundle
 from workers.decoder import DecoderConfig, WordTiming
@@ -152,12 +154,6 @@ class TranscribeBatch:
 # --------------------------------------------------------------------------- Ray
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray, unless already initialised."""
-    if not ray.is_initialized():
-        ray.init(address=address)
-
-
 def acoustic_num_gpus(concurrency: int = 1) -> float:
     """GPUs per batch actor: with a GPU in the cluster, the actors share it (each holds
     ``1 / concurrency``, at most 1, so an actor pool larger than the GPU count still starts);
@@ -171,6 +167,7 @@ def run_dataset(
 ) -> Iterator[tuple[str, dict, float]]:
     """Run the UDF over ``todo`` sorted by duration (so a batch holds similar lengths); yield (path, record, actor_s)."""
     ordered = sorted(todo, key=lambda item: (item.duration_s, item.path))
+    configure_ray_data_output()
     ds = ray.data.from_items([{"path": item.path} for item in ordered])
     ds = ds.map_batches(
         TranscribeBatch,
@@ -229,13 +226,17 @@ def _transcribe_todo(
     concurrency: int,
     num_gpus: float,
     settings: dict | None = None,
+    progress: bool = True,
 ) -> _RunStats:
-    """Run the dataset; each record (with ``settings``) goes to the partial file (flushed), ``rows`` and its format files."""
+    """Run the dataset; each record (with ``settings``) goes to the partial file (flushed), ``rows`` and its format files.
+    ``progress``: a progress bar on stderr when it is a terminal."""
     stats = _RunStats()
     rels = {item.path: item.out_rel for item in todo}
     t0 = time.perf_counter()
-    with (out_dir / PARTIAL_NAME).open("a") as partial:
+    bar = tqdm(total=len(todo), unit="file", desc="transcribing", file=sys.stderr, disable=None if progress else True)
+    with bar, (out_dir / PARTIAL_NAME).open("a") as partial:
         for path, record, actor_s in run_dataset(todo, udf_kwargs, batch_size, concurrency, num_gpus):
+            bar.update()
             record["settings"] = settings
             partial.write(json.dumps(record) + "\n")
             partial.flush()
@@ -279,6 +280,7 @@ def transcribe_inputs(
     raw_format: RawFormat | None = None,
     address: str | None = None,
     vad: VadConfig | None = None,
+    progress: bool = True,
 ) -> dict:
     """Transcribe every input not done yet into ``out_dir``; returns the run summary.
 
@@ -286,7 +288,8 @@ def transcribe_inputs(
     otherwise latency-controlled chunks with ``lookahead_ms`` of right context.
     ``raw_format``: how headerless ``.raw``/``.pcm`` files are read (default 16 kHz 16-bit
     big-endian). ``address``: Ray cluster to connect to when Ray is not initialised yet.
-    ``vad``: voice activity gating of the words (default on).
+    ``vad``: voice activity gating of the words (default on). ``progress``: a progress bar on
+    stderr when it is a terminal.
 
     Summary keys: ``files`` (inputs), ``transcribed`` (this run, without error),
     ``skipped`` (done earlier), ``errors`` (inputs whose line has an error),
@@ -294,7 +297,8 @@ def transcribe_inputs(
     ``compute_s`` (Ray Data stage: starting the dataset to its last row, actor start-up
     included), ``first_row_s`` (starting the dataset to its first row: actor start-up, model
     loading and the first batch), ``actor_s`` (seconds inside the actors' ``__call__``, summed), ``rtf``
-    (compute_s / audio_s; 0 when nothing ran), ``out`` (the transcripts file).
+    (compute_s / audio_s; 0 when nothing ran), ``out`` (the transcripts file), ``ray_logs``
+    (the log directory of the local Ray this process started, else None).
     """
     t0 = time.perf_counter()
     _check_options(formats, batch_size, concurrency, chunk_ms, lookahead_ms)
@@ -320,7 +324,7 @@ def transcribe_inputs(
     todo = [item for item in items if item.path not in done]
     stats = _RunStats()
     if todo:
-        ensure_ray(address)
+        connect_ray(address)
         num_gpus = acoustic_num_gpus(concurrency)
         udf_kwargs = {
             "bundle_path": bundle,
@@ -331,7 +335,7 @@ def transcribe_inputs(
             "raw_format": raw_format,
             "vad": vad,
         }
-        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings)
+        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings, progress)
     _finish(out_dir, rows)
     missing = [item.path for item in items if item.path not in rows]
     if missing:  # cannot happen unless Ray dropped rows; never report success then
@@ -350,6 +354,7 @@ def transcribe_inputs(
         "actor_s": round(stats.actor_s, 3),
         "rtf": round(stats.compute_s / stats.audio_s, 4) if stats.audio_s else 0.0,
         "out": str(out_dir / TRANSCRIPTS_NAME),
+        "ray_logs": ray_log_dir(),
     }
 
 
@@ -361,6 +366,7 @@ def format_summary(summary: dict) -> str:
         + (f"{redone} of them redone (done earlier with other settings), " if redone else "")
         + f"{summary['errors']} errors; {summary['audio_hours']:.4f} h of audio in {summary['wall_s']:.1f} s wall "
         f"(compute {summary['compute_s']:.1f} s, real-time factor {summary['rtf']:.3f}) -> {summary['out']}"
+        + (f"; Ray's logs: {summary['ray_logs']}" if summary.get("ray_logs") else "")
     )
 
 

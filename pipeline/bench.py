@@ -244,8 +244,7 @@ def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: in
 def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
     import dataclasses
 
-    import ray
-
+    from pipeline.ray_session import ray_log_dir, shutdown_ray, start_local_ray
     from pipeline.streaming import StreamingPipeline
 
     try:
@@ -266,7 +265,7 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
     waves = [load_audio(f, rate).numpy() for f in files[:40]]
     result: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
                     "model": str(args.model or "models/default"), "decoder": dataclasses.asdict(config.decoder)}
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=os.cpu_count())
     try:
         with RssSampler() as sampler:
             result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
@@ -288,7 +287,8 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
             pipe.shutdown()
         result["peak_rss_mb"] = round(sampler.peak_mb, 1)
     finally:
-        ray.shutdown()
+        shutdown_ray()
+    result["ray_logs"] = ray_log_dir()
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline import ray_session
 from pipeline.config import ConfigError, load_config
 
 
@@ -14,6 +15,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set decoder.beam_size=64 (repeatable)")
     if not any(a.dest == "model" for a in parser._actions):
         parser.add_argument("--model", default=None, help="model bundle directory (default: the shipped models/default)")
+
+
+def _verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs and progress bars (by default they stay in the log directory the summary names)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", help="batch-transcribe a file, directory or manifest (Ray Data)")
     add_transcribe_arguments(p)
     _common(p)
+    _verbose(p)
     p = sub.add_parser("stream", help="stream from the microphone or a file through the Ray actor pipeline")
     add_stream_arguments(p)
     _common(p)
+    _verbose(p)
     p = sub.add_parser("eval", help="WER/CER of a mode against reference transcripts")
     add_eval_arguments(p)
     _common(p)
@@ -44,14 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput and latency benchmark (prints JSON)")
     add_bench_arguments(p)
     _common(p)
+    _verbose(p)
     p = sub.add_parser("submit", help="submit an asr command to a Ray cluster as a job")
     add_submit_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``asr`` command; returns its exit code (130 after Ctrl-C; SIGTERM raises
+    ``SystemExit(143)``). However the command ends, the Ray it started is shut down first."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    ray_session.VERBOSE = getattr(args, "verbose", False)
+    ray_session.exit_on_sigterm()
+    try:
+        return _run(parser, args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        ray_session.shutdown_ray()
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "submit":
         from pipeline.cluster import run_submit
 

@@ -89,8 +89,9 @@ def train_distributed(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()
+    from pipeline.ray_session import connect_ray
+
+    connect_ray(verbose=True)  # Ray Train reports progress through Ray's logs: keep them
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
     trainer = TorchTrainer(

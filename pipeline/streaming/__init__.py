@@ -40,12 +40,13 @@ call would replay audio into per-stream state; a stream whose work failed raises
 ``StreamError`` and is dropped, while new streams use the restarted actors.
 
 Modules: ``items`` (what travels between the actors, stream errors), ``actors`` (ingest,
-features, decoder), ``acoustic_actor`` (the batching acoustic actor), ``placement`` (Ray
-connection, actor counts and options, shipping the bundle), ``session``
+features, decoder), ``acoustic_actor`` (the batching acoustic actor), ``placement`` (actor
+counts and options, shipping the bundle; connecting to Ray is ``pipeline.ray_session``), ``session``
 (``StreamingPipeline``: submitter thread, chains, backpressure), ``sources`` (file and
 microphone capture) and ``cli`` (``asr stream``). The public names are re-exported here.
 """
 
+from pipeline.ray_session import connect_ray
 from pipeline.streaming.acoustic_actor import TURN_TIMEOUT_S, AcousticActor
 from pipeline.streaming.actors import DecoderActor, FeatureActor, IngestActor
 from pipeline.streaming.cli import ResultPrinter, add_stream_arguments, format_final, run_session, run_stream, stream_settings
@@ -56,7 +57,6 @@ from pipeline.streaming.placement import (
     ACTOR_START_TIMEOUT_S,
     acoustic_actor_count,
     acoustic_num_gpus,
-    connect_ray,
     feature_actor_count,
     read_bundle_files,
     unpacked_bundle,

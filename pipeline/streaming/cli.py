@@ -14,6 +14,7 @@ from typing import TextIO
 import numpy as np
 
 from pipeline.config import AppConfig, ConfigError, load_config
+from pipeline.ray_session import ray_log_dir
 from pipeline.streaming.items import StreamError
 from pipeline.streaming.session import StreamingPipeline
 from pipeline.streaming.sources import MicError, _audio_source, _list_devices
@@ -126,6 +127,8 @@ def run_stream(args: argparse.Namespace, config: AppConfig | None = None, out: T
         return 130
     finally:
         pipeline.shutdown()
+        if ray_log_dir():
+            print(f"Ray's logs: {ray_log_dir()}", file=sys.stderr)
 
 
 def run_session(pipeline: StreamingPipeline, blocks: Iterator[np.ndarray], rate_hz: int, printer: ResultPrinter) -> int:

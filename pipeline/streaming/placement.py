@@ -1,11 +1,9 @@
-"""Where and how the stage actors run: connecting to Ray, GPUs and actor counts, actor
-options, and shipping the model bundle's files to the actors."""
+"""Where and how the stage actors run: GPUs and actor counts, actor options, and shipping
+the model bundle's files to the actors. (Connecting to Ray: ``pipeline.ray_session``.)"""
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,19 +32,6 @@ def unpacked_bundle(files: dict[str, bytes], device: str = "cpu") -> Iterator[Bu
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
         yield load_bundle(tmp, device)
-
-
-def connect_ray(address: str | None = None) -> bool:
-    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray, unless Ray is already
-    initialised. Returns True when this call initialised Ray (the caller shuts it down)."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 def acoustic_num_gpus(streaming: StreamingConfig) -> float:

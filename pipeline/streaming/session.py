@@ -18,6 +18,7 @@ import ray
 import torch
 
 from pipeline.config import AppConfig
+from pipeline.ray_session import connect_ray, shutdown_ray
 from pipeline.streaming.acoustic_actor import AcousticActor
 from pipeline.streaming.actors import DecoderActor, FeatureActor, IngestActor
 from pipeline.streaming.items import StageItem, StateLostError, StreamError, StreamOrderError
@@ -27,7 +28,6 @@ from pipeline.streaming.placement import (
     _actor_options,
     acoustic_actor_count,
     acoustic_num_gpus,
-    connect_ray,
     feature_actor_count,
     read_bundle_files,
 )
@@ -334,8 +334,8 @@ class StreamingPipeline:
         for actor in self.actors.values() if ray.is_initialized() else ():
             ray.kill(actor, no_restart=True)
         self.actors, self._streams = {}, {}
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+        if self._owns_ray:
+            shutdown_ray()
         self._owns_ray = False
 
     def __enter__(self) -> StreamingPipeline:

@@ -1,0 +1,146 @@
+"""The local Ray that a command starts for itself (``pipeline.ray_session``): quiet unless
+``--verbose``, listening on loopback only, and gone when the command ends, however it ends.
+
+Each test runs ``python -m pipeline.cli`` on real AN4 recordings in a subprocess, with a
+fresh environment (no RAY_ADDRESS), as a user would. Processes are told apart from other
+Ray instances on the machine by being descendants of that subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.ray_session import DRIVER_STDERR_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+#: What Ray printed on a plain run before: token warning, C++ error line, start-up and
+#: dashboard lines, flashlight's LM banner from each worker, Ray Data's progress log.
+NOISY = ("core_worker.cc", "Started a local Ray instance", "dashboard", "Loading the LM", "Running Dataset", "token", "Token",
+         "WARNING", "ERROR", "Traceback")
+RUN_TIMEOUT_S = 600.0  # generous: the test machine is small and shared
+ACTORS_TIMEOUT_S = 300.0  # until Ray Data's actor process exists
+GONE_WITHIN_S = 15.0  # after the driver has ended
+
+
+def _an4_files(root: Path, n: int) -> list[str]:
+    return [str(p) for p in sorted((root / "wav").rglob("*.raw"))[:n]]
+
+
+def _asr(*args: str, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def _assert_quiet(output: str) -> None:
+    noisy = [pattern for pattern in NOISY if pattern in output]
+    assert not noisy, f"{noisy} in:\n{output}"
+
+
+def test_transcribe_prints_only_the_summary(an4_root, tmp_path):
+    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    _assert_quiet(done.stdout + done.stderr)
+    assert done.stderr == ""  # the progress bar only shows on a terminal
+    assert done.stdout.startswith("3 files: 3 transcribed, 0 skipped (done earlier), 0 errors;")
+    logs = Path(re.search(r"Ray's logs: (\S+)$", done.stdout.strip()).group(1))
+    assert (logs / "raylet.out").is_file()
+    assert "core_worker.cc" in (logs / DRIVER_STDERR_NAME).read_text()  # what Ray's C++ core wrote to stderr
+
+
+def test_transcribe_verbose_shows_rays_output(an4_root, tmp_path):
+    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"), "--verbose")
+    assert done.returncode == 0, done.stderr
+    assert "Started a local Ray instance" in done.stderr
+    assert "Loading the LM" in done.stdout + done.stderr  # worker output is forwarded
+    assert "3 files: 3 transcribed" in done.stdout
+
+
+def test_stream_prints_only_results(an4_root):
+    done = _asr("stream", "--file", _an4_files(an4_root, 1)[0], "--fast")
+    assert done.returncode == 0, done.stderr
+    _assert_quiet(done.stdout + done.stderr)
+    assert re.fullmatch(r"(\[\d+\.\d\d - \d+\.\d\d\] [A-Z ]*\n)+", done.stdout.upper()), done.stdout
+    assert [line.split(" ")[0] for line in done.stderr.splitlines()] == ["Streaming", "Ray's"]
+
+
+@contextlib.contextmanager
+def _running_transcribe(an4_root: Path, out: Path) -> Iterator[tuple[subprocess.Popen, list[psutil.Process]]]:
+    """``asr transcribe`` on 60 files, once Ray Data's actor process exists: (the driver, its
+    descendants then). The driver is ended on exit if the test left it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "transcribe", *_an4_files(an4_root, 60), "--out", str(out)],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        driver = psutil.Process(proc.pid)
+        deadline = time.monotonic() + ACTORS_TIMEOUT_S
+        while not any("MapWorker" in " ".join(_cmdline(p)) for p in driver.children(recursive=True)):
+            assert proc.poll() is None, f"ended before its actors were seen:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, "Ray Data's actor did not start"
+            time.sleep(0.3)
+        yield proc, driver.children(recursive=True)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(RUN_TIMEOUT_S)
+        proc.stdout.close()
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _is_loopback(host: str) -> bool:
+    ip = ipaddress.ip_address(host)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_local_ray_listens_on_loopback_only(an4_root, tmp_path):
+    with _running_transcribe(an4_root, tmp_path / "out") as (proc, procs):
+        listening = []
+        for p in [psutil.Process(proc.pid), *procs]:
+            with contextlib.suppress(psutil.Error):
+                listening += [(" ".join(_cmdline(p))[:60], c.laddr.ip, c.laddr.port)
+                              for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert len({name for name, _, _ in listening}) >= 3, listening  # the GCS, the raylet, the workers...
+        exposed = [entry for entry in listening if not _is_loopback(entry[1])]
+        assert not exposed, exposed
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    alive = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(_cmdline(p))[:80])
+    return alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_transcribe_leaves_no_process(an4_root, tmp_path, sig):
+    with _running_transcribe(an4_root, tmp_path / "out") as (proc, procs):
+        assert any("raylet" in " ".join(_cmdline(p)) for p in procs)
+        assert any("Agent" in " ".join(_cmdline(p)) for p in procs)  # the ones that outlived a killed driver by a minute
+        proc.send_signal(sig)
+        code = proc.wait(RUN_TIMEOUT_S)
+        assert code == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+        deadline = time.monotonic() + GONE_WITHIN_S
+        while _alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive(procs)
+        if sig == signal.SIGTERM:
+            assert proc.stdout.read() == ""  # no stack dump of the signal, no traceback
