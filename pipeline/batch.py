@@ -72,7 +72,9 @@ from workers.vad import VadConfig
 
 
 def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: RawFormat | None = None) -> list[dict]:
-    """Transcribe ``paths`` with one acoustic forward pass over all readable ones.
+    """Transcribe ``paths`` with one acoustic forward pass over all readable short ones; a file
+    longer than ``vad.max_segment_s`` is read and recognised piece by piece on its own
+    (``Recognizer.transcribe_reader``), so memory does not grow with its length.
 
     Returns one record per path, in order; unreadable inputs give error records.
     """
@@ -81,12 +83,12 @@ def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: R
     for i, path in enumerate(paths):
         try:
             fmt = raw_format if Path(path).suffix.lower() in RAW_SUFFIXES else None
-            wave = recognizer.load(path, fmt)
-            if recognizer.is_long(wave):  # cut at pauses and recognised piece by piece: memory bounded by the piece
-                t = recognizer.transcribe_wave(wave, path)
-                records[i] = transcript_record(path, t.text, t.duration_s, t.words)
-            else:
-                good.append((i, recognizer.analyse(wave)))
+            with recognizer.open(path, fmt) as reader:  # reads the header only
+                if recognizer.is_long(reader.num_samples):
+                    t = recognizer.transcribe_reader(reader)
+                    records[i] = transcript_record(path, t.text, t.duration_s, t.words)
+                else:
+                    good.append((i, recognizer.analyse(reader.read(0, reader.num_samples))))
         except AudioError as exc:
             records[i] = error_record(path, exc.reason)
         except Exception as exc:  # a bug or odd file must cost one input, not the batch
