@@ -1,5 +1,6 @@
-"""Memory bounds of batch transcription: long files read and recognised in bounded pieces
-(same words and times as holding them whole)."""
+"""Memory bounds of batch transcription: batches bounded by padded audio, long files read and
+recognised in bounded pieces (same words and times as holding them whole). A worker that dies
+on an input: tests/test_batch.py (it needs the Ray started there)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import soundfile as sf
 import torch
 from conftest import AN4, NO_VAD
 
-from pipeline.batch import transcribe_batch
+from pipeline.batch import InputFile, plan_batches, transcribe_batch
 from workers.audio import AudioError, AudioReader, load_audio
 from workers.bundle import DEFAULT_BUNDLE
 from workers.decoder import DecoderConfig, WordTiming
@@ -46,6 +47,27 @@ def _join(files: list[Path], path: Path, minutes: float | None = None, pause_s: 
             pos += wave.size + pause.size
             i += 1
     return spans
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_batches_bound_padded_audio_and_isolate_long_files():
+    rng = np.random.default_rng(0)
+    items = [InputFile(f"/in/s{i:02d}.wav", f"s{i:02d}.wav", float(rng.uniform(0.7, 6.4))) for i in range(40)]
+    items += [InputFile("/in/hour.wav", "hour.wav", 3600.0), InputFile("/in/mid.wav", "mid.wav", 45.0),
+              InputFile("/in/unknown.wav", "unknown.wav", 0.0)]
+    batches = plan_batches(items, batch_seconds=120.0, batch_size=16)
+    paths = [i.path for b in batches for i in b]
+    assert sorted(paths) == sorted(i.path for i in items) and len(paths) == len(set(paths))  # each input once
+    assert [i.duration_s for b in batches for i in b] == sorted(i.duration_s for i in items)  # sorted by duration
+    for b in batches:  # padded audio (what the model computes on) within the bound, unless alone
+        assert len(b) <= 16 and (len(b) == 1 or len(b) * max(i.duration_s for i in b) <= 120.0)
+    assert ["/in/hour.wav"] in [[i.path for i in b] for b in batches]  # never padded with short files
+    padded = sum(len(b) * max(i.duration_s for i in b) for b in batches)
+    assert padded - sum(i.duration_s for i in items) < 120.0 * len(batches)
+    assert all(len(b) == 1 for b in plan_batches(items, 120.0, batch_size=1))  # --batch-size 1 still works
+    assert max(len(b) for b in plan_batches(items, 1e9, batch_size=5)) == 5
 
 
 # --------------------------------------------------------------------------- reading in pieces
