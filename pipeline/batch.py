@@ -2,10 +2,14 @@
 
 ``asr transcribe INPUT --out OUTDIR`` where INPUT is an audio file, a directory (searched
 recursively for ``workers.corpus.AUDIO_SUFFIXES``) or a ``.jsonl`` manifest. Inputs are
-sorted by duration and cut into batches of similar length; an actor pool of
-``TranscribeBatch`` UDFs (each holding one ``Recognizer``; one GPU each when the cluster
+sorted by duration and cut into batches of at most ``--batch-size`` files whose padded audio
+(files x the longest) is at most ``--batch-seconds`` (a longer file is alone); an actor pool
+of ``TranscribeBatch`` UDFs (each holding one ``Recognizer``; one GPU each when the cluster
 has GPUs) reads audio, computes features, runs the acoustic model on the whole batch and
-decodes.
+decodes. A file longer than ``vad.max_segment_s`` is read and recognised piece by piece, so
+a worker's memory does not depend on file length. A batch whose worker process dies (killed
+for memory, crashed) is run again once, then split in halves, round after round, until the
+input that fails is alone and gets an error record: the job always ends.
 
 Output, one JSON line per input (sorted by path) in ``OUTDIR/transcripts.jsonl``::
 
@@ -37,8 +41,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +78,34 @@ from workers.decoder import DecoderConfig, WordTiming
 from workers.recognizer import Recognizer
 from workers.vad import VadConfig
 
+#: Default bound on a batch's padded audio (its files x the longest of them), seconds.
+BATCH_SECONDS = 120.0
+#: A batch task whose worker process dies (killed for memory, crashed) is run again at most
+#: this many times by Ray Data; then the batch is split in halves and those are tried.
+TASK_RETRIES = 1
+#: Test hook, read only in the batch actors: a batch holding a file of this name makes its worker
+#: process exit at once, as a kill for memory would (tests/test_batch.py arms it).
+TEST_EXIT_ENV = "ASR_TEST_ONLY_EXIT_ON"
+
+
+def plan_batches(items: Sequence[InputFile], batch_seconds: float = BATCH_SECONDS, batch_size: int = 16) -> list[list[InputFile]]:
+    """Inputs sorted by duration and cut into batches of at most ``batch_size`` files whose padded
+    audio (files x the longest of them: what the acoustic model computes on) is at most
+    ``batch_seconds``; a file longer than that is alone. Every input is in exactly one batch."""
+    batches: list[list[InputFile]] = []
+    for item in sorted(items, key=lambda i: (i.duration_s, i.path)):
+        current = batches[-1] if batches else []
+        if current and len(current) < batch_size and (len(current) + 1) * item.duration_s <= batch_seconds:
+            current.append(item)
+        else:
+            batches.append([item])
+    return batches
+
 
 def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: RawFormat | None = None) -> list[dict]:
-    """Transcribe ``paths`` with one acoustic forward pass over all readable ones.
+    """Transcribe ``paths`` with one acoustic forward pass over all readable short ones; a file
+    longer than ``vad.max_segment_s`` is read and recognised piece by piece on its own
+    (``Recognizer.transcribe_reader``), so memory does not grow with its length.
 
     Returns one record per path, in order; unreadable inputs give error records.
     """
@@ -83,12 +114,12 @@ def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: R
     for i, path in enumerate(paths):
         try:
             fmt = raw_format if Path(path).suffix.lower() in RAW_SUFFIXES else None
-            wave = recognizer.load(path, fmt)
-            if recognizer.is_long(wave):  # cut at pauses and recognised piece by piece: memory bounded by the piece
-                t = recognizer.transcribe_wave(wave, path)
-                records[i] = transcript_record(path, t.text, t.duration_s, t.words)
-            else:
-                good.append((i, recognizer.analyse(wave)))
+            with recognizer.open(path, fmt) as reader:  # reads the header only
+                if recognizer.is_long(reader.num_samples):
+                    t = recognizer.transcribe_reader(reader)
+                    records[i] = transcript_record(path, t.text, t.duration_s, t.words)
+                else:
+                    good.append((i, recognizer.analyse(reader.read(0, reader.num_samples))))
         except AudioError as exc:
             records[i] = error_record(path, exc.reason)
         except Exception as exc:  # a bug or odd file must cost one input, not the batch
@@ -121,9 +152,10 @@ def _decode_all(recognizer: Recognizer, analysed: list[Any]) -> list[tuple[str, 
 
 
 class TranscribeBatch:
-    """Ray Data UDF: ``__init__`` loads the bundle once per actor; ``__call__`` maps a batch
-    ``{"path": [...]}`` to ``{"path": [...], "record": [json line, ...], "actor_s": [...]}``
-    (``actor_s``: the batch's wall seconds in this call, shared equally by its items)."""
+    """Ray Data UDF: ``__init__`` loads the bundle once per actor; ``__call__`` maps a batch of
+    rows ``{"paths": [json list of paths, ...]}`` (each row one planned batch; or the plain
+    ``{"path": [...]}``) to ``{"path": [...], "record": [json line, ...], "actor_s": [...]}``
+    (``actor_s``: the call's wall seconds, shared equally by its items)."""
 
     def __init__(
         self,
@@ -137,10 +169,16 @@ class TranscribeBatch:
     ) -> None:
         self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad)
         self.raw_format = raw_format
+        self._test_exit_on = os.environ.get(TEST_EXIT_ENV)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        paths = [str(p) for p in batch["path"]]
+        if "paths" in batch:
+            paths = [str(p) for row in batch["paths"] for p in json.loads(row)]
+        else:
+            paths = [str(p) for p in batch["path"]]
+        if self._test_exit_on and any(Path(p).name == self._test_exit_on for p in paths):
+            os._exit(1)  # test only (TEST_EXIT_ENV): the worker dies as if killed for memory
         records = transcribe_batch(self.recognizer, paths, self.raw_format)
         share_s = (time.perf_counter() - t0) / max(1, len(paths))
         return {
@@ -148,7 +186,6 @@ class TranscribeBatch:
             "record": np.array([json.dumps(r) for r in records], dtype=object),
             "actor_s": np.full(len(paths), share_s),
         }
-
 
 
 # --------------------------------------------------------------------------- Ray
@@ -163,20 +200,36 @@ def acoustic_num_gpus(concurrency: int = 1) -> float:
 
 
 def run_dataset(
-    todo: list[InputFile], udf_kwargs: dict, batch_size: int, concurrency: int, num_gpus: float
+    batches: Sequence[Sequence[str]], udf_kwargs: dict, concurrency: int, num_gpus: float, task_retries: int = TASK_RETRIES
 ) -> Iterator[tuple[str, dict, float]]:
-    """Run the UDF over ``todo`` sorted by duration (so a batch holds similar lengths); yield (path, record, actor_s)."""
-    ordered = sorted(todo, key=lambda item: (item.duration_s, item.path))
+    """Run the UDF over ``batches`` of paths (one Ray Data row and task each); yield (path,
+    record, actor_s) for the paths of every batch that finished.
+
+    A batch whose worker process died ``1 + task_retries`` times yields nothing and the run goes
+    on: Ray Data replaces a dead actor every time (``max_restarts=-1``; with a bound, a pool
+    of one actor that reached it dropped every later batch in a trial here), runs a task at
+    most ``1 + task_retries`` times (its default is forever), gives an actor one task at a
+    time (so a death fails no other batch) and, with ``max_errored_blocks=-1``, leaves a
+    failed task's batch out instead of failing the run.
+    The caller sees which paths did not come back (``_transcribe_todo`` splits their batches).
+    """
     configure_ray_data_output()
-    ds = ray.data.from_items([{"path": item.path} for item in ordered])
-    ds = ds.map_batches(
-        TranscribeBatch,
-        fn_constructor_kwargs=udf_kwargs,
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=num_gpus,
-    )
+    ds = ray.data.from_items([{"paths": json.dumps(list(b))} for b in batches], override_num_blocks=max(1, len(batches)))
+    ds.context.max_errored_blocks = -1  # this dataset's own copy of the context
+    with warnings.catch_warnings():  # Ray 2.60 takes actor options only as these (deprecated) keyword arguments
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ds.map_batches(
+            TranscribeBatch,
+            fn_constructor_kwargs=udf_kwargs,
+            batch_size=1,  # one planned batch per call
+            batch_format="numpy",
+            # one task at a time per actor: a worker that dies takes only its own batch with it
+            # (with tasks queued behind it, those failed too and used up their retries)
+            compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
+            num_gpus=num_gpus,
+            max_restarts=-1,
+            max_task_retries=task_retries,
+        )
     for row in ds.iter_rows():
         yield str(row["path"]), json.loads(row["record"]), float(row["actor_s"])
 
@@ -198,6 +251,7 @@ class _RunStats:
     compute_s: float = 0.0  # driver wall seconds from starting the dataset to its last row
     first_row_s: float = 0.0  # from starting the dataset to its first row: mostly actor start-up
     actor_s: float = 0.0  # seconds spent inside the UDF, summed over actors
+    failed_batches: int = 0  # batch tasks that did not come back (worker died every try): split or given up
 
 
 def run_settings(bundle_path: str | None, decoder_config: DecoderConfig | None, chunk_ms: float | None, lookahead_ms: float,
@@ -226,35 +280,70 @@ def _transcribe_todo(
     concurrency: int,
     num_gpus: float,
     settings: dict | None = None,
+    batch_seconds: float = BATCH_SECONDS,
+    task_retries: int = TASK_RETRIES,
     progress: bool = True,
 ) -> _RunStats:
     """Run the dataset; each record (with ``settings``) goes to the partial file (flushed), ``rows`` and its format files.
-    ``progress``: a progress bar on stderr when it is a terminal."""
+    ``progress``: a progress bar on stderr when it is a terminal.
+
+    Batches that did not come back (their worker died every time it tried them) are split in
+    halves and run again, round after round, until the input that fails is alone; it then gets
+    an error record. Every input in ``todo`` ends with exactly one record.
+    """
     stats = _RunStats()
     rels = {item.path: item.out_rel for item in todo}
+    attempts = dict.fromkeys(rels, 0)  # runs of a batch holding this input that never came back
     t0 = time.perf_counter()
+
+    def record(path: str, rec: dict, actor_s: float = 0.0) -> None:
+        bar.update()
+        rec["settings"] = settings
+        partial.write(json.dumps(rec) + "\n")
+        partial.flush()
+        rows[path] = rec
+        write_formats(out_dir, rels[path], rec, formats)
+        stats.actor_s += actor_s
+        if not stats.first_row_s:
+            stats.first_row_s = time.perf_counter() - t0
+        if rec["error"] is None:
+            stats.transcribed += 1
+            stats.audio_s += rec["duration_s"]
+
     bar = tqdm(total=len(todo), unit="file", desc="transcribing", file=sys.stderr, disable=None if progress else True)
     with bar, (out_dir / PARTIAL_NAME).open("a") as partial:
-        for path, record, actor_s in run_dataset(todo, udf_kwargs, batch_size, concurrency, num_gpus):
-            bar.update()
-            record["settings"] = settings
-            partial.write(json.dumps(record) + "\n")
-            partial.flush()
-            rows[path] = record
-            write_formats(out_dir, rels[path], record, formats)
-            stats.actor_s += actor_s
-            if not stats.first_row_s:
-                stats.first_row_s = time.perf_counter() - t0
-            if record["error"] is None:
-                stats.transcribed += 1
-                stats.audio_s += record["duration_s"]
+        pending = [[item.path for item in batch] for batch in plan_batches(todo, batch_seconds, batch_size)]
+        while pending:
+            done: set[str] = set()
+            for path, rec, actor_s in run_dataset(pending, udf_kwargs, concurrency, num_gpus, task_retries):
+                if path in rels and path not in done:
+                    done.add(path)
+                    record(path, rec, actor_s)
+            failed = [[p for p in batch if p not in done] for batch in pending]
+            failed = [batch for batch in failed if batch]
+            stats.failed_batches += len(failed)
+            pending = []
+            for batch in failed:
+                for path in batch:
+                    attempts[path] += 1 + task_retries
+                if len(batch) == 1:
+                    reason = (f"worker process died in each of {attempts[batch[0]]} attempts to transcribe this input "
+                              "(killed for using too much memory, or crashed)")
+                    record(batch[0], error_record(batch[0], reason))
+                else:
+                    half = (len(batch) + 1) // 2
+                    pending += [batch[:half], batch[half:]]
     stats.compute_s = time.perf_counter() - t0
     return stats
 
 
 def _check_options(formats: Sequence[str], batch_size: int, concurrency: int, chunk_ms: float | None = None,
-                   lookahead_ms: float = 0.0) -> None:
+                   lookahead_ms: float = 0.0, batch_seconds: float = BATCH_SECONDS, task_retries: int = TASK_RETRIES) -> None:
     """Every option checked before Ray starts (a bad one is the user's error: exit 2, one line)."""
+    if not 0 < batch_seconds < math.inf:
+        raise ValueError(f"--batch-seconds must be > 0, got {batch_seconds}")
+    if task_retries < 0:
+        raise ValueError(f"task_retries must be >= 0, got {task_retries}")
     if chunk_ms is not None and not 0 < chunk_ms < math.inf:
         raise ValueError(f"--chunk-ms must be > 0, got {chunk_ms}")
     if not 0 <= lookahead_ms < math.inf:
@@ -280,6 +369,8 @@ def transcribe_inputs(
     raw_format: RawFormat | None = None,
     address: str | None = None,
     vad: VadConfig | None = None,
+    batch_seconds: float = BATCH_SECONDS,
+    task_retries: int = TASK_RETRIES,
     progress: bool = True,
 ) -> dict:
     """Transcribe every input not done yet into ``out_dir``; returns the run summary.
@@ -288,8 +379,10 @@ def transcribe_inputs(
     otherwise latency-controlled chunks with ``lookahead_ms`` of right context.
     ``raw_format``: how headerless ``.raw``/``.pcm`` files are read (default 16 kHz 16-bit
     big-endian). ``address``: Ray cluster to connect to when Ray is not initialised yet.
-    ``vad``: voice activity gating of the words (default on). ``progress``: a progress bar on
-    stderr when it is a terminal.
+    ``vad``: voice activity gating of the words (default on). ``batch_size`` files at most per
+    batch, whose padded audio (files x the longest) is at most ``batch_seconds``; a batch whose
+    worker process dies ``1 + task_retries`` times is split until the failing input is alone,
+    which gets an error record. ``progress``: a progress bar on stderr when it is a terminal.
 
     Summary keys: ``files`` (inputs), ``transcribed`` (this run, without error),
     ``skipped`` (done earlier), ``errors`` (inputs whose line has an error),
@@ -301,7 +394,7 @@ def transcribe_inputs(
     (the log directory of the local Ray this process started, else None).
     """
     t0 = time.perf_counter()
-    _check_options(formats, batch_size, concurrency, chunk_ms, lookahead_ms)
+    _check_options(formats, batch_size, concurrency, chunk_ms, lookahead_ms, batch_seconds, task_retries)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     items = collect_inputs(inputs)
@@ -335,7 +428,8 @@ def transcribe_inputs(
             "raw_format": raw_format,
             "vad": vad,
         }
-        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings, progress)
+        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings,
+                                 batch_seconds, task_retries, progress)
     _finish(out_dir, rows)
     missing = [item.path for item in items if item.path not in rows]
     if missing:  # cannot happen unless Ray dropped rows; never report success then
@@ -352,6 +446,7 @@ def transcribe_inputs(
         "compute_s": round(stats.compute_s, 3),
         "first_row_s": round(stats.first_row_s, 3),
         "actor_s": round(stats.actor_s, 3),
+        "failed_batches": stats.failed_batches,
         "rtf": round(stats.compute_s / stats.audio_s, 4) if stats.audio_s else 0.0,
         "out": str(out_dir / TRANSCRIPTS_NAME),
         "ray_logs": ray_log_dir(),
@@ -386,7 +481,9 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     )
     parser.add_argument("--overwrite", action="store_true", help="redo inputs already in transcripts.jsonl")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--batch-size", type=int, default=16, help="utterances per acoustic-model batch")
+    parser.add_argument("--batch-size", type=int, default=16, help="files per batch at most")
+    parser.add_argument("--batch-seconds", type=float, default=BATCH_SECONDS,
+                        help="padded audio per batch at most: files x the longest, seconds (a longer file is alone)")
     parser.add_argument("--concurrency", type=int, default=1, help="acoustic actors (one GPU each when GPUs exist)")
     return parser
 
@@ -417,6 +514,7 @@ def run_transcribe(args: argparse.Namespace, config: AppConfig | None = None) ->
             overwrite=args.overwrite,
             formats=formats,
             batch_size=args.batch_size,
+            batch_seconds=args.batch_seconds,
             concurrency=args.concurrency,
             raw_format=_raw_format(config.audio),
             address=args.address,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +18,10 @@ import soundfile as sf
 import torch
 from conftest import NO_VAD
 
+import pipeline.batch as batch_mod
 from pipeline.batch import (
     PARTIAL_NAME,
+    TEST_EXIT_ENV,
     TRANSCRIPTS_NAME,
     add_transcribe_arguments,
     discover_inputs,
@@ -25,6 +31,7 @@ from pipeline.batch import (
     transcribe_batch,
     transcribe_inputs,
 )
+from workers.decoder import DecoderConfig
 from workers.recognizer import Recognizer
 
 AN4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "an4"  # real utterances, used when present
@@ -80,9 +87,18 @@ def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / TRANSCRIPTS_NAME).read_text().splitlines()]
 
 
+CRASH_NAME = "crash_me.raw"  # a batch holding a file of this name kills its worker (the test hook, armed below)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=150 * 1024**2)
+    """A local Ray; its workers inherit the environment it starts with, which arms the test hook
+    ``TEST_EXIT_ENV`` for files named ``CRASH_NAME`` (no other input is affected)."""
+    os.environ[TEST_EXIT_ENV] = CRASH_NAME
+    try:
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=150 * 1024**2)
+    finally:
+        del os.environ[TEST_EXIT_ENV]
     yield
     ray.shutdown()
 
@@ -245,7 +261,7 @@ def test_long_file_is_cut_at_pauses_in_a_batch(tmp_path):
     assert all(0 <= w["start_s"] <= w["end_s"] <= records[1]["duration_s"] for w in records[1]["words"])
 
 
-@pytest.mark.parametrize("bad", [["--lookahead-ms", "-150"], ["--chunk-ms", "0"], ["--chunk-ms", "-300"]])
+@pytest.mark.parametrize("bad", [["--lookahead-ms", "-150"], ["--chunk-ms", "0"], ["--chunk-ms", "-300"], ["--batch-seconds", "0"]])
 def test_bad_latency_is_exit_2_before_anything_starts(tmp_path, tiny_bundle, capsys, bad):
     parser = add_transcribe_arguments(argparse.ArgumentParser())
     (tmp_path / "in").mkdir()
@@ -256,3 +272,42 @@ def test_bad_latency_is_exit_2_before_anything_starts(tmp_path, tiny_bundle, cap
     err = capsys.readouterr().err
     assert bad[0] in err and "Traceback" not in err
     assert not out.exists()  # nothing left behind (no empty .partial file)
+
+
+BATCH, RETRIES = 2, 0  # the job's defaults are 16 and 1: each extra round or retry restarts a worker (seconds)
+
+
+def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(local_ray, tiny_bundle, tmp_path, monkeypatch):
+    """A worker process that dies on one input (the test hook calls os._exit, as a kill for
+    memory would end it) among real AN4 files: the job ends, that input has an error record,
+    every other one is transcribed exactly once and as in-process."""
+    good = sorted((AN4 / "wav" / "an4_clstk").rglob("*.raw"))[:7]
+    if len(good) < 7:
+        pytest.skip("needs AN4")
+    crash = tmp_path / CRASH_NAME
+    shutil.copyfile(good[0], crash)
+    yields: dict[str, int] = {}
+    run = batch_mod.run_dataset
+
+    def counting(*args, **kwargs):
+        for path, record, actor_s in run(*args, **kwargs):
+            yields[path] = yields.get(path, 0) + 1
+            yield path, record, actor_s
+
+    monkeypatch.setattr(batch_mod, "run_dataset", counting)
+    t0 = time.perf_counter()
+    summary = transcribe_inputs([str(f) for f in good] + [str(crash)], tmp_path / "out", bundle_path=tiny_bundle,
+                                decoder_config=DecoderConfig(kind="greedy"), vad=NO_VAD, batch_size=BATCH, batch_seconds=1e6,
+                                task_retries=RETRIES)
+    wall_s = time.perf_counter() - t0
+    rows = {r["path"]: r for r in _rows(tmp_path / "out")}
+    assert summary["files"] == 8 and summary["transcribed"] == 7 and summary["errors"] == 1 and len(rows) == 8
+    error = rows[str(crash)]["error"]
+    assert error and "worker process died" in error and "memory" in error
+    attempts = int(re.search(r"each of (\d+) attempts", error).group(1))
+    assert summary["failed_batches"] == 1 + math.ceil(math.log2(BATCH))  # its batch, halved until alone
+    assert attempts == (1 + RETRIES) * summary["failed_batches"]
+    assert str(crash) not in yields and all(yields[str(f)] == 1 for f in good)  # each good input transcribed once
+    reference = Recognizer(tiny_bundle, DecoderConfig(kind="greedy"), vad=NO_VAD)
+    assert [rows[str(f)]["text"] for f in good] == [reference.transcribe_file(f).text for f in good]
+    assert wall_s < 150, wall_s

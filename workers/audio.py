@@ -6,6 +6,7 @@ record the bad input and go on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,18 @@ def decode_raw_pcm(data: bytes, fmt: RawFormat, source: str = "<bytes>") -> np.n
     return ints.astype(np.float32) / scale
 
 
+def _existing_file(path: str | Path) -> Path:
+    """``path`` as a Path; ``AudioError`` for a missing file, a broken link or an empty file."""
+    p = Path(path)
+    if not p.is_file():
+        if p.is_symlink():
+            raise AudioError(str(path), f"broken symbolic link (to {p.readlink()})")
+        raise AudioError(str(path), "no such file")
+    if p.stat().st_size == 0:
+        raise AudioError(str(path), "empty file")
+    return p
+
+
 def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[np.ndarray, int]:
     """Read a file as float32 (samples, channels) and its sample rate, validating it.
 
@@ -69,13 +82,7 @@ def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[n
     scaled down to a peak of 1 (the whole file by one factor).
     """
     source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        if p.is_symlink():
-            raise AudioError(source, f"broken symbolic link (to {p.readlink()})")
-        raise AudioError(source, "no such file")
-    if p.stat().st_size == 0:
-        raise AudioError(source, "empty file")
+    p = _existing_file(path)
     if raw_format is not None or p.suffix.lower() in RAW_SUFFIXES:
         fmt = raw_format or RawFormat()
         samples = decode_raw_pcm(p.read_bytes(), fmt, source)
@@ -161,6 +168,146 @@ def load_audio(
         ms = 1000.0 * wave.numel() / target_rate_hz
         raise AudioError(str(path), f"signal too short ({ms:.1f} ms) to give one feature frame")
     return wave
+
+
+class AudioReader:
+    """One file read piece by piece at the model rate, never held whole.
+
+    ``read(start, stop)`` gives mono float32 samples ``[start, stop)`` (indexes at the model
+    rate) equal to that range of ``load_audio``: bit for bit at the file's own rate; a
+    resampled piece is cut from a stretch read ``RESAMPLE_MARGIN`` input samples wider on
+    each side than the piece, so the resampling filter sees the same neighbours as on the
+    whole file (equal up to float rounding). Opening checks what ``read_audio`` checks from
+    the header (missing, empty, unreadable, truncated, too short); non-finite samples raise
+    ``AudioError`` when the piece holding them is read. Float-coded files (whose samples may
+    exceed [-1, 1]) are scanned once for their peak and scaled by it, as ``read_audio`` does.
+    Use as a context manager (it holds the file open).
+    """
+
+    #: Input samples read beyond each end of a resampled piece (the sinc filter spans tens).
+    RESAMPLE_MARGIN = 1024
+    _INTEGER_SUBTYPES = ("PCM_", "ULAW", "ALAW")  # decoded by libsndfile into [-1, 1]
+    _EXACT_SEEK_SUBTYPES = ("PCM_", "ULAW", "ALAW", "FLOAT", "DOUBLE")  # others are read front to back
+    _TAIL_FRAMES = 8192
+
+    def __init__(self, path: str | Path, target_rate_hz: int = 16000, raw_format: RawFormat | None = None,
+                 min_samples: int = 1) -> None:
+        self.source = str(path)
+        p = _existing_file(path)
+        self._raw, self._sf, self._peak = None, None, 1.0
+        if raw_format is not None or p.suffix.lower() in RAW_SUFFIXES:
+            self._fmt = raw_format or RawFormat()
+            self._frame_bytes = _raw_dtype(self._fmt).itemsize * self._fmt.channels
+            size = p.stat().st_size
+            if size % self._frame_bytes:
+                raise AudioError(self.source, f"truncated raw PCM: {size} bytes is not a multiple of {self._frame_bytes}")
+            self.frames, self.rate_hz = size // self._frame_bytes, self._fmt.sample_rate_hz
+            self._raw = p.open("rb")
+        else:
+            try:
+                self._sf = sf.SoundFile(str(p))
+            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+                raise AudioError(self.source, f"not readable audio ({exc})") from exc
+            self.frames, self.rate_hz = int(self._sf.frames), int(self._sf.samplerate)
+            self._buf, self._buf_start = np.zeros((0, self._sf.channels), dtype=np.float32), 0  # see _read_forward
+        try:
+            self._check_header(p, target_rate_hz, min_samples)
+        except AudioError:
+            self.close()
+            raise
+
+    def _check_header(self, p: Path, target_rate_hz: int, min_samples: int) -> None:
+        if self._sf is not None:
+            declared = wav_declared_frames(p)
+            if declared is not None and declared > self.frames > 0:
+                raise AudioError(self.source, f"truncated WAV: the header declares {declared / self.rate_hz:.2f} s, "
+                                              f"{self.frames / self.rate_hz:.2f} s are present")
+        if self.frames == 0:
+            raise AudioError(self.source, "no audio samples (header only or truncated)")
+        self.target_rate_hz = target_rate_hz
+        gcd = math.gcd(self.rate_hz, target_rate_hz)
+        self._orig, self._new = self.rate_hz // gcd, target_rate_hz // gcd  # input / output samples per filter phase
+        #: samples at the model rate (as many as torchaudio's resample of the whole file gives)
+        self.num_samples = -(-self.frames * self._new // self._orig)
+        if self.num_samples < min_samples:
+            ms = 1000.0 * self.num_samples / target_rate_hz
+            raise AudioError(self.source, f"signal too short ({ms:.1f} ms) to give one feature frame")
+        if self._sf is not None and not self._sf.subtype.startswith(self._INTEGER_SUBTYPES):
+            peak = max(float(np.abs(self._read_frames(i, 1 << 20)).max()) for i in range(0, self.frames, 1 << 20))
+            self._peak = max(peak, 1.0)
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_samples / self.target_rate_hz
+
+    def _read_frames(self, first: int, count: int) -> np.ndarray:
+        """Input frames ``[first, first + count)`` as float32 (frames, channels); checked finite."""
+        count = min(count, self.frames - first)
+        if self._raw is not None:
+            self._raw.seek(first * self._frame_bytes)
+            samples = decode_raw_pcm(self._raw.read(count * self._frame_bytes), self._fmt, self.source)
+        elif self._sf is not None and self._sf.subtype.startswith(self._EXACT_SEEK_SUBTYPES):
+            self._sf.seek(first)
+            samples = self._sf.read(count, dtype="float32", always_2d=True)
+        else:
+            samples = self._read_forward(first, count)
+        if not np.all(np.isfinite(samples)):
+            raise AudioError(self.source, "NaN or infinite samples")
+        return samples
+
+    def _read_forward(self, first: int, count: int) -> np.ndarray:
+        """Frames of a compressed stream (Vorbis, Opus, MP3), which decodes exactly only front to
+        back (a seek lands a few hundred samples off): decoding goes on from where it stopped,
+        keeping the last ``_TAIL_FRAMES`` for the small step back that resampling margins take;
+        an earlier frame than that restarts from the beginning."""
+        assert self._sf is not None
+        if first < self._buf_start:
+            self._sf.seek(0)
+            self._buf, self._buf_start = self._buf[:0], 0
+        pos = self._buf_start + len(self._buf)
+        while pos < first - self._TAIL_FRAMES:  # a gap (pieces without speech): decode it block by block and drop it
+            skipped = len(self._sf.read(min(first - pos, 1 << 20), dtype="float32", always_2d=True))
+            if not skipped:
+                break
+            pos += skipped
+            self._buf, self._buf_start = self._buf[:0], pos
+        if first + count > pos:
+            self._buf = np.concatenate([self._buf, self._sf.read(first + count - pos, dtype="float32", always_2d=True)])
+        out = self._buf[first - self._buf_start : first + count - self._buf_start].copy()
+        if len(self._buf) > self._TAIL_FRAMES:
+            self._buf_start += len(self._buf) - self._TAIL_FRAMES
+            self._buf = self._buf[-self._TAIL_FRAMES :].copy()
+        return out
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Model-rate samples ``[start, stop)`` (clipped to the file) -> float32 (samples,)."""
+        start, stop = max(0, start), min(stop, self.num_samples)
+        if stop <= start:
+            return torch.zeros(0)
+        if self._orig == self._new:
+            first, offset = start, start
+            count = stop - start
+        else:  # whole filter phases: input frame k * orig lands on output sample k * new
+            margin = -(-self.RESAMPLE_MARGIN // self._orig)
+            first_phase = max(0, start // self._new - margin)
+            first, offset = first_phase * self._orig, first_phase * self._new
+            count = (-(-stop // self._new) + margin) * self._orig - first
+        samples = self._read_frames(first, count)
+        if self._peak > 1.0:
+            samples = samples / self._peak  # as read_audio scales such files
+        wave = to_model_rate(samples, self.rate_hz, self.target_rate_hz)
+        return wave[start - offset : stop - offset]
+
+    def close(self) -> None:
+        for f in (self._raw, self._sf):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> AudioReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StreamingIngest:

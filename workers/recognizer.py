@@ -7,18 +7,48 @@ whole files (offline, or chunked exactly as a stream would be).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from workers.audio import RawFormat, load_audio
+from workers.audio import AudioReader, RawFormat, load_audio
 from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult
-from workers.vad import WINDOW_SAMPLES, VadConfig, gate_words, pause_cuts, speech_detector
+from workers.vad import WINDOW_SAMPLES, VadConfig, gate_words, pause_cuts, quiet_cuts, speech_detector, window_energy_db
+
+#: A long recording is read in blocks of this many 32 ms windows (32.8 s at 16 kHz) to find its cuts.
+LONG_BLOCK_WINDOWS = 1024
+
+
+#: Pieces of a long recording go through the acoustic model in batches of at most this much
+#: padded audio (pieces x the longest), seconds: what bounds the memory of a long file.
+PIECE_BATCH_SECONDS = 120.0
+
+
+#: A piece of a long recording: (start, stop) samples, (first, end) 32 ms windows.
+Piece = tuple[int, int, int, int]
+
+
+def _piece_batches(pieces: list[Piece], batch_size: int, batch_samples: float) -> list[list[Piece]]:
+    """Consecutive pieces grouped in time order: at most ``batch_size`` per group and
+    ``batch_samples`` of padded audio (pieces x the longest); a longer piece is alone."""
+    batches: list[list[Piece]] = []
+    longest = 0
+    for piece in pieces:
+        size = piece[1] - piece[0]
+        current = batches[-1] if batches else []
+        if current and len(current) < batch_size and (len(current) + 1) * max(longest, size) <= batch_samples:
+            current.append(piece)
+            longest = max(longest, size)
+        else:
+            batches.append([piece])
+            longest = size
+    return batches
 
 
 def frames_for_ms(ms: float, frame_ms: float) -> int:
@@ -68,7 +98,8 @@ class Recognizer:
         self.extractor = MfccExtractor(self.bundle.features, self.bundle.normalizer)
         self.acoustic = AcousticStage(self.bundle.model, self.chunk_frames or 1, self.right_context_frames, self.device)
         self.decoder = build_decoder(self.bundle, decoder_config or DecoderConfig())
-        self.vad = speech_detector(vad or VadConfig(), self.bundle.features.sample_rate_hz)
+        self.vad_config = vad or VadConfig()
+        self.vad = speech_detector(self.vad_config, self.bundle.features.sample_rate_hz)
 
     def load(self, path: str | Path, raw_format: RawFormat | None = None) -> torch.Tensor:
         """Read a file -> (samples,) at the model rate; ``AudioError`` names the file and the reason."""
@@ -96,45 +127,96 @@ class Recognizer:
                 out.append((hyp.text, hyp.words))
         return out
 
-    def is_long(self, wave: torch.Tensor) -> bool:
-        """Whether ``transcribe_wave`` cuts this (samples,) recording at pauses (VAD on, longer than ``vad.max_segment_s``)."""
-        return self.vad is not None and wave.numel() > self.vad.config.max_segment_s * self.bundle.features.sample_rate_hz
+    def is_long(self, wave: torch.Tensor | int) -> bool:
+        """Whether a (samples,) recording, or one of that many samples, is longer than
+        ``vad.max_segment_s`` and so recognised in pieces (see ``transcribe_wave``)."""
+        samples = wave if isinstance(wave, int) else wave.numel()
+        return samples > self.vad_config.max_segment_s * self.bundle.features.sample_rate_hz
+
+    def open(self, path: str | Path, raw_format: RawFormat | None = None) -> AudioReader:
+        """A file for reading piece by piece at the model rate (only the header is read here)."""
+        return AudioReader(path, self.bundle.features.sample_rate_hz, raw_format, self.bundle.features.min_samples)
 
     def transcribe_wave(self, wave: torch.Tensor, source: str = "<wave>", batch_size: int = 16) -> Transcript:
         """(samples,) at the model rate -> Transcript.
 
-        A long recording (see ``is_long``) is cut at pauses the voice activity detector
-        finds into pieces of at most ``vad.max_segment_s``; each piece is recognised as an
-        utterance of its own (pieces without speech are skipped), so memory and accuracy do
-        not depend on the recording's length. Word times stay relative to the recording.
+        A long recording (see ``is_long``) is cut into pieces of at most
+        ``vad.max_segment_s``: in the middle of the pauses the voice activity detector finds,
+        or, with detection off, at the quietest moment before each limit. Each piece is
+        recognised as an utterance of its own (with detection on, pieces without speech are
+        skipped), so memory and accuracy do not depend on the recording's length. Word
+        times stay relative to the recording.
         """
         t0 = time.perf_counter()
+        if self.is_long(wave):
+            return self._transcribe_long(lambda start, stop: wave[start:stop], wave.numel(), source, batch_size, t0)
+        feats, speech = self.analyse(wave)
+        (text, words), = self.transcribe_features([feats], [speech])
+        duration_s = len(feats) * self.bundle.features.frame_ms / 1000
+        return Transcript(source, text, duration_s, words, time.perf_counter() - t0)
+
+    def transcribe_reader(self, reader: AudioReader, batch_size: int = 16) -> Transcript:
+        """An open file -> Transcript, as ``transcribe_wave`` of the whole file would give; a long
+        file is read in blocks and pieces and never held whole: memory does not grow with its length."""
+        t0 = time.perf_counter()
+        if not self.is_long(reader.num_samples):
+            return self.transcribe_wave(reader.read(0, reader.num_samples), reader.source, batch_size)
+        return self._transcribe_long(reader.read, reader.num_samples, reader.source, batch_size, t0)
+
+    def _transcribe_long(
+        self, read: Callable[[int, int], torch.Tensor], num_samples: int, source: str, batch_size: int, t0: float
+    ) -> Transcript:
+        """Recognise the pieces of a long recording in batches of at most ``batch_size`` pieces and
+        ``PIECE_BATCH_SECONDS`` of padded audio; ``read(start, stop)`` gives its samples
+        ``[start, stop)``. Holds one batch of pieces, one flag (or energy) per 32 ms window and the words."""
         rate = self.bundle.features.sample_rate_hz
-        if not self.is_long(wave):
-            feats, speech = self.analyse(wave)
-            (text, words), = self.transcribe_features([feats], [speech])
-            duration_s = len(feats) * self.bundle.features.frame_ms / 1000
-            return Transcript(source, text, duration_s, words, time.perf_counter() - t0)
-        assert self.vad is not None
-        speech = self.vad.speech(wave)
-        cfg = self.vad.config
-        pieces = []
-        for first, end in pause_cuts(speech, cfg.max_segment_s, cfg.min_pause_s):
-            if speech[first:end].any():
-                start, stop = first * WINDOW_SAMPLES, (end * WINDOW_SAMPLES if end < speech.numel() else wave.numel())
-                if stop - start >= self.bundle.features.min_samples:
-                    pieces.append((start, self.extractor(wave[start:stop]), speech[first:end]))
         words: list[WordTiming] = []
-        for i in range(0, len(pieces), batch_size):
-            batch = pieces[i : i + batch_size]
-            for (start, _, _), (_, piece_words) in zip(batch, self.transcribe_features([f for _, f, _ in batch], [s for _, _, s in batch])):
+        pieces, speech = self._long_pieces(read, num_samples)
+        for batch in _piece_batches(pieces, batch_size, PIECE_BATCH_SECONDS * rate):
+            feats = [self.extractor(read(start, stop)) for start, stop, _, _ in batch]
+            flags = [speech[first:end] if speech is not None else None for _, _, first, end in batch]
+            for (start, _, _, _), (_, piece_words) in zip(batch, self.transcribe_features(feats, flags)):
                 words += [WordTiming(w.word, w.start_s + start / rate, w.end_s + start / rate) for w in piece_words]
-        return Transcript(source, " ".join(w.word for w in words), wave.numel() / rate, words, time.perf_counter() - t0)
+        return Transcript(source, " ".join(w.word for w in words), num_samples / rate, words, time.perf_counter() - t0)
+
+    def _long_pieces(self, read: Callable[[int, int], torch.Tensor], num_samples: int) -> tuple[list[Piece], torch.Tensor | None]:
+        """The pieces to recognise, (start, stop) samples and (first, end) 32 ms windows each, and
+        the speech flag of every window (None without detection). One pass over the recording in
+        blocks of ``LONG_BLOCK_WINDOWS`` windows gives the detector's flags (its state carried
+        across blocks: the flags of the whole signal) or the windows' energies, into one tensor
+        allocated up front; the cuts follow from those."""
+        cfg = self.vad_config
+        block = LONG_BLOCK_WINDOWS * WINDOW_SAMPLES
+        n = num_samples // WINDOW_SAMPLES
+        per_window = torch.zeros(n, dtype=torch.bool if self.vad is not None else torch.float32)
+        state = self.vad.initial_state() if self.vad is not None else None
+        for start in range(0, num_samples, block):
+            wave = read(start, min(start + block, num_samples))
+            if self.vad is not None:
+                probs, state = self.vad.online(wave, state)
+                values = probs > cfg.threshold
+            else:
+                values = window_energy_db(wave)
+            first = start // WINDOW_SAMPLES
+            per_window[first : first + values.numel()] = values
+        speech = per_window if self.vad is not None else None
+        cuts = pause_cuts(per_window, cfg.max_segment_s, cfg.min_pause_s) if speech is not None else quiet_cuts(per_window, cfg.max_segment_s)
+        pieces = []
+        for first, end in cuts:
+            if speech is not None and not speech[first:end].any():
+                continue
+            start, stop = first * WINDOW_SAMPLES, (end * WINDOW_SAMPLES if end < n else num_samples)
+            if stop - start >= self.bundle.features.min_samples:
+                pieces.append((start, stop, first, end))
+        return pieces, speech
 
     def transcribe_file(self, path: str | Path, raw_format: RawFormat | None = None) -> Transcript:
-        """Raises ``AudioError`` (naming the file) for input that cannot be read."""
+        """Raises ``AudioError`` (naming the file) for input that cannot be read. A long file is
+        read piece by piece (``transcribe_reader``)."""
         t0 = time.perf_counter()
-        transcript = self.transcribe_wave(self.load(path, raw_format), str(path))
+        with self.open(path, raw_format) as reader:
+            transcript = self.transcribe_reader(reader)
+        transcript.path = str(path)
         transcript.compute_s = time.perf_counter() - t0
         return transcript
 

@@ -169,3 +169,31 @@ def pause_cuts(speech: torch.Tensor, max_segment_s: float, min_pause_s: float) -
             start += limit
         pieces.append((start, end))
     return pieces
+
+
+def window_energy_db(wave: torch.Tensor) -> torch.Tensor:
+    """(samples,) -> (windows,) mean power in dB of each complete 32 ms window (``WINDOW_SAMPLES``)."""
+    n = wave.numel() // WINDOW_SAMPLES
+    windows = wave[: n * WINDOW_SAMPLES].double().reshape(n, WINDOW_SAMPLES)
+    return (10 * torch.log10(windows.pow(2).mean(dim=1) + 1e-10)).float()
+
+
+def quiet_cuts(energy_db: torch.Tensor, max_segment_s: float, search_s: float = 5.0) -> list[tuple[int, int]]:
+    """Cut a recording without voice activity flags into pieces of at most ``max_segment_s``.
+
+    ``energy_db``: (windows,) ``window_energy_db`` of the whole recording. Returns (first, end)
+    window ranges that tile it; each cut lies at the quietest moment (energy averaged over
+    9 windows, 0.29 s) of the last ``search_s`` (at most half a piece) before the limit.
+    """
+    n = int(energy_db.numel())
+    limit = max(1, int(max_segment_s / WINDOW_S))
+    search = max(1, min(limit // 2, int(search_s / WINDOW_S)))
+    smooth = torch.nn.functional.avg_pool1d(energy_db.float()[None, None], 9, 1, 4, count_include_pad=False)[0, 0] if n else energy_db
+    pieces, start = [], 0
+    while n - start > limit:
+        first_candidate = start + limit - search
+        cut = first_candidate + int(torch.argmin(smooth[first_candidate : start + limit]))
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, n))
+    return pieces
