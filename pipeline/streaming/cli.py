@@ -97,6 +97,18 @@ class ResultPrinter:
         self._partial = ""
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is when written to: a local Ray points file
+    descriptor 2 at its log and ``sys.stderr`` at the terminal (``pipeline.ray_session``) after
+    the audio source is made, so the source must not keep the ``sys.stderr`` of before."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def run_stream(args: argparse.Namespace, config: AppConfig | None = None, out: TextIO | None = None) -> int:
     """``asr stream``: mic or file -> pipeline -> finals on ``out`` (default stdout).
 
@@ -110,7 +122,7 @@ def run_stream(args: argparse.Namespace, config: AppConfig | None = None, out: T
     try:
         config = config or load_config(getattr(args, "config", None), getattr(args, "overrides", None))
         config, decoder_config = stream_settings(args, config)
-        blocks, rate = _audio_source(args, config, sys.stderr)
+        blocks, rate = _audio_source(args, config, _CurrentStderr())  # it prints once capture starts, Ray running
         pipeline = StreamingPipeline(config, args.model, decoder_config, args.address)
     except (MicError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
