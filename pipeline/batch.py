@@ -37,12 +37,14 @@ config, bad model bundle).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,8 +54,10 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from tqdm import tqdm
 
+from pipeline import ray_session
 from pipeline.batch_files import (  # noqa: F401  (re-exported: the job's files are part of this module's API)
     FORMATS,
     PARTIAL_NAME,
@@ -65,6 +69,7 @@ from pipeline.batch_files import (  # noqa: F401  (re-exported: the job's files 
     format_path,
     load_previous,
     read_records,
+    render,
     to_srt,
     transcript_record,
     write_formats,
@@ -83,6 +88,12 @@ BATCH_SECONDS = 120.0
 #: A batch task whose worker process dies (killed for memory, crashed) is run again at most
 #: this many times by Ray Data; then the batch is split in halves and those are tried.
 TASK_RETRIES = 1
+#: Below this much audio to transcribe (seconds, summed over the inputs not done yet; from the
+#: file headers) ``asr transcribe`` runs the recogniser in its own process instead of starting
+#: a Ray: a local Ray's start-up (about 10 s here, see README) dwarfs the compute of a small job
+#: (real-time factor about 0.03 in-process). ``--ray``/``--address`` force Ray, ``--local`` forbids it.
+LOCAL_MAX_AUDIO_S = 300.0
+BACKENDS = ("auto", "local", "ray")
 #: Test hook, read only in the batch actors: a batch holding a file of this name makes its worker
 #: process exit at once, as a kill for memory would (tests/test_batch.py arms it).
 TEST_EXIT_ENV = "ASR_TEST_ONLY_EXIT_ON"
@@ -188,6 +199,54 @@ class TranscribeBatch:
         }
 
 
+def run_in_process(batches: Sequence[Sequence[str]], udf_kwargs: dict, *_: Any) -> Iterator[tuple[str, dict, float]]:
+    """``run_dataset`` without Ray: the same UDF (one ``Recognizer``) called in this process on
+    each batch of paths in turn; yields (path, record, actor_s) as ``run_dataset`` does."""
+    with _native_stderr_silenced(not ray_session.VERBOSE):  # flashlight's LM banner, as Ray keeps it in its logs
+        udf = TranscribeBatch(**udf_kwargs)
+    for paths in batches:
+        out = udf({"paths": np.array([json.dumps(list(paths))], dtype=object)})
+        for path, rec, actor_s in zip(out["path"], out["record"], out["actor_s"]):
+            yield str(path), json.loads(rec), float(actor_s)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(silence: bool = True) -> Iterator[None]:
+    """File descriptor 2 (what C++ code such as flashlight's LM loader prints to) to /dev/null
+    while the block runs, when ``silence``; Python's exceptions are untouched."""
+    if not silence:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def choose_backend(backend: str, audio_s: float, address: str | None = None, concurrency: int = 1) -> str:
+    """Where a job runs: ``"in-process"`` or ``"ray"``.
+
+    ``backend``: ``"local"`` (in-process, always; an ``address`` with it is an error),
+    ``"ray"`` (always), or ``"auto"``: Ray when given an address (or RAY_ADDRESS), when Ray is
+    already initialised in this process, when ``concurrency`` asks for several actors or when
+    ``audio_s`` (the audio to transcribe, seconds) is at least ``LOCAL_MAX_AUDIO_S``; else in-process."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "local":
+        if address:
+            raise ValueError("--local runs without Ray; it cannot be combined with --address")
+        return "in-process"
+    if backend == "ray" or address or os.environ.get("RAY_ADDRESS") or ray.is_initialized() or concurrency > 1:
+        return "ray"
+    return "in-process" if audio_s < LOCAL_MAX_AUDIO_S else "ray"
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -283,9 +342,11 @@ def _transcribe_todo(
     batch_seconds: float = BATCH_SECONDS,
     task_retries: int = TASK_RETRIES,
     progress: bool = True,
+    runner: Any = None,
 ) -> _RunStats:
     """Run the dataset; each record (with ``settings``) goes to the partial file (flushed), ``rows`` and its format files.
-    ``progress``: a progress bar on stderr when it is a terminal.
+    ``progress``: a progress bar on stderr when it is a terminal. ``runner``: ``run_dataset``
+    (the default: Ray Data) or ``run_in_process``.
 
     Batches that did not come back (their worker died every time it tried them) are split in
     halves and run again, round after round, until the input that fails is alone; it then gets
@@ -315,7 +376,7 @@ def _transcribe_todo(
         pending = [[item.path for item in batch] for batch in plan_batches(todo, batch_seconds, batch_size)]
         while pending:
             done: set[str] = set()
-            for path, rec, actor_s in run_dataset(pending, udf_kwargs, concurrency, num_gpus, task_retries):
+            for path, rec, actor_s in (runner or run_dataset)(pending, udf_kwargs, concurrency, num_gpus, task_retries):
                 if path in rels and path not in done:
                     done.add(path)
                     record(path, rec, actor_s)
@@ -372,6 +433,7 @@ def transcribe_inputs(
     batch_seconds: float = BATCH_SECONDS,
     task_retries: int = TASK_RETRIES,
     progress: bool = True,
+    backend: str = "auto",
 ) -> dict:
     """Transcribe every input not done yet into ``out_dir``; returns the run summary.
 
@@ -383,11 +445,15 @@ def transcribe_inputs(
     batch, whose padded audio (files x the longest) is at most ``batch_seconds``; a batch whose
     worker process dies ``1 + task_retries`` times is split until the failing input is alone,
     which gets an error record. ``progress``: a progress bar on stderr when it is a terminal.
+    ``backend``: ``"auto"`` (in-process below ``LOCAL_MAX_AUDIO_S`` of audio to do, else Ray;
+    see ``choose_backend``), ``"local"`` or ``"ray"``. Both run the same UDF on the same batches:
+    the records, files and resume are the same.
 
     Summary keys: ``files`` (inputs), ``transcribed`` (this run, without error),
     ``skipped`` (done earlier), ``errors`` (inputs whose line has an error),
     ``audio_s``/``audio_hours`` (audio transcribed this run), ``wall_s`` (the whole call),
-    ``compute_s`` (Ray Data stage: starting the dataset to its last row, actor start-up
+    ``ran`` (``"in-process"``, ``"ray"``, or ``"nothing"`` when every input was done earlier),
+    ``compute_s`` (Ray Data stage or in-process run: starting the dataset to its last row, actor start-up
     included), ``first_row_s`` (starting the dataset to its first row: actor start-up, model
     loading and the first batch), ``actor_s`` (seconds inside the actors' ``__call__``, summed), ``rtf``
     (compute_s / audio_s; 0 when nothing ran), ``out`` (the transcripts file), ``ray_logs``
@@ -395,6 +461,7 @@ def transcribe_inputs(
     """
     t0 = time.perf_counter()
     _check_options(formats, batch_size, concurrency, chunk_ms, lookahead_ms, batch_seconds, task_retries)
+    choose_backend(backend, 0.0, address, concurrency)  # a bad combination is the user's error, before any work
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     items = collect_inputs(inputs)
@@ -416,20 +483,26 @@ def transcribe_inputs(
             write_formats(out_dir, item.out_rel, rows[item.path], formats, only_missing=True)
     todo = [item for item in items if item.path not in done]
     stats = _RunStats()
+    ran = choose_backend(backend, sum(item.duration_s for item in todo), address, concurrency) if todo else "nothing"
     if todo:
-        connect_ray(address)
-        num_gpus = acoustic_num_gpus(concurrency)
+        if ran == "ray":
+            connect_ray(address)
+            num_gpus = acoustic_num_gpus(concurrency)
+            device = "cuda" if num_gpus else "cpu"
+        else:
+            num_gpus = 0.0
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         udf_kwargs = {
             "bundle_path": bundle,
             "decoder_config": decoder_config,
             "chunk_ms": chunk_ms,
             "lookahead_ms": lookahead_ms,
-            "device": "cuda" if num_gpus else "cpu",
+            "device": device,
             "raw_format": raw_format,
             "vad": vad,
         }
         stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings,
-                                 batch_seconds, task_retries, progress)
+                                 batch_seconds, task_retries, progress, run_dataset if ran == "ray" else run_in_process)
     _finish(out_dir, rows)
     missing = [item.path for item in items if item.path not in rows]
     if missing:  # cannot happen unless Ray dropped rows; never report success then
@@ -440,6 +513,7 @@ def transcribe_inputs(
         "skipped": len(done),
         "redone_new_settings": redone,  # transcribed before with other settings (model, decoder, latency, VAD)
         "errors": sum(1 for item in items if rows[item.path]["error"] is not None),
+        "ran": ran,
         "audio_s": round(stats.audio_s, 3),
         "audio_hours": round(stats.audio_s / 3600, 6),
         "wall_s": round(time.perf_counter() - t0, 3),
@@ -459,8 +533,9 @@ def format_summary(summary: dict) -> str:
     return (
         f"{summary['files']} files: {summary['transcribed']} transcribed, {summary['skipped']} skipped (done earlier), "
         + (f"{redone} of them redone (done earlier with other settings), " if redone else "")
-        + f"{summary['errors']} errors; {summary['audio_hours']:.4f} h of audio in {summary['wall_s']:.1f} s wall "
-        f"(compute {summary['compute_s']:.1f} s, real-time factor {summary['rtf']:.3f}) -> {summary['out']}"
+        + f"{summary['errors']} errors; ran: {summary.get('ran', 'ray')}; {summary['audio_hours']:.4f} h of audio in {summary['wall_s']:.1f} s wall "
+        f"(compute {summary['compute_s']:.1f} s, real-time factor {summary['rtf']:.3f})"
+        + (f" -> {summary['out']}" if summary.get("out") else "")
         + (f"; Ray's logs: {summary['ray_logs']}" if summary.get("ray_logs") else "")
     )
 
@@ -471,14 +546,23 @@ def format_summary(summary: dict) -> str:
 def add_transcribe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``asr transcribe``; ``--config``/``--set`` (read by ``run_transcribe``) are the CLI's common options."""
     parser.add_argument("input", nargs="+", help="audio file, directory (recursive) or .jsonl manifest")
-    parser.add_argument("--out", required=True, help="output directory (transcripts.jsonl and --format files)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (transcripts.jsonl and --format files; reruns resume). Without it the "
+                             "transcripts go to stdout: 'path: text' per input, or the --format")
     parser.add_argument("--model", default=None, help="model bundle directory (default: models/default)")
     parser.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="override decoder.kind")
     parser.add_argument("--chunk-ms", type=float, default=None, help="latency-controlled chunk in ms (default: whole utterance)")
     parser.add_argument("--lookahead-ms", type=float, default=0.0, help="right context per chunk in ms (with --chunk-ms)")
     parser.add_argument(
-        "--format", action="append", default=[], metavar="txt|srt", help="also write a file per input (repeat or comma-separate)"
+        "--format", action="append", default=[], metavar="txt|srt|json",
+        help="with --out: also write a file per input (repeat or comma-separate); without: print this format"
     )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--local", dest="backend", action="store_const", const="local",
+                       help=f"run in this process, without Ray (default below {LOCAL_MAX_AUDIO_S:g} s of audio to do)")
+    where.add_argument("--ray", dest="backend", action="store_const", const="ray",
+                       help="run under Ray Data even for a small job (--address implies it)")
+    parser.set_defaults(backend="auto")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs already in transcripts.jsonl")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--batch-size", type=int, default=16, help="files per batch at most")
@@ -500,31 +584,75 @@ def run_transcribe(args: argparse.Namespace, config: AppConfig | None = None) ->
     PCM is read as ``config.audio`` says.
     """
     formats = tuple(f.strip() for spec in args.format for f in spec.split(",") if f.strip())
+    to_stdout = args.out is None
     try:
+        _check_options(formats, 1, 1)
+        if to_stdout and len(formats) > 1:
+            raise ValueError(f"without --out, give one --format to print (got {', '.join(formats)})")
         if config is None:
             config = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
         decoder = config.decoder if args.decoder is None else dataclasses.replace(config.decoder, kind=args.decoder)
-        summary = transcribe_inputs(
-            args.input,
-            args.out,
-            bundle_path=args.model,
-            decoder_config=decoder,
-            chunk_ms=args.chunk_ms,
-            lookahead_ms=args.lookahead_ms,
-            overwrite=args.overwrite,
-            formats=formats,
-            batch_size=args.batch_size,
-            batch_seconds=args.batch_seconds,
-            concurrency=args.concurrency,
-            raw_format=_raw_format(config.audio),
-            address=args.address,
-            vad=config.vad,
-        )
+        with tempfile.TemporaryDirectory(prefix="asr-transcribe-") as scratch:
+            summary = _transcribe(args, config, decoder, formats if args.out else (), args.out or scratch)
+            if to_stdout:
+                records = {row["path"]: row for row in read_records(Path(summary["out"]))}
+                summary["out"] = None
+                order = [item.path for item in collect_inputs(args.input)]
+                sys.stdout.write(stdout_text([records[p] for p in order], formats[0] if formats else None))
+                sys.stdout.flush()
     except (ConfigError, BundleError, FileNotFoundError, ValueError) as exc:
         print(f"asr transcribe: {exc}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
+    print(format_summary(summary), file=sys.stderr if to_stdout else sys.stdout)
     return 1 if summary["errors"] else 0
+
+
+def _display_path(path: str) -> str:
+    """``path`` relative to the working directory when inside it, else as it is (absolute)."""
+    try:
+        return Path(path).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path
+
+
+def stdout_text(records: Sequence[dict], fmt: str | None) -> str:
+    """What ``asr transcribe`` without ``--out`` prints for ``records`` (in input order).
+
+    ``fmt=None``: one line per input, ``path: text`` or ``path: error: reason``; ``"json"``: the
+    records as JSON lines; ``"txt"``/``"srt"``: each input's file as ``--out`` would write it, under a
+    ``==> path <==`` line when there are several inputs (an errored input: ``error: reason``)."""
+    lines = []
+    for rec in records:
+        if fmt is None:
+            shown = rec["text"] if rec["error"] is None else f"error: {rec['error']}"
+            lines.append(f"{_display_path(rec['path'])}: {shown}\n")
+        elif fmt == "json":
+            lines.append(render(rec, fmt))
+        else:
+            body = render(rec, fmt) if rec["error"] is None else f"error: {rec['error']}\n"
+            lines.append(body if len(records) == 1 else f"==> {_display_path(rec['path'])} <==\n{body}")
+    return ("\n" if fmt in ("txt", "srt") and len(records) > 1 else "").join(lines)
+
+
+def _transcribe(args: argparse.Namespace, config: AppConfig, decoder: DecoderConfig, formats: Sequence[str], out: str) -> dict:
+    """``transcribe_inputs`` with the command's options."""
+    return transcribe_inputs(
+        args.input,
+        out,
+        bundle_path=args.model,
+        decoder_config=decoder,
+        chunk_ms=args.chunk_ms,
+        lookahead_ms=args.lookahead_ms,
+        overwrite=args.overwrite,
+        formats=formats,
+        batch_size=args.batch_size,
+        batch_seconds=args.batch_seconds,
+        concurrency=args.concurrency,
+        raw_format=_raw_format(config.audio),
+        address=args.address,
+        vad=config.vad,
+        backend=getattr(args, "backend", "auto"),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

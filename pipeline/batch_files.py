@@ -19,7 +19,7 @@ from workers.decoder import WordTiming
 
 TRANSCRIPTS_NAME = "transcripts.jsonl"
 PARTIAL_NAME = "transcripts.jsonl.partial"  # lines of finished batches of a run in progress
-FORMATS = ("txt", "srt")
+FORMATS = ("txt", "srt", "json")  # json: the record, as its line in transcripts.jsonl
 SRT_MAX_WORDS = 10  # words per subtitle cue
 RAW_BYTES_PER_SECOND = 2 * 16000  # duration estimate for headerless PCM (16-bit, 16 kHz)
 
@@ -174,6 +174,13 @@ def format_path(out_dir: Path, out_rel: str, fmt: str) -> Path:
     return out_dir / f"{out_rel}.{fmt}"
 
 
+def render(record: dict, fmt: str) -> str:
+    """An input's ``fmt`` file: its text and a newline (txt), SubRip cues (srt) or its record as one JSON line (json)."""
+    if fmt == "json":
+        return json.dumps(record) + "\n"
+    return record["text"] + "\n" if fmt == "txt" else to_srt(record)
+
+
 def write_formats(out_dir: Path, out_rel: str, record: dict, formats: Sequence[str], only_missing: bool = False) -> None:
     """Write the requested per-input files (nothing for an errored input)."""
     if record["error"] is not None:
@@ -182,4 +189,4 @@ def write_formats(out_dir: Path, out_rel: str, record: dict, formats: Sequence[s
         target = format_path(out_dir, out_rel, fmt)
         if only_missing and target.exists():
             continue
-        write_text_atomic(target, record["text"] + "\n" if fmt == "txt" else to_srt(record))
+        write_text_atomic(target, render(record, fmt))

@@ -22,6 +22,27 @@ def _verbose(parser: argparse.ArgumentParser) -> None:
                         help="show Ray's own logs and progress bars (by default they stay in the log directory the summary names)")
 
 
+def version_text() -> str:
+    """``asr --version``: the package's version and the shipped model's name and training date
+    (from ``models/default/config.json`` without loading the weights)."""
+    import importlib.metadata
+    import json
+
+    from workers.bundle import DEFAULT_BUNDLE
+
+    try:
+        version = importlib.metadata.version("lcasr")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    try:
+        info = json.loads((DEFAULT_BUNDLE / "config.json").read_text()).get("info", {})
+    except (OSError, ValueError) as exc:
+        return f"asr (lcasr) {version}; model: {DEFAULT_BUNDLE} unreadable ({exc})"
+    name = info.get("name", DEFAULT_BUNDLE.name)
+    trained = info.get("trained_date", "not recorded")
+    return f"asr (lcasr) {version}; model: {name} ({DEFAULT_BUNDLE}), trained {trained}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.batch import add_transcribe_arguments
     from pipeline.bench import add_bench_arguments
@@ -29,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import add_eval_arguments
     from pipeline.streaming import add_stream_arguments
 
-    parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition on Ray")
+    parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition on Ray",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("transcribe", help="batch-transcribe a file, directory or manifest (Ray Data)")
     add_transcribe_arguments(p)

@@ -49,7 +49,7 @@ def _assert_quiet(output: str) -> None:
 
 
 def test_transcribe_prints_only_the_summary(an4_root, tmp_path):
-    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"))
+    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"), "--ray")
     assert done.returncode == 0, done.stderr
     _assert_quiet(done.stdout + done.stderr)
     assert done.stderr == ""  # the progress bar only shows on a terminal
@@ -60,7 +60,7 @@ def test_transcribe_prints_only_the_summary(an4_root, tmp_path):
 
 
 def test_transcribe_verbose_shows_rays_output(an4_root, tmp_path):
-    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"), "--verbose")
+    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"), "--verbose", "--ray")
     assert done.returncode == 0, done.stderr
     assert "Started a local Ray instance" in done.stderr
     assert "Loading the LM" in done.stdout + done.stderr  # worker output is forwarded
@@ -79,7 +79,7 @@ def test_stream_prints_only_results(an4_root):
 def _running_transcribe(an4_root: Path, out: Path) -> Iterator[tuple[subprocess.Popen, list[psutil.Process]]]:
     """``asr transcribe`` on 60 files, once Ray Data's actor process exists: (the driver, its
     descendants then). The driver is ended on exit if the test left it running."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "transcribe", *_an4_files(an4_root, 60), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "transcribe", *_an4_files(an4_root, 60), "--out", str(out), "--ray"],
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         driver = psutil.Process(proc.pid)
