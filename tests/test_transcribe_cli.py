@@ -124,15 +124,15 @@ def test_readme_main_job_on_a_fresh_clone(tmp_path):
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
     assert not (clone.parent / "shared").exists()
     readme = (clone / "README.md").read_text()
-    assert "asr transcribe examples/ --out transcripts/ --format txt" in readme
+    assert "asr transcribe examples/ --out transcripts/ --format txt --ray" in readme
 
     def asr(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=clone, env=ENV, capture_output=True,
                               text=True, timeout=300)
 
-    done = asr("transcribe", "examples/", "--out", "transcripts/", "--format", "txt")
+    done = asr("transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray")
     assert done.returncode == 0, done.stderr
-    assert "8 files: 8 transcribed" in done.stdout and "ran: in-process" in done.stdout
+    assert "8 files: 8 transcribed" in done.stdout and "ran: ray" in done.stdout
     assert (clone / "transcripts" / "ex03_enter_one_two_three.txt").read_text() == "enter one two three\n"
     settings = json.loads((clone / "transcripts" / "transcripts.jsonl").read_text().splitlines()[0])["settings"]
     assert settings["model"] == str(clone / "models" / "default")  # the clone's code and model ran

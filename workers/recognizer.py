@@ -19,7 +19,16 @@ from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult
-from workers.vad import WINDOW_SAMPLES, VadConfig, gate_words, pause_cuts, quiet_cuts, speech_detector, window_energy_db
+from workers.vad import (
+    WINDOW_SAMPLES,
+    VadConfig,
+    gate_words,
+    pause_cuts,
+    quiet_cuts,
+    speech_detector,
+    trim_to_speech,
+    window_energy_db,
+)
 
 #: A long recording is read in blocks of this many 32 ms windows (32.8 s at 16 kHz) to find its cuts.
 LONG_BLOCK_WINDOWS = 1024
@@ -203,8 +212,10 @@ class Recognizer:
         cuts = pause_cuts(per_window, cfg.max_segment_s, cfg.min_pause_s) if speech is not None else quiet_cuts(per_window, cfg.max_segment_s)
         pieces = []
         for first, end in cuts:
-            if speech is not None and not speech[first:end].any():
-                continue
+            if speech is not None:
+                if not speech[first:end].any():
+                    continue
+                first, end = trim_to_speech(speech, first, end, cfg.piece_pad_ms)
             start, stop = first * WINDOW_SAMPLES, (end * WINDOW_SAMPLES if end < n else num_samples)
             if stop - start >= self.bundle.features.min_samples:
                 pieces.append((start, stop, first, end))
