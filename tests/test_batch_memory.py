@@ -250,9 +250,10 @@ def test_memory_of_a_long_file_does_not_grow_with_its_length(tiny_bundle, tmp_pa
 
 def test_long_recording_is_within_1_1x_of_separate_files(shipped, tmp_path):
     """Issue 13, item 2: all 105 utterances of the held-out AN4 speakers joined into one 6-minute
-    file with 0.3-0.8 s of silence between them (seeded) are recognised about as well as the same
-    utterances as separate files: WER within 1.1x (measured: 12.5 % against 11.8 %; before each
-    piece was trimmed to its speech +- vad.piece_pad_ms it was 13.9 %, 1.17x)."""
+    file with 0.3-0.8 s of silence between them are recognised about as well as the same
+    utterances as separate files: WER within 1.1x, on the mean of three random draws of the gaps
+    (measured 1.10 / 1.03 / 1.01x, WER 13.0 / 12.2 / 12.0 % against 11.84 %; before pieces were
+    trimmed to their speech +- vad.piece_pad_ms, with vad.min_pause_s 0.35, the first was 1.17x)."""
     import jiwer
 
     from pipeline.config import AppConfig
@@ -261,12 +262,14 @@ def test_long_recording_is_within_1_1x_of_separate_files(shipped, tmp_path):
     _, dev = split_by_speaker(read_an4(AN4).utterances, AppConfig().data.an4_dev_speakers)
     assert len(dev) == 105
     waves = [load_audio(u.audio).numpy() for u in dev]
-    rng = np.random.default_rng(0)
-    joined = np.concatenate([part for w in waves for part in (w, np.zeros(int(RATE * rng.uniform(0.3, 0.8)), np.float32))])
-    path = tmp_path / "dev_joined.raw"
-    path.write_bytes((np.clip(joined, -1, 1 - 2**-15) * 32768).astype(">i2").tobytes())
     reference = " ".join(u.text for u in dev)
     separate = jiwer.wer(reference, " ".join(shipped.transcribe_wave(torch.from_numpy(w)).text for w in waves))
-    long = jiwer.wer(reference, shipped.transcribe_file(path).text)
     assert 0.05 < separate < 0.2  # the model works on these speakers
-    assert long <= 1.1 * separate, (long, separate)
+    ratios = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        joined = np.concatenate([part for w in waves for part in (w, np.zeros(int(RATE * rng.uniform(0.3, 0.8)), np.float32))])
+        path = tmp_path / f"dev_joined_{seed}.raw"
+        path.write_bytes((np.clip(joined, -1, 1 - 2**-15) * 32768).astype(">i2").tobytes())
+        ratios.append(jiwer.wer(reference, shipped.transcribe_file(path).text) / separate)
+    assert np.mean(ratios) <= 1.1 and max(ratios) <= 1.15, ratios
