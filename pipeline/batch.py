@@ -177,8 +177,9 @@ class TranscribeBatch:
         device: str,
         raw_format: RawFormat | None = None,
         vad: VadConfig | None = None,
+        quantize: str = "none",
     ) -> None:
-        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad)
+        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad, quantize)
         self.raw_format = raw_format
         self._test_exit_on = os.environ.get(TEST_EXIT_ENV)
 
@@ -434,6 +435,7 @@ def transcribe_inputs(
     task_retries: int = TASK_RETRIES,
     progress: bool = True,
     backend: str = "auto",
+    quantize: str = "none",
 ) -> dict:
     """Transcribe every input not done yet into ``out_dir``; returns the run summary.
 
@@ -500,6 +502,7 @@ def transcribe_inputs(
             "device": device,
             "raw_format": raw_format,
             "vad": vad,
+            "quantize": quantize,
         }
         stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings,
                                  batch_seconds, task_retries, progress, run_dataset if ran == "ray" else run_in_process)
@@ -652,6 +655,7 @@ def _transcribe(args: argparse.Namespace, config: AppConfig, decoder: DecoderCon
         address=args.address,
         vad=config.vad,
         backend=getattr(args, "backend", "auto"),
+        quantize=config.inference.quantize,
     )
 
 
