@@ -130,6 +130,13 @@ def test_quantize_setting_is_range_checked(tiny_bundle):
     assert load_bundle(tiny_bundle).quantize == "none"
 
 
+def test_int8_is_ignored_with_a_warning_off_the_cpu(tiny_bundle):
+    """What a CUDA device gets (checked here on the "meta" device, which every machine has)."""
+    with pytest.warns(UserWarning, match="ignored on meta: dynamic int8 quantisation runs on the CPU only"):
+        bundle = load_bundle(tiny_bundle, device="meta", quantize="int8")
+    assert bundle.quantize == "none" and not bundle.model.row_wise
+
+
 def test_quantize_model_none_is_the_model_itself(tiny_bundle):
     model = load_bundle(tiny_bundle).model
     assert quantize_model(model, "none") is model and not model.row_wise

@@ -130,6 +130,12 @@ class BiLSTMCTC(nn.Module):
         """
         if self.row_wise:
             return self._forward_window_rows(x, window_lengths, chunk_frames, state)
+        return self._forward_window_batch(x, chunk_frames, window_lengths, state)
+
+    def _forward_window_batch(
+        self, x: torch.Tensor, chunk_frames: int, window_lengths: torch.Tensor, state: LstmState
+    ) -> tuple[torch.Tensor, LstmState]:
+        """``forward_window`` for all streams of the batch in one call."""
         h0, c0 = state
         n_chunk = min(chunk_frames, x.shape[1])
         new_h, new_c = [], []
@@ -157,17 +163,13 @@ class BiLSTMCTC(nn.Module):
         n_chunk = min(chunk_frames, x.shape[1])
         out = x.new_zeros(x.shape[0], n_chunk, self.config.num_tokens)
         hs, cs = list(state[0].unbind(1)), list(state[1].unbind(1))
-        self.row_wise = False
-        try:
-            for b, n in enumerate(window_lengths.tolist()):
-                if n <= 0:
-                    continue
-                init = (state[0][:, b : b + 1], state[1][:, b : b + 1])
-                log_probs, (h, c) = self.forward_window(x[b : b + 1, :n], window_lengths[b : b + 1], chunk_frames, init)
-                out[b, : log_probs.shape[1]] = log_probs[0]
-                hs[b], cs[b] = h[:, 0], c[:, 0]
-        finally:
-            self.row_wise = True
+        for b, n in enumerate(window_lengths.tolist()):
+            if n <= 0:
+                continue
+            init = (state[0][:, b : b + 1], state[1][:, b : b + 1])
+            log_probs, (h, c) = self._forward_window_batch(x[b : b + 1, :n], chunk_frames, window_lengths[b : b + 1], init)
+            out[b, : log_probs.shape[1]] = log_probs[0]
+            hs[b], cs[b] = h[:, 0], c[:, 0]
         return out, (torch.stack(hs, dim=1), torch.stack(cs, dim=1))
 
     # ---- whole utterances ----------------------------------------------------------
