@@ -315,10 +315,12 @@ class _RunStats:
 
 
 def run_settings(bundle_path: str | None, decoder_config: DecoderConfig | None, chunk_ms: float | None, lookahead_ms: float,
-                 vad: VadConfig | None) -> dict:
+                 vad: VadConfig | None, quantize: str = "none") -> dict:
     """What decides a transcript: the model (its directory and a hash of its weights), the
-    decoder, the latency and the voice activity settings. Stored in every record; a rerun
-    with other settings redoes the inputs instead of keeping transcripts made differently."""
+    decoder, the latency and the voice activity settings, and int8 quantisation when on (not
+    written when off, so records made before the setting existed still count as done).
+    Stored in every record; a rerun with other settings redoes the inputs instead of keeping
+    transcripts made differently."""
     from workers.bundle import DEFAULT_BUNDLE
 
     bundle = Path(bundle_path) if bundle_path else DEFAULT_BUNDLE
@@ -327,6 +329,8 @@ def run_settings(bundle_path: str | None, decoder_config: DecoderConfig | None, 
                 "decoder": dataclasses.asdict(decoder_config or DecoderConfig()),
                 "chunk_ms": chunk_ms, "lookahead_ms": lookahead_ms if chunk_ms is not None else 0.0,
                 "vad": dataclasses.asdict(vad or VadConfig())}
+    if quantize != "none":
+        settings["quantize"] = quantize
     return json.loads(json.dumps(settings))  # as it reads back from the JSONL file (tuples become lists)
 
 
@@ -472,7 +476,7 @@ def transcribe_inputs(
     rows = load_previous(out_dir)
     bundle = None if bundle_path is None else str(Path(bundle_path).absolute())
     load_bundle(bundle)  # fail here, with the bundle's own message, not inside an actor
-    settings = run_settings(bundle, decoder_config, chunk_ms, lookahead_ms, vad)
+    settings = run_settings(bundle, decoder_config, chunk_ms, lookahead_ms, vad, quantize)
 
     def is_done(path: str) -> bool:  # transcribed without error, with these settings
         row = rows.get(path)

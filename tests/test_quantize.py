@@ -140,3 +140,13 @@ def test_int8_is_ignored_with_a_warning_off_the_cpu(tiny_bundle):
 def test_quantize_model_none_is_the_model_itself(tiny_bundle):
     model = load_bundle(tiny_bundle).model
     assert quantize_model(model, "none") is model and not model.row_wise
+
+
+def test_int8_transcripts_are_redone_not_resumed(tiny_bundle):
+    """``asr transcribe`` into an output folder made with the float model redoes the files with int8."""
+    from pipeline.batch import run_settings
+
+    config = load_config()
+    plain = run_settings(str(tiny_bundle), config.decoder, None, 0.0, config.vad)
+    assert "quantize" not in plain  # records from before the setting still match
+    assert run_settings(str(tiny_bundle), config.decoder, None, 0.0, config.vad, "int8") == {**plain, "quantize": "int8"}
