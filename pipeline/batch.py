@@ -177,8 +177,9 @@ class TranscribeBatch:
         device: str,
         raw_format: RawFormat | None = None,
         vad: VadConfig | None = None,
+        quantize: str = "none",
     ) -> None:
-        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad)
+        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad, quantize)
         self.raw_format = raw_format
         self._test_exit_on = os.environ.get(TEST_EXIT_ENV)
 
@@ -314,10 +315,12 @@ class _RunStats:
 
 
 def run_settings(bundle_path: str | None, decoder_config: DecoderConfig | None, chunk_ms: float | None, lookahead_ms: float,
-                 vad: VadConfig | None) -> dict:
+                 vad: VadConfig | None, quantize: str = "none") -> dict:
     """What decides a transcript: the model (its directory and a hash of its weights), the
-    decoder, the latency and the voice activity settings. Stored in every record; a rerun
-    with other settings redoes the inputs instead of keeping transcripts made differently."""
+    decoder, the latency and the voice activity settings, and int8 quantisation when on (not
+    written when off, so records made before the setting existed still count as done).
+    Stored in every record; a rerun with other settings redoes the inputs instead of keeping
+    transcripts made differently."""
     from workers.bundle import DEFAULT_BUNDLE
 
     bundle = Path(bundle_path) if bundle_path else DEFAULT_BUNDLE
@@ -326,6 +329,8 @@ def run_settings(bundle_path: str | None, decoder_config: DecoderConfig | None, 
                 "decoder": dataclasses.asdict(decoder_config or DecoderConfig()),
                 "chunk_ms": chunk_ms, "lookahead_ms": lookahead_ms if chunk_ms is not None else 0.0,
                 "vad": dataclasses.asdict(vad or VadConfig())}
+    if quantize != "none":
+        settings["quantize"] = quantize
     return json.loads(json.dumps(settings))  # as it reads back from the JSONL file (tuples become lists)
 
 
@@ -434,6 +439,7 @@ def transcribe_inputs(
     task_retries: int = TASK_RETRIES,
     progress: bool = True,
     backend: str = "auto",
+    quantize: str = "none",
 ) -> dict:
     """Transcribe every input not done yet into ``out_dir``; returns the run summary.
 
@@ -470,7 +476,7 @@ def transcribe_inputs(
     rows = load_previous(out_dir)
     bundle = None if bundle_path is None else str(Path(bundle_path).absolute())
     load_bundle(bundle)  # fail here, with the bundle's own message, not inside an actor
-    settings = run_settings(bundle, decoder_config, chunk_ms, lookahead_ms, vad)
+    settings = run_settings(bundle, decoder_config, chunk_ms, lookahead_ms, vad, quantize)
 
     def is_done(path: str) -> bool:  # transcribed without error, with these settings
         row = rows.get(path)
@@ -500,6 +506,7 @@ def transcribe_inputs(
             "device": device,
             "raw_format": raw_format,
             "vad": vad,
+            "quantize": quantize,
         }
         stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings,
                                  batch_seconds, task_retries, progress, run_dataset if ran == "ray" else run_in_process)
@@ -652,6 +659,7 @@ def _transcribe(args: argparse.Namespace, config: AppConfig, decoder: DecoderCon
         address=args.address,
         vad=config.vad,
         backend=getattr(args, "backend", "auto"),
+        quantize=config.inference.quantize,
     )
 
 

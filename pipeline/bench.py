@@ -88,7 +88,7 @@ def bench_batch(files: list[str], bundle: str | None, config: AppConfig, concurr
     from pipeline.batch import transcribe_inputs
     from workers.recognizer import Recognizer
 
-    rec = Recognizer(bundle, config.decoder, vad=config.vad)
+    rec = Recognizer(bundle, config.decoder, vad=config.vad, quantize=config.inference.quantize)
     stage_s = dict.fromkeys(("load", "features", "vad", "acoustic", "decode"), 0.0)
 
     def timed(stage: str, fn, *args):
@@ -113,7 +113,7 @@ def bench_batch(files: list[str], bundle: str | None, config: AppConfig, concurr
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         summary = transcribe_inputs(files, out, bundle, config.decoder, concurrency=concurrency, vad=config.vad,
-                                    backend="ray")  # what it measures is the Ray Data job
+                                    backend="ray", quantize=config.inference.quantize)  # what it measures is the Ray Data job
         ray_s = time.perf_counter() - t0
     return {
         "files": len(files),

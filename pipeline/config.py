@@ -17,7 +17,7 @@ import yaml
 
 from workers.decoder import DecoderConfig
 from workers.features import FeatureConfig
-from workers.model import ModelConfig
+from workers.model import QUANTIZE_MODES, ModelConfig
 from workers.training import TrainConfig
 from workers.vad import VadConfig
 
@@ -79,6 +79,18 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """How the bundle's model runs at inference (eval, transcribe, stream, bench). Not in
+    ``model``: that section is the training recipe; a bundle's architecture is its own."""
+
+    quantize: str = "none"  # "int8": dynamic int8 LSTMs + output layer on the CPU (ignored, with a warning, on CUDA)
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"inference.quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     an4_root: str = "../shared/data/an4"
     fsdd_root: str = "../shared/data/fsdd"
@@ -107,6 +119,7 @@ class AppConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vad: VadConfig = field(default_factory=VadConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

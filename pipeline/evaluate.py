@@ -133,6 +133,7 @@ def evaluate(
     seed: int = 0,
     babble_pool: list[torch.Tensor] | None = None,
     vad: VadConfig | None = None,
+    quantize: str = "none",
 ) -> EvalReport:
     """Transcribe ``utterances`` in ``mode`` ("offline" or "streaming") and score them.
 
@@ -143,7 +144,7 @@ def evaluate(
     if mode == "streaming" and chunk_ms is None:
         raise ValueError("streaming mode needs chunk_ms")
     perturbations = list(perturbations or [])
-    rec = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, vad=vad)
+    rec = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, vad=vad, quantize=quantize)
     load = _Loader(rec, perturbations, seed, babble_pool)
     ids, refs, hyps, failed = [], [], [], []
     audio_s = 0.0
@@ -198,7 +199,8 @@ def evaluate(
     latency = None if chunk_ms is None else rec.bundle.model.latency_ms(rec.chunk_frames, rec.right_context_frames, rec.bundle.features.frame_ms)
     report.settings = {"mode": mode, "decoder": decoder_config.kind, "chunk_ms": chunk_ms, "lookahead_ms": lookahead_ms,
                        "algorithmic_latency_ms": latency, "model": str(rec.bundle.path),
-                       "perturbations": [str(p) for p in perturbations], "seed": seed, "vad": rec.vad is not None}
+                       "perturbations": [str(p) for p in perturbations], "seed": seed, "vad": rec.vad is not None,
+                       "quantize": rec.bundle.quantize}
     return report
 
 
@@ -219,7 +221,7 @@ def format_report(report: EvalReport) -> str:
     s = report.settings
     lines = [
         f"mode={s.get('mode')} decoder={s.get('decoder')} chunk_ms={s.get('chunk_ms')} lookahead_ms={s.get('lookahead_ms')} "
-        f"latency_ms={s.get('algorithmic_latency_ms')} vad={s.get('vad')} perturb={','.join(s.get('perturbations', [])) or 'none'}",
+        f"latency_ms={s.get('algorithmic_latency_ms')} vad={s.get('vad')} quantize={s.get('quantize', 'none')} perturb={','.join(s.get('perturbations', [])) or 'none'}",
     ]
     if report.reference_words:
         lines.append(
@@ -313,7 +315,8 @@ def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
             return 2
     vad = dataclasses.replace(config.vad, enabled=False) if args.no_vad else config.vad
     report = evaluate(utts, args.model, decoder_config, args.mode, chunk_ms, lookahead_ms, args.worst,
-                      perturbations=perturbations, seed=args.seed, babble_pool=pool, vad=vad)
+                      perturbations=perturbations, seed=args.seed, babble_pool=pool, vad=vad,
+                      quantize=config.inference.quantize)
     report.settings["skipped_transcripts"] = len(corpus.skipped)
     print(format_report(report))
     if args.json_path:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from workers.features import FeatureConfig, Normalizer
-from workers.model import BiLSTMCTC, ModelConfig
+from workers.model import QUANTIZE_MODES, BiLSTMCTC, ModelConfig, quantize_model
 from workers.tokens import TOKENS
 
 BUNDLE_VERSION = 1
@@ -44,6 +45,7 @@ class Bundle:
     lexicon_path: Path | None = None
     lm_path: Path | None = None
     info: dict = field(default_factory=dict)
+    quantize: str = "none"  # what ``load_bundle`` applied to ``model``: "none" or "int8"
 
     @property
     def tokens_path(self) -> Path:
@@ -98,8 +100,14 @@ def _dataclass_from(cls, values: dict, where: str):
         raise BundleError(f"{where}: {exc}") from exc
 
 
-def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu") -> Bundle:
-    """Load and validate a bundle (default: the shipped ``models/default``)."""
+def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu", quantize: str = "none") -> Bundle:
+    """Load and validate a bundle (default: the shipped ``models/default``).
+
+    ``quantize="int8"``: dynamic int8 quantisation of the LSTMs and the output layer
+    (``workers.model.quantize_model``), for CPU inference. It exists only on the CPU, so on
+    a CUDA device it is ignored with a warning and the float model is used."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     path = Path(path) if path is not None else DEFAULT_BUNDLE
     if not path.is_dir():
         raise BundleError(f"{path}: model bundle directory not found")
@@ -139,6 +147,10 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     except (KeyError, RuntimeError) as exc:
         raise BundleError(f"{path / 'weights.pt'}: weights do not match the config ({exc})") from exc
     model.to(device).eval()
+    if quantize != "none" and torch.device(device).type != "cpu":
+        warnings.warn(f"quantize={quantize!r} ignored on {device}: dynamic int8 quantisation runs on the CPU only", stacklevel=2)
+        quantize = "none"
+    model = quantize_model(model, quantize)
     lexicon = path / "lexicon.txt"
     lm = path / "lm.arpa"
     return Bundle(
@@ -150,6 +162,7 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
         lexicon_path=lexicon if lexicon.is_file() else None,
         lm_path=lm if lm.is_file() else None,
         info=config.get("info", {}),
+        quantize=quantize,
     )
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 COMBINE_MODES = ("concat", "sum", "mean", "product")
+QUANTIZE_MODES = ("none", "int8")  # inference-time weight formats (``quantize_model``)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class BiLSTMCTC(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.layer_output_dim, config.num_tokens)
+        # True after ``quantize_model(..., "int8")``: windows then run one stream at a time
+        # over their valid frames only (see ``forward_window``).
+        self.row_wise = False
 
     # ---- state ---------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str = "cpu") -> LstmState:
@@ -118,7 +122,20 @@ class BiLSTMCTC(nn.Module):
         state: forward-direction (h, c) at the end of the previous chunk.
         Returns log-probs (batch, min(chunk_frames, window_frames), num_tokens) and the
         forward state after the chunk (valid for streams whose chunk was complete).
+
+        A dynamically quantised model scales each LSTM/Linear input tensor by its own
+        range, so one stream's numbers would depend on the streams and padding batched with
+        it; ``row_wise`` models therefore run each stream alone over its valid frames, which
+        keeps streaming output equal to offline chunked output.
         """
+        if self.row_wise:
+            return self._forward_window_rows(x, window_lengths, chunk_frames, state)
+        return self._forward_window_batch(x, chunk_frames, window_lengths, state)
+
+    def _forward_window_batch(
+        self, x: torch.Tensor, chunk_frames: int, window_lengths: torch.Tensor, state: LstmState
+    ) -> tuple[torch.Tensor, LstmState]:
+        """``forward_window`` for all streams of the batch in one call."""
         h0, c0 = state
         n_chunk = min(chunk_frames, x.shape[1])
         new_h, new_c = [], []
@@ -137,6 +154,23 @@ class BiLSTMCTC(nn.Module):
             layer_in = self._add_backward(layer, layer_in, window_lengths, fwd)
         logits = self.output(layer_in[:, :n_chunk])
         return logits.log_softmax(dim=-1), (torch.cat(new_h), torch.cat(new_c))
+
+    def _forward_window_rows(
+        self, x: torch.Tensor, window_lengths: torch.Tensor, chunk_frames: int, state: LstmState
+    ) -> tuple[torch.Tensor, LstmState]:
+        """``forward_window`` one stream at a time, each over its first ``window_lengths[b]``
+        frames; padding frames get zero log-probs and a stream with none keeps its state."""
+        n_chunk = min(chunk_frames, x.shape[1])
+        out = x.new_zeros(x.shape[0], n_chunk, self.config.num_tokens)
+        hs, cs = list(state[0].unbind(1)), list(state[1].unbind(1))
+        for b, n in enumerate(window_lengths.tolist()):
+            if n <= 0:
+                continue
+            init = (state[0][:, b : b + 1], state[1][:, b : b + 1])
+            log_probs, (h, c) = self._forward_window_batch(x[b : b + 1, :n], chunk_frames, window_lengths[b : b + 1], init)
+            out[b, : log_probs.shape[1]] = log_probs[0]
+            hs[b], cs[b] = h[:, 0], c[:, 0]
+        return out, (torch.stack(hs, dim=1), torch.stack(cs, dim=1))
 
     # ---- whole utterances ----------------------------------------------------------
     def forward(
@@ -164,6 +198,8 @@ class BiLSTMCTC(nn.Module):
             right_context_frames = 0
         if chunk_frames >= frames:
             return self.forward_window(x, lengths.to(x.device).clamp(max=frames), frames, self.initial_state(batch, x.device))[0]
+        if self.row_wise:  # batched windows would share quantisation ranges: one window at a time
+            return self.forward_windows_sequential(x, lengths, chunk_frames, right_context_frames)
         return self._forward_chunked(x, lengths.to(x.device), chunk_frames, right_context_frames)
 
     def forward_windows_sequential(
@@ -231,3 +267,23 @@ class BiLSTMCTC(nn.Module):
         """Algorithmic latency (chunk + lookahead) in milliseconds."""
         lookahead = right_context_frames if self.config.bidirectional else 0
         return (chunk_frames + lookahead) * frame_ms
+
+
+def quantize_model(model: BiLSTMCTC, mode: str = "none") -> BiLSTMCTC:
+    """``mode`` "int8": a copy with dynamically quantised int8 LSTMs and output layer (CPU
+    only: weights int8, activations quantised per call by their range), run ``row_wise``;
+    "none": ``model`` itself."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    if mode == "none":
+        return model
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError(f"int8 quantisation runs on the CPU only; the model is on {next(model.parameters()).device}")
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, not installed here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.ao.quantization.quantize_dynamic(model.eval(), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+    quantized.row_wise = True
+    return quantized

@@ -87,7 +87,8 @@ class Recognizer:
     ``chunk_ms=None`` runs the BiLSTM over the whole utterance; otherwise latency-controlled
     chunks of ``chunk_ms`` with ``lookahead_ms`` of right context, as streaming does. With
     voice activity detection on (``vad``, the default) only words where the detector hears
-    speech are kept.
+    speech are kept. ``quantize`` ("none", "int8"): see ``load_bundle`` (a ``Bundle`` passed
+    in is used as it was loaded).
     """
 
     def __init__(
@@ -98,9 +99,10 @@ class Recognizer:
         lookahead_ms: float = 0.0,
         device: str | None = None,
         vad: VadConfig | None = None,
+        quantize: str = "none",
     ) -> None:
         self.device = pick_device(device)
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, self.device)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, self.device, quantize)
         frame_ms = self.bundle.features.frame_ms
         self.chunk_frames = None if chunk_ms is None else max(1, frames_for_ms(chunk_ms, frame_ms))
         self.right_context_frames = frames_for_ms(lookahead_ms, frame_ms) if chunk_ms is not None else 0
@@ -251,9 +253,10 @@ class StreamingRecognizer:
         device: str | None = None,
         stream_id: str = "stream",
         vad: VadConfig | None = None,
+        quantize: str = "none",
     ) -> None:
         device_t = pick_device(device)
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device_t)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device_t, quantize)
         feats = self.bundle.features
         self.stream_id = stream_id
         self.ingest = IngestStage(feats.sample_rate_hz, max(1, int(feats.sample_rate_hz * ingest_chunk_ms / 1000)))

@@ -49,8 +49,9 @@ class AcousticActor:
         max_batch_streams: int,
         device: str = "cpu",
         num_threads: int = 0,
+        quantize: str = "none",
     ) -> None:
-        with unpacked_bundle(bundle_files, device) as bundle:
+        with unpacked_bundle(bundle_files, device, quantize) as bundle:
             self.stage = AcousticStage(bundle.model, chunk_frames, right_context_frames, device)
             self.num_tokens = bundle.model_config.num_tokens
         self.max_batch_wait_s = max_batch_wait_ms / 1000

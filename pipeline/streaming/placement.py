@@ -25,13 +25,13 @@ def read_bundle_files(path: str | Path) -> dict[str, bytes]:
 
 
 @contextlib.contextmanager
-def unpacked_bundle(files: dict[str, bytes], device: str = "cpu") -> Iterator[Bundle]:
+def unpacked_bundle(files: dict[str, bytes], device: str = "cpu", quantize: str = "none") -> Iterator[Bundle]:
     """Write the files to a temporary directory and load them; the directory is removed on
     exit, so build everything that reads bundle files (decoder LM, lexicon) inside."""
     with tempfile.TemporaryDirectory(prefix="asr-bundle-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
-        yield load_bundle(tmp, device)
+        yield load_bundle(tmp, device, quantize)
 
 
 def acoustic_num_gpus(streaming: StreamingConfig) -> float:

@@ -214,6 +214,7 @@ class StreamingPipeline:
                 s.max_batch_streams,
                 "cuda" if num_gpus > 0 else "cpu",
                 s.acoustic_num_threads,
+                self.config.inference.quantize,
             )
             for _ in range(acoustic_actor_count(s, num_gpus))
         ]
