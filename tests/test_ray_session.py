@@ -109,16 +109,15 @@ def _is_loopback(host: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def test_local_ray_listens_on_loopback_only(an4_root, tmp_path):
-    with _running_transcribe(an4_root, tmp_path / "out") as (proc, procs):
-        listening = []
-        for p in [psutil.Process(proc.pid), *procs]:
-            with contextlib.suppress(psutil.Error):
-                listening += [(" ".join(_cmdline(p))[:60], c.laddr.ip, c.laddr.port)
-                              for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-        assert len({name for name, _, _ in listening}) >= 3, listening  # the GCS, the raylet, the workers...
-        exposed = [entry for entry in listening if not _is_loopback(entry[1])]
-        assert not exposed, exposed
+def _assert_listens_on_loopback_only(proc: subprocess.Popen, procs: list[psutil.Process]) -> None:
+    listening = []
+    for p in [psutil.Process(proc.pid), *procs]:
+        with contextlib.suppress(psutil.Error):
+            listening += [(" ".join(_cmdline(p))[:60], c.laddr.ip, c.laddr.port)
+                          for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert len({name for name, _, _ in listening}) >= 3, listening  # the GCS, the raylet, the workers...
+    exposed = [entry for entry in listening if not _is_loopback(entry[1])]
+    assert not exposed, exposed
 
 
 def _alive(procs: list[psutil.Process]) -> list[str]:
@@ -132,7 +131,11 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_transcribe_leaves_no_process(an4_root, tmp_path, sig):
+    """The local Ray of a running ``asr transcribe`` listens on loopback only (checked once,
+    in the SIGTERM run, to save a Ray start); when the command is killed its processes go."""
     with _running_transcribe(an4_root, tmp_path / "out") as (proc, procs):
+        if sig == signal.SIGTERM:
+            _assert_listens_on_loopback_only(proc, procs)
         assert any("raylet" in " ".join(_cmdline(p)) for p in procs)
         assert any("Agent" in " ".join(_cmdline(p)) for p in procs)  # the ones that outlived a killed driver by a minute
         proc.send_signal(sig)
