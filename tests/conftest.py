@@ -20,6 +20,10 @@ FSDD = DATA / "fsdd"
 #: Tests on generated tones and noise turn voice activity gating off: no detector hears speech
 #: in them, so every word would be dropped and comparisons of texts would pass vacuously.
 NO_VAD = VadConfig(enabled=False)
+#: What a quiet command (no --verbose) must not print: Ray's internals (tests/test_ray_session.py,
+#: tests/test_stream_mic.py).
+NOISY = ("core_worker.cc", "Started a local Ray instance", "dashboard", "Loading the LM", "Running Dataset", "token", "Token",
+         "WARNING", "ERROR", "Traceback")
 
 
 def make_tiny_bundle(path: Path, seed: int = 0, hidden_size: int = 24, with_lm: bool = False) -> Path:

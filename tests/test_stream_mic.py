@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import NOISY
 
 from pipeline.config import load_config
 from pipeline.streaming import ResultPrinter, StreamError, file_blocks, format_final, run_session
@@ -127,11 +128,16 @@ def assert_clean_exit(proc: subprocess.CompletedProcess | _Running, stderr: str)
 
 
 def test_file_fast_matches_in_process(bundle: Path, trained: bool, an4_wav: Path) -> None:
+    """The script on a file, unpaced: the finals of the in-process recogniser, and only them
+    (stdout) and two lines (stderr): nothing of Ray's unless --verbose."""
     proc = subprocess.run(
         script_args(bundle, "beam", "--file", str(an4_wav), "--fast"),
         capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, cwd=REPO,
     )  # fmt: skip
     assert_clean_exit(proc, proc.stderr)
+    noisy = [pattern for pattern in NOISY if pattern in proc.stdout + proc.stderr]
+    assert not noisy, f"{noisy} in:\n{proc.stdout}{proc.stderr}"  # a quiet local Ray (issue 13, item 10)
+    assert [line.split(" ")[0] for line in proc.stderr.splitlines()] == ["Streaming", "Ray's"], proc.stderr
     printed = final_lines(proc.stdout)
     assert printed == in_process_lines(bundle, an4_wav, "beam"), proc.stdout
     assert final_text(printed)  # the comparison is not vacuous
