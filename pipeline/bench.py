@@ -45,10 +45,13 @@ STAGE_SPANS = ("queue_and_send", "ingest", "to_features", "features", "to_acoust
 
 
 class RssSampler:
-    """Samples the summed RSS (MB) of this process and every Ray worker process in a thread."""
+    """Samples, in a thread, the summed RSS (MB) of this process and every process whose
+    command line holds one of ``patterns`` (default: Ray's workers; empty: this process alone);
+    ``peak_mb`` is the largest sum seen, a last sample taken on exit included."""
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.5, patterns: tuple[str, ...] = ("ray::",)) -> None:
         self.interval_s = interval_s
+        self.patterns = patterns
         self.peak_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -57,15 +60,18 @@ class RssSampler:
     def current_mb(patterns: tuple[str, ...] = ("ray::",), include_self: bool = True) -> float:
         """Summed RSS of this process (optional) and processes whose command line holds a pattern."""
         total = psutil.Process().memory_info().rss if include_self else 0
-        for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        for proc in psutil.process_iter(["cmdline", "memory_info"]) if patterns else ():
             cmd = " ".join(proc.info["cmdline"] or [])
             if any(p in cmd for p in patterns) and proc.info["memory_info"] is not None:
                 total += proc.info["memory_info"].rss
         return total / 2**20
 
+    def _sample(self) -> None:
+        self.peak_mb = max(self.peak_mb, self.current_mb(self.patterns))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self.current_mb())
+            self._sample()
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RssSampler:
@@ -75,6 +81,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 def _percentiles(values_ms: list[float]) -> dict:

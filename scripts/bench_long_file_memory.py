@@ -20,7 +20,6 @@ import json
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import soundfile as sf
 import torch
 
 from pipeline.batch import TranscribeBatch
+from pipeline.bench import RssSampler
 from pipeline.config import load_config
 from workers.audio import RawFormat, load_audio
 from workers.corpus import read_corpus
@@ -38,29 +38,6 @@ from workers.decoder import DecoderConfig
 from workers.vad import VadConfig
 
 RATE_HZ = 16000
-
-
-class PeakRss:
-    """Samples this process's RSS every ``interval_s`` in a thread; ``peak`` in bytes."""
-
-    def __init__(self, interval_s: float = 0.02) -> None:
-        self.proc, self.interval_s, self.peak = psutil.Process(), interval_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def build_recording(path: Path, waves: list[np.ndarray], minutes: float, seed: int = 0) -> list[int]:
@@ -107,7 +84,7 @@ def main() -> None:
         udf({"path": np.array([str(short)], dtype=object)})  # warm up: first calls allocate lazily
         idle = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
-        with PeakRss() as peak:
+        with RssSampler(interval_s=0.02, patterns=()) as peak:  # this process alone
             out = udf({"path": np.array([str(path)], dtype=object)})
         wall_s = time.perf_counter() - t0
     record = json.loads(out["record"][0])
@@ -120,8 +97,8 @@ def main() -> None:
     separate = " ".join(texts[i] for i in order)
     figures = {
         "minutes": round(record["duration_s"] / 60, 2), "format": args.format, "vad": not args.no_vad,
-        "utterances": len(order), "idle_rss_mb": round(idle / 2**20), "peak_rss_mb": round(peak.peak / 2**20),
-        "above_idle_mb": round((peak.peak - idle) / 2**20), "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "utterances": len(order), "idle_rss_mb": round(idle / 2**20), "peak_rss_mb": round(peak.peak_mb),
+        "above_idle_mb": round(peak.peak_mb - idle / 2**20), "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "wall_s": round(wall_s, 1), "rtf": round(wall_s / record["duration_s"], 4),
         "wer_long_pct": round(100 * jiwer.wer(ref, record["text"]), 2),
         "wer_separate_pct": round(100 * jiwer.wer(ref, separate), 2),

@@ -4,8 +4,6 @@ on an input: tests/test_batch.py (it needs the Ray started there)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 from conftest import AN4, NO_VAD
 
 from pipeline.batch import InputFile, plan_batches, transcribe_batch
+from pipeline.bench import RssSampler
 from workers.audio import AudioError, AudioReader, load_audio
 from workers.bundle import DEFAULT_BUNDLE
 from workers.decoder import DecoderConfig, WordTiming
@@ -189,25 +188,6 @@ def test_quiet_cuts_tile_and_pick_the_pause():
     assert 500 <= pieces[0][1] < 520
 
 
-class _PeakRss:
-    def __init__(self) -> None:
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.01)
-
-    def __enter__(self) -> _PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def test_memory_of_a_long_file_does_not_grow_with_its_length(tiny_bundle, tmp_path, monkeypatch):
     """3 and 30 minutes of AN4 speech through the batch UDF's path (tiny model, detection off,
     for speed): no read and no forward pass grows with the file, and the resident memory above
@@ -237,10 +217,10 @@ def test_memory_of_a_long_file_does_not_grow_with_its_length(tiny_bundle, tmp_pa
         path = tmp_path / f"m{minutes}.raw"
         _join(_an4(30), path, minutes=minutes)
         idle = psutil.Process().memory_info().rss
-        with _PeakRss() as peak:
+        with RssSampler(interval_s=0.01, patterns=()) as peak:  # this process alone
             records = transcribe_batch(rec, [str(short), str(path)])
         assert all(r["error"] is None for r in records) and records[1]["duration_s"] >= minutes * 60
-        above_idle[minutes] = (peak.peak - idle) / 2**20
+        above_idle[minutes] = peak.peak_mb - idle / 2**20
         path.unlink()
     assert biggest["read"] <= LONG_BLOCK_WINDOWS * WINDOW_SAMPLES
     assert biggest["padded_frames"] <= PIECE_BATCH_SECONDS / 0.03 + 1
