@@ -44,7 +44,7 @@ def version_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.batch import add_transcribe_arguments
+    from pipeline.batch_cli import add_transcribe_arguments
     from pipeline.bench import add_bench_arguments
     from pipeline.cluster import add_submit_arguments
     from pipeline.evaluate import add_eval_arguments
@@ -108,7 +108,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "transcribe":
-        from pipeline.batch import run_transcribe
+        from pipeline.batch_cli import run_transcribe
 
         return run_transcribe(args, config)
     if args.command == "stream":

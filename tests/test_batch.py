@@ -23,14 +23,12 @@ from pipeline.batch import (
     PARTIAL_NAME,
     TEST_EXIT_ENV,
     TRANSCRIPTS_NAME,
-    add_transcribe_arguments,
     discover_inputs,
-    format_summary,
-    run_transcribe,
     to_srt,
     transcribe_batch,
     transcribe_inputs,
 )
+from pipeline.batch_cli import add_transcribe_arguments, format_summary, run_transcribe
 from workers.decoder import DecoderConfig
 from workers.recognizer import Recognizer
 
