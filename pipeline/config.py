@@ -57,13 +57,14 @@ class StreamingConfig:
     # since its last final) and replays it on the restarted actors when a stage actor dies.
     replay_buffer_s: float = 60.0  # seconds of audio kept per stream; a stream with more since its last final is lost in a crash
     recovery_timeout_s: float = 60.0  # longest wait for a crashed actor to come back (and for any chain's results)
+    max_streams: int = 0  # asr serve: connections served at once (more are refused); 0: 8 per CPU + 64 per GPU of the cluster
 
     def __post_init__(self) -> None:
         """Every numeric setting range-checked here, so a bad one fails before Ray starts."""
         positive = ("chunk_ms", "ingest_chunk_ms", "replay_buffer_s", "recovery_timeout_s")
         at_least_one = ("max_batch_streams", "max_inflight_chunks", "decoder_actors")
         non_negative = ("lookahead_ms", "endpoint_silence_ms", "max_batch_wait_ms", "max_submit_wait_ms",
-                        "acoustic_actors", "acoustic_num_threads", "feature_actors")
+                        "acoustic_actors", "acoustic_num_threads", "feature_actors", "max_streams")
         for name in positive:  # written as "not >" so that NaN fails too
             if not getattr(self, name) > 0 or getattr(self, name) == math.inf:
                 raise ValueError(f"streaming.{name} must be > 0 and finite, got {getattr(self, name)}")
@@ -72,7 +73,7 @@ class StreamingConfig:
                 raise ValueError(f"streaming.{name} must be >= 1, got {getattr(self, name)}")
         for name in non_negative:
             if not getattr(self, name) >= 0:
-                hint = " (0: automatic)" if name in ("acoustic_actors", "feature_actors") else ""
+                hint = " (0: automatic)" if name in ("acoustic_actors", "feature_actors", "max_streams") else ""
                 raise ValueError(f"streaming.{name} must be >= 0{hint}, got {getattr(self, name)}")
         if self.acoustic_num_gpus != -1 and self.acoustic_num_gpus < 0:
             raise ValueError(f"streaming.acoustic_num_gpus must be -1 (automatic) or >= 0, got {self.acoustic_num_gpus}")

@@ -50,6 +50,10 @@ class IngestStage:
         ingest = self._streams.pop(stream_id, None)
         return ingest.flush() if ingest else torch.zeros(0)
 
+    def stream_ids(self) -> set[str]:
+        """The streams this stage holds state for."""
+        return set(self._streams)
+
 
 class FeatureStage:
     """MFCC of each stream and, with a ``SpeechDetector``, its voice activity per 32 ms window."""
@@ -84,6 +88,10 @@ class FeatureStage:
     def stream_count(self) -> int:
         return len(self._states)
 
+    def stream_ids(self) -> set[str]:
+        """The streams this stage holds state for (MFCC or voice activity)."""
+        return set(self._states) | set(self._vad_states)
+
 
 @dataclass
 class _AcousticStream:
@@ -103,6 +111,10 @@ class AcousticStage:
         self.chunk_frames = chunk_frames
         self.right_context_frames = right_context_frames if model.config.bidirectional else 0
         self._streams: dict[str, _AcousticStream] = {}
+
+    def stream_ids(self) -> set[str]:
+        """The streams this stage holds state for (LSTM state, frames awaiting a chunk)."""
+        return set(self._streams)
 
     def _stream(self, stream_id: str) -> _AcousticStream:
         if stream_id not in self._streams:
@@ -215,6 +227,10 @@ class DecoderStage:
     @property
     def stream_count(self) -> int:
         return len(self._segments)
+
+    def stream_ids(self) -> set[str]:
+        """The streams this stage holds state for (search, endpointing, voice activity flags)."""
+        return set(self._segments) | self._emitted_final | set(self._speech) | set(self._speech_from)
 
     def push(
         self, stream_id: str, log_probs: torch.Tensor, is_last: bool = False, speech: torch.Tensor | None = None

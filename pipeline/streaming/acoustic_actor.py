@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pipeline.streaming.actors import process_rss_mb
 from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError, _tensor
 from pipeline.streaming.placement import unpacked_bundle
 from workers.stages import AcousticStage
@@ -117,6 +118,14 @@ class AcousticActor:
         if self._next_seq.pop(stream_id, None) is not None:
             end = [(stream_id, torch.zeros(0, self.stage.model.config.input_dim), True)]
             await asyncio.get_running_loop().run_in_executor(self._executor, self.stage.process, end)
+
+    def held_streams(self) -> int:
+        """Streams with any state here: model state, or calls held or waiting for a batch."""
+        return len(self.stage.stream_ids() | set(self._next_seq) | {k for k, v in self._held.items() if v} | {k for k, v in self._ready.items() if v})
+
+    def rss_mb(self) -> float:
+        """This actor process's resident memory, MB."""
+        return process_rss_mb()
 
     def device(self) -> str:
         """Where the model runs ("cpu", "cuda:0")."""

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError, _tensor
@@ -41,6 +42,29 @@ class _SequenceCheck:
     def forget(self, stream_id: str) -> None:
         self._next.pop(stream_id, None)
 
+    def stream_ids(self) -> set[str]:
+        return set(self._next)
+
+
+class _Introspection:
+    """What a stage actor holds, for ``StageActors.stream_counts`` / ``rss_mb``."""
+
+    stage: Any
+    order: _SequenceCheck
+
+    def held_streams(self) -> int:
+        """Streams with any state in this actor (the stage's, or the order check's)."""
+        return len(self.stage.stream_ids() | self.order.stream_ids())
+
+    def rss_mb(self) -> float:
+        """This actor process's resident memory, MB."""
+        return process_rss_mb()
+
+
+def process_rss_mb() -> float:
+    """The calling process's resident memory, MB."""
+    return psutil.Process().memory_info().rss / 1e6
+
 
 def _each(items: list[StageItem], work: Any, drop: Any) -> list[StageItem]:
     """Run ``work(item) -> new data`` on each item in order; an item that fails (or failed
@@ -60,7 +84,7 @@ def _each(items: list[StageItem], work: Any, drop: Any) -> list[StageItem]:
     return out
 
 
-class IngestActor:
+class IngestActor(_Introspection):
     """Wraps ``IngestStage``: audio of any size and rate -> model-rate chunks (samples,)."""
 
     def __init__(self, target_rate_hz: int, chunk_samples: int) -> None:
@@ -84,7 +108,7 @@ class IngestActor:
         self.stage.finish(stream_id)
 
 
-class FeatureActor:
+class FeatureActor(_Introspection):
     """Wraps ``FeatureStage``: model-rate chunks -> normalised stacked MFCC (frames, feature_dim)."""
 
     def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None) -> None:
@@ -115,7 +139,7 @@ class FeatureActor:
         self.stage.drop(stream_id)
 
 
-class DecoderActor:
+class DecoderActor(_Introspection):
     """Wraps ``DecoderStage``: log-probs (frames, num_tokens) -> partial / final results."""
 
     def __init__(

@@ -19,23 +19,13 @@ import torch
 
 from pipeline.config import AppConfig
 from pipeline.ray_session import connect_ray, shutdown_ray
-from pipeline.streaming.acoustic_actor import AcousticActor
-from pipeline.streaming.actors import DecoderActor, FeatureActor, IngestActor
 from pipeline.streaming.items import StageItem, StateLostError, StreamError, StreamOrderError
-from pipeline.streaming.placement import (
-    ACOUSTIC_MAX_CONCURRENCY,
-    ACTOR_START_TIMEOUT_S,
-    _actor_options,
-    acoustic_actor_count,
-    acoustic_num_gpus,
-    feature_actor_count,
-    read_bundle_files,
-)
+from pipeline.streaming.placement import ACTOR_START_TIMEOUT_S
 from pipeline.streaming.replay import ReplayBuffer
+from pipeline.streaming.stage_actors import StageActors, start_stage_actors
 from workers.audio import validate_samples
-from workers.bundle import Bundle, load_bundle
+from workers.bundle import load_bundle
 from workers.decoder import DecoderConfig
-from workers.recognizer import frames_for_ms
 from workers.stages import RecognitionResult
 
 MAX_RECOVERIES_PER_STREAM = 5  # replays of one stream before it is given up (a crash loop)
@@ -118,6 +108,7 @@ class _Stream:
     skip_finals: int = 0  # after a replay from the start: finals (and the partials before them) the caller has
     offset_s: float = 0.0  # added to result times: stream time where the current key's audio starts
     recoveries: int = 0
+    options: Any = None  # StreamOptions for the decoder, sent with every push
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,12 +157,15 @@ class StreamingPipeline:
         bundle_path: str | Path | None = None,
         decoder_config: DecoderConfig | None = None,
         address: str | None = None,
+        actors: StageActors | None = None,
     ) -> None:
         self.config = config or AppConfig()
         self.streaming = self.config.streaming  # range-checked by StreamingConfig itself
-        bundle = load_bundle(bundle_path)  # validate here, with a clear error, before any actor starts
-        self.sample_rate_hz = bundle.features.sample_rate_hz
+        # actors given: attach to a running set (a server's replicas share one); it is not
+        # ours to stop. Otherwise start our own and stop it on shutdown.
+        bundle = None if actors is not None else load_bundle(bundle_path)  # validated here, before any actor starts
         self._owns_ray = connect_ray(address)
+        self._owns_actors = actors is None
         self.stats = PipelineStats()
         self._streams: dict[str, _Stream] = {}
         self._recovering = False  # a stream failed: open_stream first waits for restarted actors
@@ -184,59 +178,30 @@ class StreamingPipeline:
         self._opened = 0  # streams opened so far: stream k uses acoustic/decoder actor k % their count
         self._stopping = False
         self._submitter: threading.Thread | None = None
+        self._set: StageActors | None = None
         try:
-            self._start_actors(bundle, decoder_config or self.config.decoder)
+            self._set = actors or start_stage_actors(self.config, bundle, decoder_config)
+            self.sample_rate_hz = self._set.sample_rate_hz
+            self._ingest, self._features = self._set.ingest, self._set.features
+            self._acoustics, self._decoders = self._set.acoustics, self._set.decoders
+            self.actors = self._set.named()
+            self._epochs = ray.get([a.epoch.remote() for a in self._acoustics], timeout=ACTOR_START_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
         self._submitter = threading.Thread(target=self._submit_loop, name="asr-submit", daemon=True)
         self._submitter.start()
 
-    def _start_actors(self, bundle: Bundle, decoder_config: DecoderConfig) -> None:
-        s, frame_ms = self.streaming, bundle.features.frame_ms
-        self._bundle_files = ray.put(read_bundle_files(bundle.path))  # once; held for actor restarts
-        files = self._bundle_files
-        num_gpus = acoustic_num_gpus(s)
-        chunk_samples = max(1, int(self.sample_rate_hz * s.ingest_chunk_ms / 1000))
-        self._ingest = ray.remote(IngestActor).options(**_actor_options()).remote(self.sample_rate_hz, chunk_samples)
-        self._features = [
-            ray.remote(FeatureActor).options(**_actor_options()).remote(files, self.config.vad) for _ in range(feature_actor_count(s))
-        ]
-        acoustic_options = _actor_options(s.acoustic_resources, num_gpus=num_gpus, max_concurrency=ACOUSTIC_MAX_CONCURRENCY)
-        self._acoustics = [
-            ray.remote(AcousticActor)
-            .options(**acoustic_options)
-            .remote(
-                files,
-                max(1, frames_for_ms(s.chunk_ms, frame_ms)),
-                frames_for_ms(s.lookahead_ms, frame_ms),
-                s.max_batch_wait_ms,
-                s.max_batch_streams,
-                "cuda" if num_gpus > 0 else "cpu",
-                s.acoustic_num_threads,
-                self.config.inference.quantize,
-            )
-            for _ in range(acoustic_actor_count(s, num_gpus))
-        ]
-        self._decoders = [
-            ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(files, decoder_config, s.endpoint_silence_ms, self.config.vad)
-            for _ in range(s.decoder_actors)
-        ]
-        self.actors = {"ingest": self._ingest}
-        for name, group in (("features", self._features), ("acoustic", self._acoustics), ("decoder", self._decoders)):
-            self.actors.update({name if k == 0 else f"{name}-{k + 1}": actor for k, actor in enumerate(group)})
-        try:  # surface start-up errors here, and resources no node offers
-            ray.get([a.__ray_ready__.remote() for a in self.actors.values()], timeout=ACTOR_START_TIMEOUT_S)
-            self._epochs = ray.get([a.epoch.remote() for a in self._acoustics], timeout=ACTOR_START_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"stage actors did not start in {ACTOR_START_TIMEOUT_S:.0f} s: does the cluster offer "
-                f"acoustic_resources={s.acoustic_resources}, decoder_resources={s.decoder_resources}, GPUs={num_gpus}?"
-            ) from None
+    @property
+    def stage_actors(self) -> StageActors:
+        """The stage actors this pipeline's streams run on (to share with other sessions)."""
+        assert self._set is not None
+        return self._set
 
     # ---- streams ---------------------------------------------------------------------
-    def open_stream(self, stream_id: str | None = None) -> str:
-        """Start a stream; returns its id (a new unique one unless given)."""
+    def open_stream(self, stream_id: str | None = None, options: Any = None) -> str:
+        """Start a stream; returns its id (a new unique one unless given). ``options``: the
+        stream's ``workers.stages.StreamOptions`` (alternatives, phrase list), default none."""
         stream_id = stream_id or uuid.uuid4().hex
         if stream_id in self._streams:
             raise ValueError(f"stream {stream_id} is already open")
@@ -245,7 +210,7 @@ class StreamingPipeline:
         with self._cond:
             k = self._opened
             self._streams[stream_id] = _Stream(stream_id, ReplayBuffer(self.streaming.replay_buffer_s), features=k % len(self._features),
-                                               acoustic=k % len(self._acoustics), decoder=k % len(self._decoders))
+                                               acoustic=k % len(self._acoustics), decoder=k % len(self._decoders), options=options)
             self._opened += 1
         return stream_id
 
@@ -292,6 +257,26 @@ class StreamingPipeline:
             del self._streams[stream_id]
         return results
 
+    def results(self, stream_id: str, wait: bool = False) -> list[RecognitionResult]:
+        """The stream's results completed since it last returned some; ``wait``: first wait
+        until every push made so far is back (a server answers each frame this way)."""
+        stream = self._stream(stream_id)
+        return self._collect(stream_id, stream, block=wait)
+
+    def abort(self, stream_id: str) -> None:
+        """Abandon a stream without waiting (its client went away): its end is queued so that
+        every stage frees its state in order behind its pushes, and nothing more is returned."""
+        with self._cond:
+            stream = self._streams.pop(stream_id, None)
+        if stream is None or stream.closing:
+            return
+        stream.closing = True
+        self._enqueue(stream_id, stream, None, self.sample_rate_hz, keep=False)
+
+    def open_streams(self) -> int:
+        """Streams open (opened, not yet closed, aborted or lost)."""
+        return len(self._streams)
+
     def inflight(self, stream_id: str) -> int:
         """Chains of this stream submitted but not yet collected (<= max_inflight_chunks)."""
         return len(self._stream(stream_id).inflight)
@@ -332,9 +317,9 @@ class StreamingPipeline:
         if self._submitter is not None:
             self._submitter.join()
             self._submitter = None
-        for actor in self.actors.values() if ray.is_initialized() else ():
-            ray.kill(actor, no_restart=True)
-        self.actors, self._streams = {}, {}
+        if self._set is not None and self._owns_actors:
+            self._set.kill()
+        self.actors, self._streams, self._set = {}, {}, None
         if self._owns_ray:
             shutdown_ray()
         self._owns_ray = False
@@ -405,7 +390,7 @@ class StreamingPipeline:
         batch (those run in parallel)."""
         items = [
             StageItem(p.key, p.seq, p.audio is None, None if p.audio is None else (p.audio, p.rate_hz),
-                      features=st.features, acoustic=st.acoustic, decoder=st.decoder, acoustic_epoch=self._epochs[st.acoustic])
+                      features=st.features, acoustic=st.acoustic, decoder=st.decoder, acoustic_epoch=self._epochs[st.acoustic], options=st.options)
             for _, st, p in batch
         ]
         self.stats.chains += 1
