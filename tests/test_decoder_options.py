@@ -18,6 +18,7 @@ from workers.corpus import read_an4
 from workers.decoder import (
     CtcDecoder,
     DecoderConfig,
+    Hypothesis,
     WordTiming,
     alternative_confidences,
     normalize_phrases,
@@ -25,7 +26,7 @@ from workers.decoder import (
 )
 from workers.recognizer import Recognizer, StreamingRecognizer, build_decoder, phrase_decoder, phrase_decoder_factory
 from workers.stages import PHRASE_DECODER_CACHE, DecoderStage, RecognitionResult, StreamOptions
-from workers.tokens import BLANK_ID, TOKEN_TO_ID, TOKENS
+from workers.tokens import TOKEN_TO_ID, TOKENS
 
 FRAME_MS = 30.0
 #: Held-out utterances: the first three are recognised exactly by the default decoder; the
@@ -160,6 +161,39 @@ def test_phrase_decoders_are_cached_lru() -> None:
     stage.push("c", em, is_last=True, options=StreamOptions(phrase_list=("yes no",)))
     assert built[-1] == ("yes no",) and len(stage._phrase_decoders) == PHRASE_DECODER_CACHE
     assert stage.stream_count == 0
+
+
+class _NBestDecoder:
+    """Stand-in whose final n-best is scripted: "a b" (score 0), "a c" (-1), "a" (-1.5);
+    "b" and "c" lie after 1 s."""
+
+    frame_ms = FRAME_MS
+
+    def begin(self) -> list:
+        return []
+
+    def step(self, state: list, emissions: torch.Tensor) -> Hypothesis:
+        return Hypothesis("", [], 0.0)
+
+    def end(self, state: list) -> Hypothesis:
+        return self.end_nbest(state, 1)[0]
+
+    def end_nbest(self, state: list, n: int) -> list[Hypothesis]:
+        a, b, c = WordTiming("a", 0.1, 0.3), WordTiming("b", 1.5, 1.7), WordTiming("c", 1.5, 1.8)
+        return [Hypothesis("a b", [a, b], 0.0), Hypothesis("a c", [a, c], -1.0), Hypothesis("a", [a], -1.5)][:n]
+
+
+def test_alternatives_that_gating_makes_equal_are_merged() -> None:
+    em = _frames("-" * 70)
+    flags = torch.arange(70) * 0.032 < 0.5  # speech only in the first half second
+    ungated = DecoderStage(_NBestDecoder()).push("s", em, is_last=True, options=StreamOptions(max_alternatives=3))[0]  # type: ignore[arg-type]
+    scores = [0.0, -1.0, -1.5]
+    assert [a.text for a in ungated.alternatives] == ["a b", "a c", "a"]
+    assert [a.confidence for a in ungated.alternatives] == pytest.approx(alternative_confidences(scores))
+    stage = DecoderStage(_NBestDecoder(), vad_pad_ms=0.0)  # type: ignore[arg-type]
+    gated = stage.push("s", em, is_last=True, speech=flags, options=StreamOptions(max_alternatives=3))[0]
+    assert [a.text for a in gated.alternatives] == ["a"] and gated.alternatives[0].confidence == pytest.approx(1.0)
+    assert gated.text == "a" and [w.word for w in gated.words] == ["a"]
 
 
 # --- real speech -----------------------------------------------------------------
@@ -360,8 +394,3 @@ def test_decoder_actor_builds_phrase_decoders_after_init(speech: dict[str, torch
     # unfit options fail that stream only
     bad = actor.push_many(0, [StageItem("bad", 0, False, em, options={"phrase_list": ["x"]})])
     assert "TypeError" in (bad[0].error or "") and actor.stage.stream_count == 0
-
-
-def test_blank_id_is_first() -> None:
-    # _frames and _posteriors rely on the token order
-    assert TOKENS[BLANK_ID] == "-"
