@@ -8,14 +8,19 @@ is lexicon-free and can use a character LM whose vocabulary is ``tokens.txt``.
 
 Streaming: ``begin()`` gives a state, ``step(state, chunk)`` feeds frames and returns the
 partial hypothesis, ``end(state)`` the final one, equal to ``decode`` on the joined
-chunks. A flashlight decoder holds the search of one stream, so every state (and every
-offline ``decode``) gets its own, built from a language model and dictionaries loaded
-once per ``CtcDecoder``: many streams can be decoded side by side.
+chunks; ``end_nbest(state, n)`` finishes a stream with up to ``n`` distinct final
+hypotheses instead. A flashlight decoder holds the search of one stream, so every state
+(and every offline ``decode``) gets its own, built from a language model and dictionaries
+loaded once per ``CtcDecoder``: many streams can be decoded side by side.
+
+``word_confidences`` scores recognised words against the emissions they came from;
+``normalize_phrases`` checks a restricted vocabulary (see ``workers.recognizer.phrase_decoder``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from flashlight.lib.text.decoder import (
 from flashlight.lib.text.dictionary import load_words
 from torchaudio.models.decoder import CTCDecoder, CTCHypothesis, ctc_decoder
 
-from workers.tokens import BLANK, BLANK_ID, SEPARATOR_ID, TOKENS, WORD_SEPARATOR
+from workers.tokens import BLANK, BLANK_ID, SEPARATOR_ID, TOKEN_TO_ID, TOKENS, WORD_SEPARATOR
 
 NUM_TOKENS = len(TOKENS)
 UNK_WORD = "<unk>"
@@ -37,6 +42,9 @@ UNK_WORD = "<unk>"
 # word, so without that frame flashlight's word list drops the last word, and the best
 # hypothesis can even stop inside a word (its tokens spelling no lexicon word).
 _OFF = -1.0e4
+#: A phrase-list entry that Vosk clients send to allow "any other word"; it is ignored here
+#: (a restricted search spells list words only).
+VOSK_UNK = "[unk]"
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,13 @@ class DecoderConfig:
 
 @dataclass
 class WordTiming:
-    """One recognised word and its time span in seconds from the start of the stream."""
+    """One recognised word and its time span in seconds from the start of the stream;
+    ``conf``: its confidence in [0, 1] (``word_confidences``), None where not computed."""
 
     word: str
     start_s: float
     end_s: float
+    conf: float | None = None
 
 
 @dataclass
@@ -84,6 +94,28 @@ class Hypothesis:
     text: str
     words: list[WordTiming]
     score: float
+
+
+@dataclass
+class Alternative:
+    """One of the n best distinct transcripts of an utterance. ``confidence``: the softmax of
+    the returned hypotheses' total search scores (natural-log units) over the returned list,
+    so the alternatives' confidences sum to 1 and come sorted descending."""
+
+    text: str
+    words: list[WordTiming]
+    confidence: float
+
+
+def alternative_confidences(scores: list[float]) -> list[float]:
+    """Softmax of search scores (see ``Alternative``); -inf scores get 0 (all -inf: uniform)."""
+    finite = [s for s in scores if math.isfinite(s)]
+    if not finite:
+        return [1.0 / len(scores)] * len(scores) if scores else []
+    top = max(finite)
+    weights = [math.exp(s - top) if math.isfinite(s) else 0.0 for s in scores]
+    total = math.fsum(weights)
+    return [w / total for w in weights]
 
 
 @dataclass
@@ -102,6 +134,60 @@ def check_emissions(emissions: torch.Tensor) -> torch.Tensor:
     if emissions.ndim != 2 or emissions.shape[1] != NUM_TOKENS:
         raise ValueError(f"emissions must have shape (frames, {NUM_TOKENS}), got {tuple(emissions.shape)}")
     return emissions.detach().to("cpu", torch.float32).contiguous()
+
+
+def word_confidences(log_probs: torch.Tensor, words: list[WordTiming], frame_ms: float, offset_s: float = 0.0) -> list[float]:
+    """Confidence in [0, 1] of each word, from the CTC posteriors of its frames.
+
+    ``log_probs``: ``(frames, 29)`` log-probabilities; a word's times are seconds from
+    ``offset_s`` before frame 0 (frame ``f`` covers ``offset_s + [f, f + 1) * frame_ms``).
+    The word's frame span runs from its start frame to its end frame (the frame before
+    ``end_s``), inclusive, widened by one frame on each side and clipped to the emissions.
+    For each letter of the word, take the highest posterior probability that letter's token
+    reaches within the span; the word's confidence is the geometric mean of those over its
+    letters. A word with no frame in the emissions, or no letter of the token set, gets 0.
+    """
+    emissions = check_emissions(log_probs)
+    n = emissions.shape[0]
+    out: list[float] = []
+    for w in words:
+        ids = [TOKEN_TO_ID[c] for c in w.word if c in TOKEN_TO_ID and TOKEN_TO_ID[c] > SEPARATOR_ID]
+        start = int(round((w.start_s - offset_s) * 1000 / frame_ms))
+        end = int(round((w.end_s - offset_s) * 1000 / frame_ms)) - 1  # inclusive
+        first, last = start - 1, end + 1  # widened by a frame each side
+        first, last = max(first, 0), min(last, n - 1)
+        if not ids or first > last:
+            out.append(0.0)
+            continue
+        best = emissions[first : last + 1, ids].max(dim=0).values  # (letters,) log-probs
+        out.append(min(1.0, max(0.0, math.exp(float(best.double().mean())))))
+    return out
+
+
+def normalize_phrases(phrases: Iterable[str]) -> tuple[str, ...]:
+    """Phrases of a restricted vocabulary, checked: each lower-cased with its whitespace
+    squeezed; the Vosk token ``[unk]`` is dropped wherever it appears (ignored: a restricted
+    search never produces out-of-list words); empty and repeated phrases dropped, order kept.
+
+    Raises ``ValueError`` naming the word and its characters outside the model's tokens
+    (letters a-z and the apostrophe), and when no phrase is left.
+    """
+    if isinstance(phrases, str):
+        raise ValueError(f"phrases must be a list of strings, got the string {phrases!r}")
+    out: dict[str, None] = {}
+    for phrase in phrases:
+        if not isinstance(phrase, str):
+            raise ValueError(f"phrases must be strings, got {phrase!r}")
+        words = [w for w in phrase.lower().split() if w != VOSK_UNK]
+        for word in words:
+            bad = sorted({c for c in word if c not in TOKEN_TO_ID or TOKEN_TO_ID[c] <= SEPARATOR_ID})
+            if bad:
+                raise ValueError(f"phrase word {word!r} has characters the model cannot spell: {bad!r} (allowed: a-z and ')")
+        if words:
+            out[" ".join(words)] = None
+    if not out:
+        raise ValueError("the phrase list has no words (\"[unk]\" is ignored)")
+    return tuple(out)
 
 
 def _words_from_path(token_ids: list[int], first_frames: list[int], last_frames: list[int], frame_ms: float) -> list[WordTiming]:
@@ -268,19 +354,30 @@ class CtcDecoder:
 
     def end(self, state: StreamState) -> Hypothesis:
         """Finish a stream and return its final hypothesis."""
+        return self.end_nbest(state, 1)[0]
+
+    def end_nbest(self, state: StreamState, max_alternatives: int) -> list[Hypothesis]:
+        """Finish a stream and return its final hypotheses with distinct texts, best score
+        first, at most ``max_alternatives`` (the greedy kind has one); the first is what
+        ``end`` returns. Never empty: an empty search gives one empty hypothesis."""
+        if max_alternatives < 1:
+            raise ValueError(f"max_alternatives must be >= 1, got {max_alternatives}")
         if state.finished:
             raise RuntimeError("decoder stream already ended")
         state.finished = True
         if state.search is None:
-            return _greedy_from_best(state.best_ids, state.best_logprobs, self.frame_ms)
+            return [_greedy_from_best(state.best_ids, state.best_logprobs, self.frame_ms)]
         if self._lexicon:
             separator = torch.full((1, NUM_TOKENS), _OFF)
             separator[0, SEPARATOR_ID] = 0.0
             state.search.decode_step(separator)
         state.search.decode_end()
-        hypothesis = self._best(state.search)
+        if max_alternatives == 1:
+            hypotheses = [self._best(state.search)]
+        else:
+            hypotheses = self._distinct(state.search, max_alternatives)
         state.search = None  # free the search graph
-        return hypothesis
+        return hypotheses
 
     def _feed(self, state: StreamState, emissions: torch.Tensor) -> None:
         if state.finished:
@@ -301,6 +398,19 @@ class CtcDecoder:
             return Hypothesis("", [], float("-inf"))
         best = max(results, key=lambda r: r.score)
         return self._from_ctc_hypothesis(search._to_hypo([best])[0])
+
+    def _distinct(self, search: CTCDecoder, limit: int) -> list[Hypothesis]:
+        """The best-scoring hypothesis of each distinct text, best first, at most ``limit``."""
+        results = sorted(search.decoder.get_all_final_hypothesis(), key=lambda r: -r.score)  # stable: ties keep _best's pick
+        if not results:
+            return [Hypothesis("", [], float("-inf"))]
+        distinct: dict[str, Hypothesis] = {}
+        for result in results:  # converted one by one: the loop usually stops early
+            converted = self._from_ctc_hypothesis(search._to_hypo([result])[0])
+            distinct.setdefault(converted.text, converted)
+            if len(distinct) == limit:
+                break
+        return list(distinct.values())
 
     def _from_ctc_hypothesis(self, hyp: CTCHypothesis) -> Hypothesis:
         """flashlight's ``timesteps`` count from 1 (0 is the start state, reported as a

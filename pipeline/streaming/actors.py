@@ -16,7 +16,7 @@ from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError
 from pipeline.streaming.placement import unpacked_bundle
 from workers.decoder import DecoderConfig
 from workers.features import MfccExtractor
-from workers.recognizer import build_decoder
+from workers.recognizer import build_decoder, phrase_decoder_factory
 from workers.stages import DecoderStage, FeatureStage, IngestStage, RecognitionResult
 from workers.vad import VadConfig, speech_detector
 
@@ -140,14 +140,22 @@ class FeatureActor(_Introspection):
 
 
 class DecoderActor(_Introspection):
-    """Wraps ``DecoderStage``: log-probs (frames, num_tokens) -> partial / final results."""
+    """Wraps ``DecoderStage``: log-probs (frames, num_tokens) -> partial / final results.
+    Each item's ``options`` (a ``StreamOptions`` or None) go to the stage; phrase-list
+    decoders are built from what the bundle held (``phrase_decoder_factory`` reads no bundle
+    file, so it works after the unpacked bundle directory is gone)."""
 
     def __init__(
         self, bundle_files: dict[str, bytes], decoder_config: DecoderConfig, endpoint_silence_ms: float, vad: VadConfig | None = None
     ) -> None:
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
-            self.stage = DecoderStage(build_decoder(bundle, decoder_config), endpoint_silence_ms, vad.gate_pad_ms)
+            self.stage = DecoderStage(
+                build_decoder(bundle, decoder_config),
+                endpoint_silence_ms,
+                vad.gate_pad_ms,
+                phrase_decoder_factory(bundle, decoder_config),
+            )
             self.num_tokens = bundle.model_config.num_tokens
         self.order = _SequenceCheck()
 
@@ -161,7 +169,7 @@ class DecoderActor(_Introspection):
     def _push(self, item: StageItem) -> list[RecognitionResult]:
         self.order.check(item.stream_id, item.seq, item.is_last)
         speech = None if item.speech is None else torch.from_numpy(np.array(item.speech, dtype=bool))
-        return self.stage.push(item.stream_id, _tensor(item.data), item.is_last, speech)
+        return self.stage.push(item.stream_id, _tensor(item.data), item.is_last, speech, item.options)
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)

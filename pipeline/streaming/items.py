@@ -45,8 +45,8 @@ class StageItem:
     acoustic: int = 0  # which acoustic actor keeps this stream's state
     decoder: int = 0  # which decoder actor keeps this stream's state
     acoustic_epoch: str = ""  # the acoustic actor's incarnation the driver expects (a restarted one has another)
-    options: Any = None  # the stream's workers.stages.StreamOptions (decoder alternatives, phrase list), or None
     stage_times: tuple[float, ...] = ()  # time.time() at entry to and exit from each stage so far
+    options: Any = None  # the stream's workers.stages.StreamOptions (None: the decoder's defaults), for the decoder actor
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
