@@ -1,4 +1,4 @@
-"""The `asr` command: transcribe | stream | eval | train | bench | submit."""
+"""The `asr` command: transcribe | stream | serve | eval | train | bench | submit."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.bench import add_bench_arguments
     from pipeline.cluster import add_submit_arguments
     from pipeline.evaluate import add_eval_arguments
+    from pipeline.serve_cli import add_serve_arguments
     from pipeline.streaming import add_stream_arguments
 
     parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition on Ray",
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose(p)
     p = sub.add_parser("stream", help="stream from the microphone or a file through the Ray actor pipeline")
     add_stream_arguments(p)
+    _common(p)
+    _verbose(p)
+    p = sub.add_parser("serve", help="serve streaming recognition over a websocket (Vosk protocol, Ray Serve)")
+    add_serve_arguments(p)
     _common(p)
     _verbose(p)
     p = sub.add_parser("eval", help="WER/CER of a mode against reference transcripts")
@@ -115,6 +120,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from pipeline.streaming import run_stream
 
         return run_stream(args, config)
+    if args.command == "serve":
+        from pipeline.serve_cli import run_serve
+
+        return run_serve(args, config)
     if args.command == "eval":
         from pipeline.evaluate import run_eval
 

@@ -39,6 +39,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser, config_options: bool =
     parser.add_argument("--lookahead-ms", type=float, default=None, help="right context per chunk (default: from config)")
     parser.add_argument("--endpoint-ms", type=float, default=None, help="silence that ends an utterance; 0 disables")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                        help="stream to a running `asr serve` (or any Vosk websocket server) instead of a pipeline here")
     parser.add_argument("--show-partials", action="store_true", help="print partial results as lines when not on a terminal")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop after this much audio")
     if config_options:
@@ -123,6 +125,8 @@ def run_stream(args: argparse.Namespace, config: AppConfig | None = None, out: T
         config = config or load_config(getattr(args, "config", None), getattr(args, "overrides", None))
         config, decoder_config = stream_settings(args, config)
         blocks, rate = _audio_source(args, config, _CurrentStderr())  # it prints once capture starts, Ray running
+        if args.server:
+            return run_server_session(args.server, blocks, rate, ResultPrinter(out, args.show_partials))
         pipeline = StreamingPipeline(config, args.model, decoder_config, args.address)
     except (MicError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -141,6 +145,30 @@ def run_stream(args: argparse.Namespace, config: AppConfig | None = None, out: T
         pipeline.shutdown()
         if ray_log_dir():
             print(f"Ray's logs: {ray_log_dir()}", file=sys.stderr)
+
+
+def run_server_session(url: str, blocks: Iterator[np.ndarray], rate_hz: int, printer: ResultPrinter) -> int:
+    """Stream the blocks to a Vosk-protocol server (``asr serve``) and print its replies as
+    ``asr stream`` prints results; Ctrl-C ends the capture and asks for the last result."""
+    from pipeline.vosk_client import ServerError, VoskClient, reply_result
+
+    try:
+        with VoskClient(url, sample_rate_hz=rate_hz) as client:
+            try:
+                with contextlib.closing(blocks):
+                    for block in blocks:
+                        printer.show([r for r in [reply_result(client.send_audio(block))] if r is not None])
+            except KeyboardInterrupt:
+                print("\nstopping: flushing the last result", file=sys.stderr, flush=True)
+            except MicError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            final = reply_result(client.eof())
+            printer.show([final] if final is not None and final.text else [])
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_session(pipeline: StreamingPipeline, blocks: Iterator[np.ndarray], rate_hz: int, printer: ResultPrinter) -> int:

@@ -1,0 +1,107 @@
+"""``asr serve``: the streaming pipeline behind a websocket, on Ray Serve, speaking the Vosk
+protocol (``pipeline.vosk_protocol``).
+
+    client ─ws─► Serve proxy ─► AsrIngress replica ─► StreamingPipeline session ─► stage actors
+                 (HTTP port)    (websocket, JSON,      (chains, backpressure,      (shared, batched;
+                                 one thread per conn)   recovery)                   started once)
+
+The driver (``asr serve``) starts one set of stage actors (``StageActors``) and deploys the
+ingress with their handles, so ingress replicas only translate the protocol while
+recognition (the batched acoustic model, per-stream state) stays in the shared stage
+actors: the two scale separately. Routes: ``/`` (websocket), ``GET /healthz`` (200 once
+the pipeline answers; for load balancers) and ``GET /stats`` (connections, per-actor
+stream counts and memory).
+"""
+
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.websockets import WebSocketDisconnect
+
+from pipeline.config import AppConfig
+from pipeline.vosk_protocol import CloseCode, Reply, VoskConnection
+
+app = FastAPI(title="asr serve", description="Streaming speech recognition over the Vosk websocket protocol")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)
+@serve.ingress(app)
+class AsrIngress:
+    """The front door: one websocket connection = one ``VoskConnection`` over a session that
+    attaches to the shared stage actors. Each connection's blocking calls run on a thread of
+    a pool sized for ``max_streams`` connections; a connection beyond that is refused."""
+
+    def __init__(self, config: AppConfig, actors: Any, max_streams: int) -> None:
+        from pipeline.streaming.session import StreamingPipeline
+
+        self.pipe = StreamingPipeline(config, actors=actors)
+        self.actors = actors
+        self.max_streams = max_streams
+        self.connections = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="asr-conn")
+
+    @app.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        """200 once the pipeline is up (this replica exists only then)."""
+        return {"status": "ok", "connections": self.connections, "max_streams": self.max_streams}
+
+    @app.get("/stats")
+    def stats(self) -> JSONResponse:
+        """Connections, streams held by each stage actor, and each process's memory."""
+        from pipeline.streaming.actors import process_rss_mb
+
+        return JSONResponse({
+            "connections": self.connections, "max_streams": self.max_streams, "refused": self.refused,
+            "open_streams": self.pipe.open_streams(), "stage_streams": self.actors.stream_counts(),
+            "actor_rss_mb": {**self.actors.rss_mb(), "ingress": round(process_rss_mb(), 1)},
+            "recoveries": self.pipe.stats.recoveries, "lost_streams": self.pipe.stats.lost_streams,
+        })
+
+    @app.websocket("/")
+    async def recognize(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        with self._lock:
+            admitted = self.connections < self.max_streams
+            self.connections += admitted
+            self.refused += not admitted
+        if not admitted:
+            await self._send(websocket, Reply({"error": f"server at capacity: {self.max_streams} connections "
+                                                   "(streaming.max_streams); try again later"}, CloseCode.TRY_AGAIN_LATER))
+            return
+        connection = VoskConnection(self.pipe)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("bytes") is not None:
+                    reply = await loop.run_in_executor(self._pool, connection.on_audio, message["bytes"])
+                else:
+                    reply = await loop.run_in_executor(self._pool, connection.on_text, message.get("text") or "")
+                await self._send(websocket, reply)
+                if reply.close_code is not None:
+                    break
+        except (WebSocketDisconnect, RuntimeError):  # the client went away mid-reply
+            pass
+        finally:
+            await loop.run_in_executor(self._pool, connection.on_disconnect)
+            with self._lock:
+                self.connections -= 1
+
+    @staticmethod
+    async def _send(websocket: WebSocket, reply: Reply) -> None:
+        # (a method, not a module function: Serve pickles the ingress class by value)
+        text = reply.text()
+        if text is not None:
+            await websocket.send_text(text)
+        if reply.close_code is not None:
+            await websocket.close(code=reply.close_code)
