@@ -9,9 +9,10 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import AppConfig, ConfigError
+from pipeline.config import AppConfig
 
 APP_NAME = "asr"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 2700
@@ -27,21 +28,76 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event | None = None) -> int:
-    """Start (or join) Ray, start the stage actors, deploy the ingress, print the ``serving``
-    line and block until Ctrl-C / SIGTERM (or ``stop``); then take everything down."""
+@dataclass
+class Deployment:
+    """A running ``asr serve`` application: its stage actors and its limits."""
+
+    actors: Any  # StageActors
+    max_streams: int
+    url: str
+    owns_serve: bool  # Serve was started here (take_down shuts it down, not just the app)
+
+
+def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+           replicas: int = 1, verbose: bool = False) -> Deployment:
+    """Start the stage actors and deploy the websocket ingress on the connected Ray; returns
+    once ``/healthz`` would answer. ``take_down`` undoes it."""
+    import ray
     from ray import serve
 
-    from pipeline.ray_session import VERBOSE, connect_ray, shutdown_ray
     from pipeline.serve import AsrIngress
     from pipeline.streaming.placement import max_stream_count
     from pipeline.streaming.stage_actors import start_stage_actors
+
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    owns_serve = not _serve_running(ray)
+    actors = start_stage_actors(config, bundle, decoder)
+    deployment = Deployment(actors, max_stream_count(config.streaming), f"ws://{host}:{port}", owns_serve)
+    try:
+        serve.start(http_options={"host": host, "port": port}, logging_config=_serve_logging(verbose))
+        ingress = AsrIngress.options(num_replicas=replicas, logging_config=_serve_logging(verbose))
+        serve.run(ingress.bind(config, actors, deployment.max_streams), name=APP_NAME, route_prefix="/")
+    except BaseException:
+        take_down(deployment)
+        raise
+    return deployment
+
+
+def take_down(deployment: Deployment | None) -> None:
+    """Remove the app (all of Serve when it was started here), then the stage actors."""
+    import ray
+    from ray import serve
+
+    if deployment is None or not ray.is_initialized():
+        return
+    try:
+        serve.shutdown() if deployment.owns_serve else serve.delete(APP_NAME)
+    except Exception as exc:  # best effort: Ray's own shutdown follows
+        print(f"warning: stopping Serve: {exc}", file=sys.stderr)
+    deployment.actors.kill()
+
+
+def _serve_running(ray: Any) -> bool:
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        return True
+    except ValueError:
+        return False
+
+
+def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event | None = None) -> int:
+    """Start (or join) Ray, deploy (``deploy``), print the ``serving`` line and block until
+    Ctrl-C / SIGTERM (or ``stop``); then take everything down. Exit codes: 0 stopped by a
+    signal, 1 bad model or the actors did not start, 2 bad options."""
+    from pipeline.ray_session import VERBOSE, connect_ray, shutdown_ray
     from workers.bundle import BundleError, load_bundle
 
-    if not 1 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 1-65535, got {args.port}")
-    if args.replicas < 1:
-        raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
+    problems = [f"--port must be in 1-65535, got {args.port}"] * (not 1 <= args.port <= 65535)
+    problems += [f"--replicas must be >= 1, got {args.replicas}"] * (args.replicas < 1)
+    if problems:
+        print(f"error: {problems[0]}", file=sys.stderr)
+        return 2
     try:
         bundle = load_bundle(args.model)
     except BundleError as exc:
@@ -49,17 +105,16 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
         return 1
     decoder = dataclasses.replace(config.decoder, kind=args.decoder) if args.decoder else config.decoder
     owns_ray = connect_ray(args.address)
-    actors = None
-    if not VERBOSE:
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    deployment = None
     try:
-        actors = start_stage_actors(config, bundle, decoder)
-        max_streams = max_stream_count(config.streaming)
-        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=_serve_logging(VERBOSE))
-        deployment = AsrIngress.options(num_replicas=args.replicas, logging_config=_serve_logging(VERBOSE))
-        serve.run(deployment.bind(config, actors, max_streams), name=APP_NAME, route_prefix="/")
-        print(f"serving ws://{args.host}:{args.port} (model {actors.info['model']}, chunk {actors.chunk_ms:g} ms + lookahead "
-              f"{actors.lookahead_ms:g} ms, {decoder.kind} decoder, up to {max_streams} connections)", flush=True)
+        try:
+            deployment = deploy(config, bundle, decoder, args.host, args.port, args.replicas, VERBOSE)
+        except RuntimeError as exc:  # actors that did not start, a port in use
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        actors = deployment.actors
+        print(f"serving {deployment.url} (model {actors.info['model']}, chunk {actors.chunk_ms:g} ms + lookahead "
+              f"{actors.lookahead_ms:g} ms, {decoder.kind} decoder, up to {deployment.max_streams} connections)", flush=True)
         stop = stop or threading.Event()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -69,24 +124,9 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
         print("stopping", file=sys.stderr, flush=True)
         return 0
     finally:
-        _take_down(owns_ray, actors)
+        take_down(deployment)
         if owns_ray:
             shutdown_ray()
-
-
-def _take_down(owns_ray: bool, actors: Any) -> None:
-    """Remove the app (all of Serve when this command started Ray), then the stage actors."""
-    import ray
-    from ray import serve
-
-    if not ray.is_initialized():
-        return
-    try:
-        serve.shutdown() if owns_ray else serve.delete(APP_NAME)
-    except Exception as exc:  # best effort: Ray's own shutdown follows
-        print(f"warning: stopping Serve: {exc}", file=sys.stderr)
-    if actors is not None:
-        actors.kill()
 
 
 def _serve_logging(verbose: bool) -> dict[str, Any]:

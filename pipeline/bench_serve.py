@@ -1,0 +1,144 @@
+"""``asr bench --serve``: what the websocket front door costs. Prints JSON.
+
+For each N of ``--streams``, on one local Ray and the same stage-actor settings:
+
+- ``in_driver``: N real-time streams pushed by this process straight into a
+  ``StreamingPipeline`` (``pipeline.bench.bench_streams``: latency from a push to its chain's
+  results, over the pushes that completed a model chunk);
+- ``websocket``: N real-time clients of ``asr serve`` (deployed here, on loopback), each on
+  its own thread sending a 100 ms frame every 100 ms and waiting for the reply, which the
+  server sends once that frame has been through the stages; latency from sending a frame
+  to its reply, over every frame; a frame sent after its due time is late.
+
+A configuration keeps real time when its p95 latency is within ``--max-p95-ms`` and no
+push or frame was late. ``capacity``: the largest N kept by each, and their ratio (the
+front door's cost). ``server_rss_mb``: the peak summed RSS of Ray's processes (stage actors,
+Serve controller, proxy and ingress) during the websocket runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+from pipeline.config import AppConfig
+
+FRAME_MS = 100.0
+
+
+def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds: float, rate_hz: int, max_p95_ms: float) -> dict:
+    """N paced clients for ``seconds`` of audio each; per-frame reply latency."""
+    from pipeline.bench import _percentiles
+    from pipeline.vosk_client import VoskClient, pcm16
+
+    block = int(rate_hz * FRAME_MS / 1000)
+    n_frames = int(seconds * 1000 / FRAME_MS)
+    latencies: list[list[float]] = [[] for _ in range(n_clients)]
+    late = [0] * n_clients
+    errors: list[str] = []
+    start = threading.Barrier(n_clients + 1)
+
+    def client(k: int) -> None:
+        source = np.concatenate([waves[(k + j) % len(waves)] for j in range(len(waves))])
+        frames = [pcm16(source[(i * block) % max(1, len(source) - block):][:block]) for i in range(n_frames)]
+        try:
+            with VoskClient(url, sample_rate_hz=rate_hz) as conn:
+                start.wait(120)
+                t0 = time.perf_counter() + k * FRAME_MS / 1000 / n_clients  # spread over the tick, as real clients are
+                for i, frame in enumerate(frames):
+                    due = t0 + i * FRAME_MS / 1000
+                    now = time.perf_counter()
+                    if now < due:
+                        time.sleep(due - now)
+                    elif now - due > FRAME_MS / 1000:
+                        late[k] += 1
+                    sent = time.perf_counter()
+                    conn.send_audio(frame)
+                    latencies[k].append(1000 * (time.perf_counter() - sent))
+                conn.eof()
+        except Exception as exc:  # reported, and the run counts as not kept
+            errors.append(f"client {k}: {type(exc).__name__}: {exc}")
+            start.abort()  # the others stop waiting for this one
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(n_clients)]
+    for thread in threads:
+        thread.start()
+    start.wait(120)
+    for thread in threads:
+        thread.join(seconds * 10 + 120)
+    per_client_p95 = [float(np.percentile(lat, 95)) for lat in latencies if lat]
+    flat = [x for lat in latencies for x in lat]
+    result = {"clients": n_clients, "audio_s_per_client": seconds, "frame_ms": FRAME_MS, **_percentiles(flat),
+              "late_frames": sum(late), "frames": n_frames * n_clients,
+              "clients_within_p95_bound": sum(p <= max_p95_ms for p in per_client_p95), "errors": errors[:5]}
+    result["kept_real_time"] = bool(not errors and result["p95_ms"] is not None and result["p95_ms"] <= max_p95_ms and not result["late_frames"])
+    return result
+
+
+def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
+    import os
+
+    from pipeline.bench import RssSampler, bench_streams, print_result, stream_kept_real_time
+    from pipeline.ray_session import ray_log_dir, shutdown_ray, start_local_ray
+    from pipeline.serve_cli import deploy, take_down
+    from pipeline.streaming.session import StreamingPipeline
+    from workers.audio import load_audio
+    from workers.bundle import load_bundle
+    from workers.corpus import read_corpus
+
+    try:
+        utts = read_corpus(args.data).utterances[:40]
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not utts:
+        print(f"error: {args.data}: no utterances to benchmark", file=sys.stderr)
+        return 2
+    rate = config.features.sample_rate_hz
+    waves = [load_audio(u.audio, rate).numpy() for u in utts]
+    result: dict = {"cpu_count": os.cpu_count(), "model": str(args.model or "models/default"),
+                    "settings": {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
+                                 "frame_ms": FRAME_MS, "decoder": config.decoder.kind, "max_p95_ms": args.max_p95_ms},
+                    "runs": []}
+    start_local_ray(num_cpus=os.cpu_count())
+    deployment = None
+    try:
+        in_driver = {}
+        with StreamingPipeline(config, args.model) as pipe:
+            for n in args.streams:
+                r = bench_streams(pipe, waves, n, args.stream_seconds, rate)
+                r["kept_real_time"] = stream_kept_real_time(r, args.max_p95_ms)
+                r.pop("latency_breakdown", None)
+                in_driver[n] = r
+                print(json.dumps({"in_driver": r}), flush=True)
+        bundle = load_bundle(args.model)
+        max_streams = max(args.streams)
+        serve_config = _with_max_streams(config, max_streams)
+        deployment = deploy(serve_config, bundle, serve_config.decoder, port=args.serve_port)
+        with RssSampler() as sampler:
+            for n in args.streams:
+                r = websocket_clients(deployment.url, waves, n, args.stream_seconds, rate, args.max_p95_ms)
+                print(json.dumps({"websocket": r}), flush=True)
+                result["runs"].append({"streams": n, "in_driver": in_driver[n], "websocket": r})
+        result["server_rss_mb"] = round(sampler.peak_mb, 1)
+    finally:
+        take_down(deployment)
+        shutdown_ray()
+    kept_driver = max([run["streams"] for run in result["runs"] if run["in_driver"]["kept_real_time"]], default=0)
+    kept_ws = max([run["streams"] for run in result["runs"] if run["websocket"]["kept_real_time"]], default=0)
+    result["capacity"] = {"in_driver_streams": kept_driver, "websocket_streams": kept_ws,
+                          "websocket_over_in_driver": round(kept_ws / kept_driver, 3) if kept_driver else None,
+                          "criterion": f"p95 <= {args.max_p95_ms:g} ms, nothing late, over the N tried"}
+    result["ray_logs"] = ray_log_dir()
+    return print_result(result, args.json_path)
+
+
+def _with_max_streams(config: AppConfig, max_streams: int) -> AppConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, streaming=dataclasses.replace(config.streaming, max_streams=max_streams))

@@ -1,0 +1,392 @@
+"""``asr serve`` end to end: a real Ray Serve deployment in a subprocess, real websockets
+over loopback, real held-out AN4 speech and the shipped model.
+
+The test client here is written from the protocol as Vosk's clients use it (config
+frame, 0.2 s frames each answered by one reply, ``{"eof" : 1}``), not with the project's
+own client. Each final text is compared with the in-process ``StreamingRecognizer`` fed
+the same 16-bit samples in the same blocks, at the server's settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import torchaudio
+from conftest import REPO
+from test_stream_mic import an4_wav, virtual_mic  # noqa: F401  (fixtures: the AN4 WAV and the PulseAudio virtual microphone)
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from pipeline.config import load_config
+from workers.audio import read_audio
+from workers.corpus import read_an4, split_by_speaker
+from workers.recognizer import StreamingRecognizer
+from workers.stages import StreamOptions
+
+CONFIG = load_config()  # what the server runs with (configs/default.yaml), max_streams aside
+MAX_STREAMS = 16
+START_TIMEOUT_S = 240
+FRAME_S = 0.2  # what Vosk's test clients send
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+DIGITS = ["zero one two three four five", "six seven eight nine oh"]
+
+
+# ---- the server ------------------------------------------------------------------------------
+class Server:
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}"],
+            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.ready = threading.Event()
+        for pipe, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
+            threading.Thread(target=self._read, args=(pipe, lines), daemon=True).start()
+
+    def _read(self, pipe, lines: list[str]) -> None:
+        for line in pipe:
+            lines.append(line)
+            if line.startswith("serving ws://"):
+                self.ready.set()
+
+    def get(self, path: str) -> tuple[int, dict]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=60) as response:
+            return response.status, json.loads(response.read())
+
+    def descendants(self) -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        return []
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    srv = Server()
+    try:
+        if not srv.ready.wait(START_TIMEOUT_S):
+            pytest.fail(f"asr serve did not start in {START_TIMEOUT_S} s:\n{''.join(srv.stdout)}{''.join(srv.stderr)[-3000:]}")
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.terminate()
+            try:
+                srv.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                srv.proc.kill()
+
+
+# ---- audio and the reference -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def utterances(an4_root: Path) -> list[tuple[str, np.ndarray]]:
+    """16 held-out utterances (speakers never trained on) as 16 kHz 16-bit samples."""
+    _, dev = split_by_speaker(read_an4(an4_root).utterances, CONFIG.data.an4_dev_speakers)
+    picked = sorted(dev, key=lambda u: u.id)[::6][:MAX_STREAMS]
+    out = []
+    for u in picked:
+        audio, rate = read_audio(u.audio)
+        assert rate == 16000
+        out.append((u.id, np.round(audio[:, 0] * 32768).astype(np.int16)))
+    return out
+
+
+def blocks(pcm: np.ndarray, rate_hz: int) -> list[np.ndarray]:
+    n = int(rate_hz * FRAME_S)
+    return [pcm[i : i + n] for i in range(0, len(pcm), n)]
+
+
+def reference(pcm: np.ndarray, rate_hz: int = 16000, options: StreamOptions | None = None) -> list:
+    """The in-process recogniser's finals on the same samples, pushed in the same blocks."""
+    s = CONFIG.streaming
+    rec = StreamingRecognizer(None, CONFIG.decoder, s.chunk_ms, s.lookahead_ms, s.endpoint_silence_ms, s.ingest_chunk_ms,
+                              device="cpu", vad=CONFIG.vad, options=options)
+    results = [r for b in blocks(pcm, rate_hz) for r in rec.push(b.astype(np.float32) / 32768.0, rate_hz)] + rec.finish()
+    return [r for r in results if r.is_final and r.text]
+
+
+def texts(finals: list) -> list[str]:
+    return [r.text for r in finals]
+
+
+# ---- a client written from the protocol ----------------------------------------------------------
+def transcribe(url: str, pcm: np.ndarray, rate_hz: int = 16000, config: dict | None = None, end: str = '{"eof" : 1}') -> list[dict]:
+    """Config, lock-step frames, eof; returns every reply (the last one is eof's)."""
+    replies = []
+    with connect(url, open_timeout=30) as ws:
+        ws.send(json.dumps({"config": {"sample_rate": rate_hz, **(config or {})}}))
+        for block in blocks(pcm, rate_hz):
+            ws.send(block.astype("<i2").tobytes())
+            replies.append(json.loads(ws.recv(timeout=120)))
+        ws.send(end)
+        replies.append(json.loads(ws.recv(timeout=120)))
+        with pytest.raises(ConnectionClosed):  # the server closes after eof
+            ws.recv(timeout=30)
+        assert ws.close_code == 1000
+    return replies
+
+
+def final_replies(replies: list[dict]) -> list[dict]:
+    """Result replies with text (the eof reply of an already-ended utterance is empty)."""
+    return [r for r in replies if "partial" not in r and (r.get("text") or r.get("alternatives", [{}])[0].get("text"))]
+
+
+def assert_one_reply_per_frame_and_valid(replies: list[dict], n_frames: int, duration_s: float) -> None:
+    assert len(replies) == n_frames + 1
+    previous_end = 0.0
+    for reply in replies:
+        assert set(reply) in ({"partial"}, {"result", "text"}), reply
+        for word in reply.get("result", []):
+            assert 0.0 <= word["conf"] <= 1.0, word
+            assert previous_end - 1e-6 <= word["start"] <= word["end"] <= duration_s + 0.05, (word, previous_end, duration_s)
+            previous_end = word["end"]
+        if "result" in reply:
+            assert " ".join(w["word"] for w in reply["result"]) == reply["text"]
+
+
+# ---- tests -----------------------------------------------------------------------------------------
+def test_health_and_the_serving_line(server: Server) -> None:
+    status, body = server.get("/healthz")
+    assert status == 200 and body["status"] == "ok" and body["max_streams"] == MAX_STREAMS
+    line = next(line for line in server.stdout if line.startswith("serving"))
+    assert f"serving ws://127.0.0.1:{server.port} (model" in line and "chunk 300 ms + lookahead 150 ms" in line, line
+
+
+def test_finals_equal_the_in_process_recogniser(server: Server, utterances) -> None:
+    for uid, pcm in utterances[:4]:
+        replies = transcribe(server.url, pcm)
+        assert_one_reply_per_frame_and_valid(replies, len(blocks(pcm, 16000)), len(pcm) / 16000)
+        want = texts(reference(pcm))
+        assert want, uid  # real speech: words
+        assert [r["text"] for r in final_replies(replies)] == want, uid
+
+
+def test_8khz_input(server: Server, utterances) -> None:
+    uid, pcm16k = utterances[1]
+    pcm = torchaudio.functional.resample(torch.from_numpy(pcm16k.astype(np.float32)), 16000, 8000).round().clamp(-32768, 32767)
+    pcm = pcm.numpy().astype(np.int16)
+    replies = transcribe(server.url, pcm, 8000)
+    assert_one_reply_per_frame_and_valid(replies, len(blocks(pcm, 8000)), len(pcm) / 8000)
+    want = texts(reference(pcm, 8000))
+    assert want and [r["text"] for r in final_replies(replies)] == want, uid
+
+
+def test_reset_ends_the_utterance_and_times_continue(server: Server, utterances) -> None:
+    (_, first), (_, second) = utterances[2], utterances[3]
+    with connect(server.url, open_timeout=30) as ws:
+        for pcm, end in ((first, '{"reset" : 1}'), (second, '{"eof" : 1}')):
+            for block in blocks(pcm, 16000):
+                ws.send(block.astype("<i2").tobytes())
+                reply = json.loads(ws.recv(timeout=120))
+            ws.send(end)
+            reply = json.loads(ws.recv(timeout=120))
+            if pcm is first:
+                first_reply = reply
+        second_reply = reply
+    assert first_reply["text"] == " ".join(texts(reference(first))[-1:]) or first_reply["text"] in texts(reference(first))
+    assert second_reply["text"] in texts(reference(second))
+    first_s = len(first) / 16000
+    assert all(w["start"] >= first_s - 1e-6 for w in second_reply["result"]), (first_s, second_reply["result"])
+    assert all(w["end"] <= first_s + len(second) / 16000 + 0.05 for w in second_reply["result"])
+
+
+def test_alternatives_best_first_with_confidences(server: Server, utterances) -> None:
+    uid, pcm = utterances[0]
+    replies = transcribe(server.url, pcm, config={"max_alternatives": 3})
+    finals = [r for r in replies if "alternatives" in r]
+    assert finals, replies
+    want = reference(pcm, options=StreamOptions(max_alternatives=3))
+    got_best = [r["alternatives"][0]["text"] for r in finals if r["alternatives"][0]["text"]]
+    assert got_best == texts(want), uid
+    many = [r["alternatives"] for r in finals if len(r["alternatives"]) >= 2]
+    assert many, finals  # a beam search has more than one distinct hypothesis
+    for alternatives in (r["alternatives"] for r in finals):
+        assert len(alternatives) <= 3
+        confidences = [a["confidence"] for a in alternatives]
+        assert confidences == sorted(confidences, reverse=True) and all(0.0 <= c <= 1.0 for c in confidences)
+        assert len({a["text"] for a in alternatives}) == len(alternatives)
+        assert all(" ".join(w["word"] for w in a["result"]) == a["text"] for a in alternatives)
+
+
+def test_phrase_list_restricts_the_words(server: Server, utterances) -> None:
+    allowed = {w for phrase in DIGITS for w in phrase.split()}
+    uid, pcm = utterances[0]
+    replies = transcribe(server.url, pcm, config={"phrase_list": DIGITS, "words": 0})
+    finals = final_replies(replies)
+    words = [w for r in finals for w in r["text"].split()]
+    assert all(set(r) == {"text"} for r in finals)  # words: 0 -> no word list
+    assert words and set(words) <= allowed, (uid, words)
+    unrestricted = {w for r in reference(pcm) for w in r.text.split()}
+    assert not unrestricted <= allowed  # the list changed what was recognised
+
+
+def test_16_concurrent_connections_each_equal_their_own_result(server: Server, utterances) -> None:
+    assert len(utterances) == MAX_STREAMS
+    got: dict[str, list[str]] = {}
+
+    def run(uid: str, pcm: np.ndarray) -> None:
+        got[uid] = [r["text"] for r in final_replies(transcribe(server.url, pcm))]
+
+    threads = [threading.Thread(target=run, args=u) for u in utterances]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    for uid, pcm in utterances:
+        assert got.get(uid) == texts(reference(pcm)), uid
+
+
+BAD_INPUTS = [
+    ("malformed JSON", "text", '{"config": {', 1007),
+    ("neither config, eof nor reset", "text", '{"hello": 1}', 1008),
+    ("odd-length PCM", "bytes", b"\x00" * 3201, 1007),
+    ("sample rate below 8000 Hz", "text", '{"config": {"sample_rate": 4000}}', 1007),
+    ("sample rate above 48000 Hz", "text", '{"config": {"sample_rate": 96000}}', 1007),
+    ("frame over 1 MB", "bytes", b"\x00" * ((1 << 20) + 2), 1009),
+    ("phrase with characters outside the model's tokens", "text", '{"config": {"phrase_list": ["call 911"]}}', 1007),
+    ("negative max_alternatives", "text", '{"config": {"max_alternatives": -1}}', 1007),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "payload", "code"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_an_error_and_the_server_keeps_serving(server: Server, utterances, name, kind, payload, code) -> None:
+    with connect(server.url, open_timeout=30, max_size=None) as ws:
+        if "config" not in str(payload):  # mid-stream: the open stream must be freed too
+            ws.send(utterances[8][1][:3200].astype("<i2").tobytes())
+            assert "partial" in json.loads(ws.recv(timeout=60))
+        ws.send(payload)
+        reply = json.loads(ws.recv(timeout=60))
+        assert set(reply) == {"error"} and reply["error"], reply
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+        assert ws.close_code == code, (name, ws.close_code, reply)
+    uid, pcm = utterances[8]  # a good client afterwards gets a correct result
+    assert [r["text"] for r in final_replies(transcribe(server.url, pcm))] == texts(reference(pcm)), uid
+    assert not any(_settled_stats(server)["stage_streams"].values())
+
+
+def test_config_after_audio_is_refused(server: Server, utterances) -> None:
+    with connect(server.url, open_timeout=30) as ws:
+        ws.send(np.zeros(1600, "<i2").tobytes())
+        assert "partial" in json.loads(ws.recv(timeout=60))
+        ws.send('{"config": {"sample_rate": 8000}}')
+        reply = json.loads(ws.recv(timeout=60))
+        assert "config after audio" in reply["error"]
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+        assert ws.close_code == 1008
+    uid, pcm = utterances[5]  # and a good client afterwards gets a correct result
+    assert [r["text"] for r in final_replies(transcribe(server.url, pcm))] == texts(reference(pcm)), uid
+
+
+def test_a_connection_beyond_max_streams_is_refused(server: Server) -> None:
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(connect(server.url, open_timeout=30)) for _ in range(MAX_STREAMS)]
+        for ws in held:  # each is admitted and answers
+            ws.send(np.zeros(320, "<i2").tobytes())
+            assert "partial" in json.loads(ws.recv(timeout=60))
+        with connect(server.url, open_timeout=30) as extra:
+            reply = json.loads(extra.recv(timeout=60))
+            assert "capacity" in reply["error"] and str(MAX_STREAMS) in reply["error"]
+            with pytest.raises(ConnectionClosed):
+                extra.recv(timeout=30)
+            assert extra.close_code == 1013
+    deadline = time.monotonic() + 30
+    while server.get("/healthz")[1]["connections"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.get("/healthz")[1]["connections"] == 0
+
+
+def _drop_connections(url: str, pcm: np.ndarray, count: int, concurrency: int = 8) -> None:
+    """Open ``count`` connections, send each some audio and vanish without eof."""
+    frames = blocks(pcm, 16000)
+
+    def one(k: int) -> None:
+        with contextlib.suppress(OSError, ConnectionClosed), connect(url, open_timeout=30) as ws:
+            for block in frames[: 2 + k % 5]:
+                ws.send(block.astype("<i2").tobytes())
+                json.loads(ws.recv(timeout=120))
+            ws.socket.shutdown(socket.SHUT_RDWR)  # no eof, no close handshake: the client just disappears
+
+    for start in range(0, count, concurrency):
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(start, min(count, start + concurrency))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+
+
+def _settled_stats(server: Server, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = server.get("/stats")[1]
+        if (stats["connections"] == 0 and not any(stats["stage_streams"].values())) or time.monotonic() > deadline:
+            return stats
+
+
+def test_200_dropped_connections_leave_no_state_and_no_memory_growth(server: Server, utterances) -> None:
+    _, pcm = utterances[6]
+    _drop_connections(server.url, pcm, 20)  # warm-up: caches, allocator pools
+    before = _settled_stats(server)
+    assert before["stage_streams"] and not any(before["stage_streams"].values()), before
+    _drop_connections(server.url, pcm, 200)
+    after = _settled_stats(server)
+    assert after["connections"] == 0 and after["open_streams"] == 0, after
+    assert not any(after["stage_streams"].values()), after["stage_streams"]
+    growth = {name: after["actor_rss_mb"][name] - before["actor_rss_mb"][name] for name in before["actor_rss_mb"]}
+    assert all(mb < 40 for mb in growth.values()), growth
+    uid, pcm = utterances[7]  # the server still recognises correctly
+    assert [r["text"] for r in final_replies(transcribe(server.url, pcm))] == texts(reference(pcm)), uid
+
+
+def test_mic_script_streams_to_the_server(server: Server, request: pytest.FixtureRequest) -> None:
+    """``scripts/stream_mic.py --server`` through the PulseAudio virtual microphone."""
+    mic_env, wav = request.getfixturevalue("virtual_mic"), request.getfixturevalue("an4_wav")
+    from test_stream_mic import SCRIPT, SCRIPT_TIMEOUT_S, WORDS, _Running, final_lines, final_text
+
+    env = {**ENV, "PULSE_SERVER": mic_env["PULSE_SERVER"]}
+    max_seconds = read_audio(wav)[0].shape[0] / 16000 + 1.5
+    running = _Running([sys.executable, str(SCRIPT), "--server", server.url, "--mic", "--max-seconds", str(max_seconds)], env)
+    try:
+        assert running.listening.wait(SCRIPT_TIMEOUT_S), "".join(running.stderr)
+        subprocess.run(["paplay", str(wav)], env=mic_env, check=True, timeout=30)
+    finally:
+        running.wait(SCRIPT_TIMEOUT_S)
+    stderr = "".join(running.stderr)
+    assert running.returncode == 0 and "Traceback" not in stderr, stderr
+    printed = final_lines("".join(running.stdout))
+    assert set(WORDS) <= set(final_text(printed).split()), printed + [stderr]
+
+
+def test_sigterm_stops_the_server_and_leaves_no_process(server: Server) -> None:
+    """Last in this module: it ends the module's server."""
+    procs = server.descendants()
+    assert any("raylet" in " ".join(p.cmdline()) for p in procs if p.is_running())
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(90) == 0, "".join(server.stderr)[-3000:]
+    deadline = time.monotonic() + 30
+    alive = procs
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.3)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+    stderr = "".join(server.stderr)
+    assert "Traceback" not in stderr, stderr[-3000:]
