@@ -30,7 +30,7 @@ from pipeline.vosk_protocol import CloseCode, Reply, VoskConnection
 app = FastAPI(title="asr serve", description="Streaming speech recognition over the Vosk websocket protocol")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000, graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class AsrIngress:
     """The front door: one websocket connection = one ``VoskConnection`` over a session that
