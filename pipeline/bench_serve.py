@@ -41,7 +41,8 @@ def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds
     latencies: list[list[float]] = [[] for _ in range(n_clients)]
     late = [0] * n_clients
     errors: list[str] = []
-    start = threading.Barrier(n_clients + 1)
+    start_at = [0.0]
+    start = threading.Barrier(n_clients + 1, action=lambda: start_at.__setitem__(0, time.perf_counter() + 0.05))
 
     def client(k: int) -> None:
         source = np.concatenate([waves[(k + j) % len(waves)] for j in range(len(waves))])
@@ -49,7 +50,7 @@ def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds
         try:
             with VoskClient(url, sample_rate_hz=rate_hz) as conn:
                 start.wait(120)
-                t0 = time.perf_counter() + k * FRAME_MS / 1000 / n_clients  # spread over the tick, as real clients are
+                t0 = start_at[0]  # every client on the same tick, as the in-driver run's streams
                 for i, frame in enumerate(frames):
                     due = t0 + i * FRAME_MS / 1000
                     now = time.perf_counter()

@@ -15,6 +15,7 @@ stream counts and memory).
 
 
 import asyncio
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,7 +26,7 @@ from ray import serve
 from starlette.websockets import WebSocketDisconnect
 
 from pipeline.config import AppConfig
-from pipeline.vosk_protocol import CloseCode, Reply, VoskConnection
+from pipeline.vosk_protocol import ChunkClock, CloseCode, Reply, VoskConnection
 
 app = FastAPI(title="asr serve", description="Streaming speech recognition over the Vosk websocket protocol")
 
@@ -47,6 +48,8 @@ class AsrIngress:
         self.refused = 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="asr-conn")
+        self._clock = functools.partial(ChunkClock, actors.chunk_ms, actors.lookahead_ms, actors.frame_ms, actors.feature_span_ms,
+                                        config.streaming.ingest_chunk_ms)
 
     @app.get("/healthz")
     def healthz(self) -> dict[str, Any]:
@@ -76,7 +79,7 @@ class AsrIngress:
             await self._send(websocket, Reply({"error": f"server at capacity: {self.max_streams} connections "
                                                    "(streaming.max_streams); try again later"}, CloseCode.TRY_AGAIN_LATER))
             return
-        connection = VoskConnection(self.pipe)
+        connection = VoskConnection(self.pipe, self._clock)
         loop = asyncio.get_running_loop()
         try:
             while True:

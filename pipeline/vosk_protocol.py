@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,12 +80,48 @@ class Reply:
         return None if self.message is None else json.dumps(self.message)
 
 
+class ChunkClock:
+    """Which frames can change the recognition result, from the audio's duration alone.
+
+    Audio reaches the features in ``ingest_chunk_ms`` pieces; model frame k (``frame_ms``
+    apart) needs the audio up to ``k * frame_ms + span_ms`` (the stacked MFCC window); the
+    acoustic model emits log-probs for each ``chunk_ms`` of frames once ``lookahead_ms``
+    more are there. A frame whose audio completes no model chunk gets no new log-probs, so
+    no new partial or final: its reply need not wait for the stages. Resampling can shift
+    the boundary a little, so a boundary within ``MARGIN_MS`` counts as reached (a needless
+    wait at worst). ``tests/test_vosk_protocol.py`` checks every emitting frame is flagged."""
+
+    MARGIN_MS = 30.0
+
+    def __init__(self, chunk_ms: float, lookahead_ms: float, frame_ms: float, span_ms: float, ingest_chunk_ms: float) -> None:
+        self.chunk_frames = max(1, round(chunk_ms / frame_ms))
+        self.lookahead_frames = round(lookahead_ms / frame_ms)
+        self.frame_ms, self.span_ms, self.ingest_chunk_ms = frame_ms, span_ms, ingest_chunk_ms
+        self.audio_ms = 0.0
+
+    def _chunks(self, audio_ms: float, shift_ms: float) -> int:
+        ingested = (audio_ms // self.ingest_chunk_ms) * self.ingest_chunk_ms + shift_ms
+        frames = max(0, int((ingested - self.span_ms) // self.frame_ms) + 1) if ingested >= self.span_ms else 0
+        return (frames - self.lookahead_frames) // self.chunk_frames
+
+    def advance(self, ms: float) -> bool:
+        """Add ``ms`` of audio; whether it may complete a model chunk."""
+        before, self.audio_ms = self.audio_ms, self.audio_ms + ms
+        return any(self._chunks(self.audio_ms, shift) > self._chunks(before, shift) for shift in (-self.MARGIN_MS, self.MARGIN_MS))
+
+
 class VoskConnection:
     """The protocol state of one connection over a ``StreamSession`` (one stream per
-    utterance run: a reset ends the stream, the next audio opens another)."""
+    utterance run: a reset ends the stream, the next audio opens another).
 
-    def __init__(self, session: StreamSession) -> None:
+    ``clock``: a ``ChunkClock`` factory; with it, a frame's reply waits for the stages only
+    when the frame may complete a model chunk (otherwise it carries what is known, which is
+    what waiting would give). Without it every reply waits."""
+
+    def __init__(self, session: StreamSession, clock: Callable[[], ChunkClock] | None = None) -> None:
         self.session = session
+        self._new_clock = clock
+        self.clock = clock() if clock else None
         self.rate_hz = DEFAULT_RATE_HZ
         self.words = True
         self.options = StreamOptions()
@@ -126,10 +163,12 @@ class VoskConnection:
             if self.stream_id is None:
                 self.stream_id = self.session.open_stream(options=self.options)
                 self.stream_start_s = self.audio_s
+                self.clock = self._new_clock() if self._new_clock else None
             self.audio_seen = True
             self.audio_s += len(samples) / self.rate_hz
             results = self.session.push(self.stream_id, samples, self.rate_hz) if len(samples) else []
-            results += self.session.results(self.stream_id, wait=True)
+            wait = self.clock is None or self.clock.advance(1000 * len(samples) / self.rate_hz)
+            results += self.session.results(self.stream_id, wait=wait)
         except ProtocolError as exc:
             return self._fail(exc)
         except Exception as exc:

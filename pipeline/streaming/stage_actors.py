@@ -43,8 +43,10 @@ class StageActors:
     decoders: list[Any]
     bundle_files: Any  # ObjectRef of the bundle's files; held so that a restarting actor can read them
     sample_rate_hz: int
-    chunk_ms: float = 0.0
-    lookahead_ms: float = 0.0
+    chunk_ms: float = 0.0  # acoustic chunk, as the model's frames make it
+    lookahead_ms: float = 0.0  # right context, as the model's frames make it
+    frame_ms: float = 0.0  # one model frame (stacked MFCC)
+    feature_span_ms: float = 0.0  # audio that the first model frame needs (the stacked window)
     info: dict[str, Any] = field(default_factory=dict)  # what the set was started with, for banners and /stats
 
     def named(self) -> dict[str, Any]:
@@ -101,6 +103,8 @@ def start_stage_actors(config: AppConfig, bundle: Bundle, decoder_config: Decode
         sample_rate_hz=rate_hz,
         chunk_ms=chunk_frames * frame_ms,
         lookahead_ms=right_frames * frame_ms,
+        frame_ms=frame_ms,
+        feature_span_ms=1000 * bundle.features.min_samples / rate_hz,
         info={"model": str(bundle.info.get("name", bundle.path.name)), "num_gpus": num_gpus},
     )
     try:  # surface start-up errors here, and resources no node offers
