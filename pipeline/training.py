@@ -3,15 +3,65 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from pipeline.config import AppConfig
 from workers.corpus import Utterance, read_an4, read_fsdd, split_by_speaker, write_manifest
 
 
-def build_split(config: AppConfig, log=print) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
-    """-> (train, an4_dev, fsdd_dev). Dev speakers never appear in train."""
+class DataError(ValueError):
+    """``--train`` / ``--dev`` data that cannot be used (unreadable, empty, speakers shared)."""
+
+
+def read_sources(sources: list[str], log=print) -> list[Utterance]:
+    """The utterances of every source (anything ``asr eval`` reads: a corpus root of a known
+    layout, a folder of audio + ``.txt``, a ``.jsonl`` manifest), skipped files logged."""
+    from workers.corpus import read_corpus
+
+    utts: list[Utterance] = []
+    for source in sources:
+        try:
+            corpus = read_corpus(source)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{source}: {exc}") from None
+        for path, reason in corpus.skipped:
+            log(f"skipped {path}: {reason}")
+        if not corpus.utterances:
+            raise DataError(f"{source}: no utterances with transcripts")
+        log(f"{source}: {len(corpus.utterances)} utterances, {sum(u.duration_s for u in corpus.utterances) / 3600:.2f} h")
+        utts += corpus.utterances
+    return utts
+
+
+def check_speaker_disjoint(train: list[Utterance], dev: list[Utterance]) -> None:
+    """Raise ``DataError`` naming the speakers found in both (utterances without a speaker
+    label are not compared: their speakers are unknown)."""
+    shared = sorted({u.speaker for u in train if u.speaker} & {u.speaker for u in dev if u.speaker})
+    if shared:
+        listed = ", ".join(shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else "")
+        raise DataError(f"train and dev share {len(shared)} speaker(s): {listed}; accuracy must be measured on speakers "
+                        "never trained on (choose a dev set of other speakers)")
+
+
+def build_split(config: AppConfig, log=print, train_sources: list[str] | None = None,
+                dev_sources: list[str] | None = None) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
+    """-> (train, an4_dev, fsdd_dev). Dev speakers never appear in train.
+
+    With ``train_sources`` (``asr train --train DATA ... [--dev DATA ...]``) the data are
+    those: (train, dev, []); ``data.max_*_utterances`` still apply. Otherwise the AN4 +
+    FSDD split of ``config.data``."""
     data = config.data
+    if train_sources:
+        train, dev = read_sources(train_sources, log), read_sources(dev_sources or [], log)
+        check_speaker_disjoint(train, dev)
+        if not dev:
+            log("no --dev data: the exported epoch is the one with the lowest training loss, and no WER is measured")
+        if data.max_train_utterances:
+            train = train[:: max(1, len(train) // data.max_train_utterances)][: data.max_train_utterances]
+        if data.max_dev_utterances:
+            dev = dev[: data.max_dev_utterances]
+        return train, dev, []
 
     def split(reader, root: str, dev_speakers: tuple[str, ...]) -> tuple[list[Utterance], list[Utterance]]:
         corpus = reader(root)
@@ -51,11 +101,12 @@ def language_model_files(run_dir: Path, texts: list[str], order: int = 3) -> dic
 
 
 def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, export_dir: str | Path | None = None,
-                 max_steps_per_epoch: int | None = None, show_progress: bool = True, log=print):
+                 max_steps_per_epoch: int | None = None, show_progress: bool = True, log=print,
+                 train_sources: list[str] | None = None, dev_sources: list[str] | None = None):
     from workers.training import Trainer
 
     run_dir = Path(run_dir)
-    train, an4_dev, fsdd_dev = build_split(config, log)
+    train, an4_dev, fsdd_dev = build_split(config, log, train_sources, dev_sources)
     write_manifest(train, run_dir / "train.jsonl")
     write_manifest(an4_dev, run_dir / "dev_an4.jsonl")
     write_manifest(fsdd_dev, run_dir / "dev_fsdd.jsonl")
@@ -79,17 +130,31 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
 
 def run_training_cli(args, config: AppConfig) -> int:
     """`asr train`: in-process (resumable) or, with ``--workers N``, data-parallel on Ray Train."""
+    train_sources, dev_sources = getattr(args, "train", None), getattr(args, "dev", None)
+    if dev_sources and not train_sources:
+        print("error: --dev needs --train (without --train the AN4 + FSDD split of the config is used)", file=sys.stderr)
+        return 2
+    try:
+        if args.workers > 0:
+            build_split(config, lambda _: None, train_sources, dev_sources)  # bad data fails here, before Ray starts
+        return _run_training(args, config, train_sources, dev_sources)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_training(args, config: AppConfig, train_sources: list[str] | None, dev_sources: list[str] | None) -> int:
     if args.workers > 0:
         from pipeline.distributed import train_distributed
 
-        train, _, _ = build_split(config)
+        train, _, _ = build_split(config, print, train_sources, dev_sources)
         export = args.export or str(Path(args.run_dir) / "bundle")
         path = train_distributed(train, config.features, config.model, config.train, args.workers, export,
                                  storage_path=Path(args.run_dir) / "ray_train")
         print(f"exported {path}")
         return 0
     progress = run_training(config, args.run_dir, resume=args.resume, export_dir=args.export,
-                            max_steps_per_epoch=args.max_steps_per_epoch)
+                            max_steps_per_epoch=args.max_steps_per_epoch, train_sources=train_sources, dev_sources=dev_sources)
     print(f"done: {progress.epoch} epochs, best dev WER (greedy, streaming) {progress.best_wer:.4f}")
     return 0
 

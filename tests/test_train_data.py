@@ -1,0 +1,121 @@
+"""``asr train --train DATA [--dev DATA]``: training on corpora other than the default AN4 +
+FSDD split, built here from real AN4 recordings in the LibriSpeech layout and as a plain
+folder of audio with ``.txt`` transcripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import REPO
+
+from workers.audio import read_audio
+from workers.bundle import load_bundle
+from workers.corpus import read_an4, read_corpus
+
+TRAIN_SPEAKERS = 6
+UTTS_PER_SPEAKER = 8
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _by_speaker(an4_root: Path) -> dict[str, list]:
+    speakers: dict[str, list] = {}
+    for u in read_an4(an4_root).utterances:
+        speakers.setdefault(u.speaker, []).append(u)
+    return speakers
+
+
+@pytest.fixture(scope="module")
+def corpora(an4_root: Path, tmp_path_factory) -> tuple[Path, Path, set[str]]:
+    """(LibriSpeech-layout training corpus, plain dev folder of two other speakers, training words)."""
+    root = tmp_path_factory.mktemp("corpora")
+    speakers = sorted(_by_speaker(an4_root).items())
+    train_words: set[str] = set()
+    libri = root / "LibriSpeech" / "train-clean-an4"
+    for k, (_, utts) in enumerate(speakers[:TRAIN_SPEAKERS]):
+        speaker_id, chapter = str(100 + k), "7"
+        chapter_dir = libri / speaker_id / chapter
+        chapter_dir.mkdir(parents=True)
+        lines = []
+        for n, u in enumerate(utts[:UTTS_PER_SPEAKER]):
+            uid = f"{speaker_id}-{chapter}-{n:04d}"
+            audio, rate = read_audio(u.audio)
+            sf.write(chapter_dir / f"{uid}.flac", audio[:, 0], rate)
+            lines.append(f"{uid} {u.text.upper()}")
+            train_words |= set(u.text.split())
+        (chapter_dir / f"{speaker_id}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    folder = root / "dev_folder"
+    for name, utts in speakers[TRAIN_SPEAKERS : TRAIN_SPEAKERS + 2]:
+        (folder / name).mkdir(parents=True)
+        for n, u in enumerate(utts[:4]):
+            audio, rate = read_audio(u.audio)
+            sf.write(folder / name / f"{n}.wav", audio[:, 0], rate, subtype="PCM_16")
+            (folder / name / f"{n}.txt").write_text(u.text + "\n")
+    return libri.parent, folder, train_words
+
+
+def _train(run_dir: Path, *args: str, timeout_s: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+         "--set", "train.epochs=2", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
+
+
+def test_the_layouts_read_as_expected(corpora) -> None:
+    libri, folder, _ = corpora
+    train, dev = read_corpus(libri).utterances, read_corpus(folder).utterances
+    assert len(train) == TRAIN_SPEAKERS * UTTS_PER_SPEAKER and len({u.speaker for u in train}) == TRAIN_SPEAKERS
+    assert len(dev) == 8 and len({u.speaker for u in dev}) == 2
+    assert all(u.text == u.text.lower() and u.text for u in train)  # LibriSpeech's upper case normalised
+
+
+def test_train_on_librispeech_layout_with_a_folder_as_dev(corpora, tmp_path: Path) -> None:
+    libri, folder, train_words = corpora
+    run = _train(tmp_path / "run", "--train", str(libri), "--dev", str(folder))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["dev_wer_greedy"]) and np.isfinite(h["loss"]) for h in history)
+    bundle = load_bundle(tmp_path / "run" / "bundle")
+    assert bundle.lexicon_path is not None and bundle.lm_path is not None
+    lexicon = {line.split("\t")[0] for line in bundle.lexicon_path.read_text().splitlines()}
+    assert lexicon == train_words  # the LM and lexicon come from the training transcripts only
+    info = bundle.info
+    assert len(info["train_speakers"]) == TRAIN_SPEAKERS and len(info["dev_speakers"]) == 2
+    assert not set(info["train_speakers"]) & set(info["dev_speakers"])
+    manifest = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
+    assert len(manifest) == TRAIN_SPEAKERS * UTTS_PER_SPEAKER and all(m["audio"].endswith(".flac") for m in manifest)
+
+
+def test_train_on_a_folder_without_dev(corpora, tmp_path: Path) -> None:
+    _, folder, _ = corpora
+    run = _train(tmp_path / "run", "--train", str(folder), "--set", "train.epochs=1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "no --dev data" in run.stdout + run.stderr
+    assert load_bundle(tmp_path / "run" / "bundle").info["train_utterances"] == 8
+
+
+def _train_in_process(run_dir: Path, *args: str) -> int:
+    from pipeline.cli import main
+
+    return main(["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *args])
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_speakers_shared_by_train_and_dev_are_refused(corpora, tmp_path: Path, capsys, workers: str) -> None:
+    libri, folder, _ = corpora
+    assert _train_in_process(tmp_path / "run", "--train", str(libri), str(folder), "--dev", str(folder), "--workers", workers) == 2
+    err = capsys.readouterr().err
+    assert "share 2 speaker(s)" in err, err
+    assert not (tmp_path / "run" / "bundle").exists()
+
+
+def test_unreadable_train_data_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert _train_in_process(tmp_path / "run", "--train", str(tmp_path / "nowhere")) == 2
+    assert "nowhere" in capsys.readouterr().err
