@@ -331,3 +331,4 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve", action="store_true",
                         help="instead: websocket clients of asr serve against the in-driver pipeline at each --streams N (pipeline/bench_serve.py)")
     parser.add_argument("--serve-port", type=int, default=2799, help="with --serve: the loopback port to serve on")
+    parser.add_argument("--frame-ms", type=float, default=200.0, help="with --serve: audio per frame and per in-driver push")

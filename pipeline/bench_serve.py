@@ -6,9 +6,11 @@ For each N of ``--streams``, on one local Ray and the same stage-actor settings:
   ``StreamingPipeline`` (``pipeline.bench.bench_streams``: latency from a push to its chain's
   results, over the pushes that completed a model chunk);
 - ``websocket``: N real-time clients of ``asr serve`` (deployed here, on loopback), each on
-  its own thread sending a 100 ms frame every 100 ms and waiting for the reply, which the
-  server sends once that frame has been through the stages; latency from sending a frame
-  to its reply, over every frame; a frame sent after its due time is late.
+  its own thread sending a ``--frame-ms`` frame (default 200 ms, as Vosk's clients send)
+  every ``--frame-ms`` and waiting for the reply (the server waits for the stages when the
+  frame completes a model chunk); latency from sending a frame to its reply, over every
+  frame and over the chunk-completing ones (``chunk_frames``); a frame sent more than a frame
+  period after its due time is late. The in-driver streams push the same frame size.
 
 A configuration keeps real time when its p95 latency is within ``--max-p95-ms`` and no
 push or frame was late. ``capacity``: the largest N kept by each, and their ratio (the
@@ -19,25 +21,31 @@ Serve controller, proxy and ingress) during the websocket runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from pipeline.config import AppConfig
+from pipeline.vosk_protocol import ChunkClock
 
-FRAME_MS = 100.0
 
-
-def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds: float, rate_hz: int, max_p95_ms: float) -> dict:
-    """N paced clients for ``seconds`` of audio each; per-frame reply latency."""
+def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds: float, rate_hz: int, max_p95_ms: float,
+                      frame_ms: float = 200.0, clock: Callable[[], ChunkClock] | None = None) -> dict:
+    """N paced clients for ``seconds`` of audio each; per-frame reply latency (all frames, and
+    with ``clock`` also over the frames that complete a model chunk: those whose reply waits
+    for the stages, as every push counted by the in-driver benchmark does)."""
     from pipeline.bench import _percentiles
     from pipeline.vosk_client import VoskClient, pcm16
 
-    block = int(rate_hz * FRAME_MS / 1000)
-    n_frames = int(seconds * 1000 / FRAME_MS)
+    block = int(rate_hz * frame_ms / 1000)
+    n_frames = int(seconds * 1000 / frame_ms)
+    one = clock() if clock else None
+    chunk_frame = [one.advance(frame_ms) if one else False for _ in range(n_frames)]
     latencies: list[list[float]] = [[] for _ in range(n_clients)]
     late = [0] * n_clients
     errors: list[str] = []
@@ -52,11 +60,11 @@ def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds
                 start.wait(120)
                 t0 = start_at[0]  # every client on the same tick, as the in-driver run's streams
                 for i, frame in enumerate(frames):
-                    due = t0 + i * FRAME_MS / 1000
+                    due = t0 + i * frame_ms / 1000
                     now = time.perf_counter()
                     if now < due:
                         time.sleep(due - now)
-                    elif now - due > FRAME_MS / 1000:
+                    elif now - due > frame_ms / 1000:
                         late[k] += 1
                     sent = time.perf_counter()
                     conn.send_audio(frame)
@@ -74,7 +82,9 @@ def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds
         thread.join(seconds * 10 + 120)
     per_client_p95 = [float(np.percentile(lat, 95)) for lat in latencies if lat]
     flat = [x for lat in latencies for x in lat]
-    result = {"clients": n_clients, "audio_s_per_client": seconds, "frame_ms": FRAME_MS, **_percentiles(flat),
+    waited = [x for lat in latencies for i, x in enumerate(lat) if clock and chunk_frame[i]]
+    result = {"clients": n_clients, "audio_s_per_client": seconds, "frame_ms": frame_ms, **_percentiles(flat),
+              "chunk_frames": {k: v for k, v in _percentiles(waited).items() if k in ("p50_ms", "p95_ms", "n")},
               "late_frames": sum(late), "frames": n_frames * n_clients,
               "clients_within_p95_bound": sum(p <= max_p95_ms for p in per_client_p95), "errors": errors[:5]}
     result["kept_real_time"] = bool(not errors and result["p95_ms"] is not None and result["p95_ms"] <= max_p95_ms and not result["late_frames"])
@@ -104,7 +114,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
     waves = [load_audio(u.audio, rate).numpy() for u in utts]
     result: dict = {"cpu_count": os.cpu_count(), "model": str(args.model or "models/default"),
                     "settings": {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
-                                 "frame_ms": FRAME_MS, "decoder": config.decoder.kind, "max_p95_ms": args.max_p95_ms},
+                                 "frame_ms": args.frame_ms, "decoder": config.decoder.kind, "max_p95_ms": args.max_p95_ms},
                     "runs": []}
     start_local_ray(num_cpus=os.cpu_count())
     deployment = None
@@ -112,7 +122,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
         in_driver = {}
         with StreamingPipeline(config, args.model) as pipe:
             for n in args.streams:
-                r = bench_streams(pipe, waves, n, args.stream_seconds, rate)
+                r = bench_streams(pipe, waves, n, args.stream_seconds, rate, push_ms=args.frame_ms)
                 r["kept_real_time"] = stream_kept_real_time(r, args.max_p95_ms)
                 r.pop("latency_breakdown", None)
                 in_driver[n] = r
@@ -121,9 +131,11 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
         max_streams = max(args.streams)
         serve_config = _with_max_streams(config, max_streams)
         deployment = deploy(serve_config, bundle, serve_config.decoder, port=args.serve_port)
+        a = deployment.actors
+        clock = functools.partial(ChunkClock, a.chunk_ms, a.lookahead_ms, a.frame_ms, a.feature_span_ms, config.streaming.ingest_chunk_ms)
         with RssSampler() as sampler:
             for n in args.streams:
-                r = websocket_clients(deployment.url, waves, n, args.stream_seconds, rate, args.max_p95_ms)
+                r = websocket_clients(deployment.url, waves, n, args.stream_seconds, rate, args.max_p95_ms, args.frame_ms, clock)
                 print(json.dumps({"websocket": r}), flush=True)
                 result["runs"].append({"streams": n, "in_driver": in_driver[n], "websocket": r})
         result["server_rss_mb"] = round(sampler.peak_mb, 1)

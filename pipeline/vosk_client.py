@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import numpy as np
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import ClientConnection, connect
 
 from workers.decoder import WordTiming
@@ -42,9 +43,10 @@ class VoskClient:
                  phrase_list: list[str] | None = None) -> None:
         self.url = url
         self.sample_rate_hz = sample_rate_hz
+        self._stack = contextlib.ExitStack()  # (websockets wants its connection used as a context manager)
         try:
-            self._ws: ClientConnection = connect(url, open_timeout=OPEN_TIMEOUT_S, max_size=None)
-        except (OSError, TimeoutError) as exc:
+            self._ws: ClientConnection = self._stack.enter_context(connect(url, open_timeout=OPEN_TIMEOUT_S, max_size=None))
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ServerError(f"cannot connect to {url}: {exc}") from None
         config: dict[str, Any] = {"sample_rate": sample_rate_hz, "words": int(words), "max_alternatives": max_alternatives}
         if phrase_list is not None:
@@ -67,7 +69,7 @@ class VoskClient:
         return self._reply()
 
     def close(self) -> None:
-        self._ws.close()
+        self._stack.close()
 
     def __enter__(self) -> VoskClient:
         return self

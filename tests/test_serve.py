@@ -357,6 +357,20 @@ def test_200_dropped_connections_leave_no_state_and_no_memory_growth(server: Ser
     assert [r["text"] for r in final_replies(transcribe(server.url, pcm))] == texts(reference(pcm)), uid
 
 
+def test_bench_clients_measure_reply_latency(server: Server, utterances) -> None:
+    """``asr bench --serve``'s websocket half, against this server: two paced clients."""
+    from pipeline.bench_serve import websocket_clients
+    from pipeline.vosk_protocol import ChunkClock
+
+    waves = [pcm.astype(np.float32) / 32768 for _, pcm in utterances[:4]]
+    clock = lambda: ChunkClock(300.0, 150.0, 30.0, 45.0, CONFIG.streaming.ingest_chunk_ms)  # noqa: E731
+    r = websocket_clients(server.url, waves, 2, 3.0, 16000, 150.0, 200.0, clock)
+    assert not r["errors"] and r["frames"] == 2 * 15 and r["n"] == 30, r
+    assert 0 < r["p50_ms"] <= r["p95_ms"] < 5000
+    assert 0 < r["chunk_frames"]["n"] < r["n"]  # some replies waited for a model chunk, some did not
+    assert r["kept_real_time"] == (r["p95_ms"] <= 150.0 and r["late_frames"] == 0)
+
+
 def test_mic_script_streams_to_the_server(server: Server, request: pytest.FixtureRequest) -> None:
     """``scripts/stream_mic.py --server`` through the PulseAudio virtual microphone."""
     mic_env, wav = request.getfixturevalue("virtual_mic"), request.getfixturevalue("an4_wav")
