@@ -303,7 +303,8 @@ class LazyExamples:
 
     def __getitem__(self, j: int) -> Example:
         i = self.keep[j]
-        x = self.extractor.features_from_raw(torch.as_tensor(self.raw[i]).float())
+        raw = self.raw[i] if isinstance(self.raw[i], torch.Tensor) else torch.tensor(self.raw[i])  # a copy of read-only memory
+        x = self.extractor.features_from_raw(raw.float())
         return Example(x, torch.tensor(encode(self.texts[i]), dtype=torch.long), self.texts[i], i)
 
 
