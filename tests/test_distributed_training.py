@@ -102,7 +102,7 @@ def test_two_workers_two_epochs_export_a_bundle_that_eval_and_transcribe_load(tm
 def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(tmp_path, ray_cpus):
     from pipeline.training import run_training_distributed
 
-    config = _config("data.max_train_utterances=24", "data.max_dev_utterances=2", "train.epochs=3", "train.max_batch_utterances=4")
+    config = _config("data.max_train_utterances=24", "data.max_dev_utterances=2", "train.epochs=4", "train.max_batch_utterances=4")
     pids = tmp_path / "pids"
     pids.mkdir()
     lines: list[str] = []
@@ -118,9 +118,12 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(
     thread.start()
     deadline = time.time() + 240
     killed = None
+    snapshot = tmp_path / "run" / "ray_train" / "asr_train" / "checkpoint_manager_snapshot.json"
     while thread.is_alive() and time.time() < deadline:
+        # Kill rank 1 once Ray Train has registered a checkpoint and while epochs remain to train.
         state = json.loads((pids / "rank1.json").read_text()) if (pids / "rank1.json").exists() else {}
-        if state.get("epoch") == 1:  # epoch 1 is checkpointed, epoch 2 has begun
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}) if snapshot.exists() else {}
+        if latest and state.get("epoch", 4) < 3:
             os.kill(state["pid"], signal.SIGKILL)
             killed = state["pid"]
             break
@@ -130,7 +133,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(
     assert killed is not None, "the run finished before a worker could be killed"
     assert json.loads((pids / "rank1.json").read_text())["pid"] != killed  # a new worker took rank 1's place
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     resumed = [line for line in lines if line.startswith("resumed from a checkpoint after epoch")]
     assert resumed and int(resumed[0].split()[-1]) >= 1
     assert load_bundle(tmp_path / "run" / "bundle").lm_path is not None
