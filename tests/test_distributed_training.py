@@ -137,3 +137,23 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(
     resumed = [line for line in lines if line.startswith("resumed from a checkpoint after epoch")]
     assert resumed and int(resumed[0].split()[-1]) >= 1
     assert load_bundle(tmp_path / "run" / "bundle").lm_path is not None
+
+
+def test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones(ray_cpus):
+    from pipeline.training import build_split
+    from pipeline.training_data import feature_dataset, global_cmvn
+    from workers.features import Normalizer
+    from workers.training import compute_raw_features
+
+    config = _config("data.max_train_utterances=6")
+    train, _, _ = build_split(config)
+    raw = compute_raw_features(train, config.features, (1.0, 1.1), None, log=lambda _: None)
+    for speed in (1.0, 1.1):
+        rows = sorted(feature_dataset(train, config.features, speed, batch_size=4).take_all(), key=lambda r: r["index"])
+        assert [r["text"] for r in rows] == [u.text for u in train]
+        for row, expected in zip(rows, raw[speed]):
+            assert row["frames"] == expected.shape[0]
+            assert torch.equal(torch.tensor(row["mfcc"]), expected)
+    normalizer = global_cmvn(feature_dataset(train, config.features, 1.0, batch_size=4))
+    reference = Normalizer.from_frames(raw[1.0])
+    assert torch.allclose(normalizer.mean, reference.mean, atol=1e-4) and torch.allclose(normalizer.std, reference.std, rtol=1e-4)
