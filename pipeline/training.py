@@ -128,8 +128,32 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
     return progress
 
 
+def run_training_distributed(config: AppConfig, run_dir: str | Path, workers: int, resume: bool = False,
+                             export_dir: str | Path | None = None, max_steps_per_epoch: int | None = None, log=print,
+                             use_gpu: bool | None = None, pid_dir: str | Path | None = None,
+                             train_sources: list[str] | None = None, dev_sources: list[str] | None = None) -> Path:
+    """`asr train --workers N`: the same split, manifests, LM and bundle info as ``run_training``, trained on Ray Train."""
+    from pipeline.distributed import train_distributed
+
+    run_dir = Path(run_dir)
+    train, an4_dev, fsdd_dev = build_split(config, log, train_sources, dev_sources)
+    write_manifest(train, run_dir / "train.jsonl")
+    write_manifest(an4_dev, run_dir / "dev_an4.jsonl")
+    write_manifest(fsdd_dev, run_dir / "dev_fsdd.jsonl")
+    try:
+        lm_files = language_model_files(run_dir, [u.text for u in train], config.data.lm_order)
+    except Exception as exc:  # the acoustic model is still worth exporting without an LM
+        log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
+        lm_files = None
+    return train_distributed(train, config.features, config.model, config.train, workers,
+                             export_dir or run_dir / "bundle", use_gpu=use_gpu, storage_path=run_dir / "ray_train",
+                             dev=an4_dev, resume=resume, lm_files=lm_files, bundle_info=data_info(train, an4_dev + fsdd_dev),
+                             max_steps_per_epoch=max_steps_per_epoch, cache_dir=run_dir.parent / "feature_cache",
+                             pid_dir=pid_dir, log=log)
+
+
 def run_training_cli(args, config: AppConfig) -> int:
-    """`asr train`: in-process (resumable) or, with ``--workers N``, data-parallel on Ray Train."""
+    """`asr train`: in-process or, with ``--workers N``, data-parallel on Ray Train (both resumable)."""
     train_sources, dev_sources = getattr(args, "train", None), getattr(args, "dev", None)
     if dev_sources and not train_sources:
         print("error: --dev needs --train (without --train the AN4 + FSDD split of the config is used)", file=sys.stderr)
@@ -145,12 +169,9 @@ def run_training_cli(args, config: AppConfig) -> int:
 
 def _run_training(args, config: AppConfig, train_sources: list[str] | None, dev_sources: list[str] | None) -> int:
     if args.workers > 0:
-        from pipeline.distributed import train_distributed
-
-        train, _, _ = build_split(config, print, train_sources, dev_sources)
-        export = args.export or str(Path(args.run_dir) / "bundle")
-        path = train_distributed(train, config.features, config.model, config.train, args.workers, export,
-                                 storage_path=Path(args.run_dir) / "ray_train")
+        path = run_training_distributed(config, args.run_dir, args.workers, resume=args.resume, export_dir=args.export,
+                                        max_steps_per_epoch=args.max_steps_per_epoch, train_sources=train_sources,
+                                        dev_sources=dev_sources)
         print(f"exported {path}")
         return 0
     progress = run_training(config, args.run_dir, resume=args.resume, export_dir=args.export,

@@ -1,4 +1,6 @@
-"""End-to-end training on a few real AN4 utterances: export, resume after a kill, Ray Train."""
+"""End-to-end training on a few real AN4 utterances: export, resume after a kill, warm start and augmentation.
+
+Ray Train (`asr train --workers N`): tests/test_distributed_training.py."""
 
 from __future__ import annotations
 
@@ -58,27 +60,6 @@ def test_train_kill_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(value, bundle.model.state_dict()[name]), name
     assert bundle.lexicon_path is not None and bundle.lm_path is not None
     assert bundle.info["epoch"] >= 1
-
-
-def test_ray_train_two_workers_exports_loadable_bundle(tmp_path):
-    ray = pytest.importorskip("ray")
-    from pipeline.config import load_config
-    from pipeline.distributed import train_distributed
-    from pipeline.training import build_split
-
-    config = load_config("configs/tiny.yaml", [f"data.an4_root={AN4}", "data.use_fsdd=false", "data.max_train_utterances=8",
-                                                "train.epochs=1"])
-    train, _, _ = build_split(config)
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
-    try:
-        out = train_distributed(train, config.features, config.model, config.train, num_workers=2, export_dir=tmp_path / "bundle",
-                                use_gpu=False, storage_path=tmp_path / "ray_train")
-    finally:
-        ray.shutdown()
-    bundle = load_bundle(out)
-    assert bundle.info["ray_train_workers"] == 2
-    x = torch.randn(1, 20, bundle.features.feature_dim)
-    assert bundle.model(x, torch.tensor([20])).shape == (1, 20, 29)
 
 
 def test_augmented_warm_started_epoch(tmp_path):

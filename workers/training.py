@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,7 @@ class TrainConfig:
     eval_chunk_frames: int = 10  # dev WER is also reported at this streaming setting
     eval_right_context_frames: int = 5
     average_last_epochs: int = 0  # >1: also try the mean weights of the last N epochs, export it if better on dev
+    bf16: bool = False  # bfloat16 autocast of the forward pass on CUDA (ignored on CPU)
     num_threads: int = 0  # 0: all cores
     device: str = "auto"
     init_from: str = ""  # a model bundle whose weights start the run (warm start); "" starts from random weights
@@ -112,6 +113,7 @@ class Progress:
     best_wer: float = math.inf
     history: list[dict] = field(default_factory=list)
     averaged: dict | None = None  # dev WER of the averaged weights, once computed
+    resumes: list[int] = field(default_factory=list)  # the epochs after which the run was resumed from a checkpoint
 
 
 def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -239,8 +241,279 @@ def evaluate_greedy(model: BiLSTMCTC, examples: list[Example], device: torch.dev
     return jiwer.wer(refs, hyps)
 
 
-class Trainer:
-    """Holds the data, model, optimiser and progress of one run directory."""
+# ---- the plan of an epoch: batches and their chunk draws, the same on every worker ----------
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One step: positions in the epoch's example list, and the chunking it runs with (None: whole utterance)."""
+
+    indices: tuple[int, ...]
+    chunk_frames: int | None
+    right_context_frames: int
+
+
+def epoch_speed(cfg: TrainConfig, epoch: int) -> float:
+    """The speed factor of (0-based) ``epoch``: the first epoch runs unperturbed, then they rotate."""
+    return cfg.speed_factors[epoch % len(cfg.speed_factors)] if epoch > 0 else 1.0
+
+
+def draw_chunking(rng: random.Random, cfg: TrainConfig) -> tuple[int | None, int]:
+    """(chunk_frames, right_context_frames) of one batch; (None, 0) runs it as whole utterances."""
+    if rng.random() < cfg.full_utterance_prob:
+        return None, 0
+    return rng.randint(*cfg.chunk_frames_range), rng.randint(*cfg.right_context_frames_range)
+
+
+def plan_epoch(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[PlannedBatch]:
+    """All batches of ``epoch`` with their chunk draws, from ``cfg.seed`` and ``epoch`` only (so every
+    data-parallel worker, and a resumed run, draws the same plan). The first epoch runs shortest-first,
+    which leaves the all-blank stage sooner; later ones in a shuffled order."""
+    batches = length_buckets(lengths, cfg.max_batch_frames, cfg.max_batch_utterances)
+    rng = random.Random(cfg.seed * 100_003 + epoch)
+    if epoch > 0:
+        rng.shuffle(batches)
+    return [PlannedBatch(tuple(b), *draw_chunking(rng, cfg)) for b in batches]
+
+
+def steps_per_worker(num_batches: int, world: int) -> int:
+    """Steps every worker runs in an epoch of ``num_batches`` batches (all run the same number: DDP
+    all-reduces each step; the last round repeats batches from the start of the plan)."""
+    return max(1, math.ceil(num_batches / world))
+
+
+def shard_plan(plan: list[PlannedBatch], rank: int, world: int) -> list[PlannedBatch]:
+    """Worker ``rank``'s batches of an epoch plan: every ``world``-th, padded to ``steps_per_worker``."""
+    if world == 1:
+        return list(plan)
+    return [plan[(rank + world * i) % len(plan)] for i in range(steps_per_worker(len(plan), world))]
+
+
+class LazyExamples:
+    """Training examples normalised on access from raw MFCC (a list of (frames_10ms, n_mfcc) tensors or
+    arrays, e.g. views of shared memory): same positions and lengths as ``make_examples`` on the same data,
+    without holding a normalised copy of the corpus."""
+
+    def __init__(self, raw: list, texts: list[str], extractor: MfccExtractor) -> None:
+        self.raw, self.texts, self.extractor = raw, texts, extractor
+        k = extractor.config.stack_frames
+        self.keep = [i for i, (r, t) in enumerate(zip(raw, texts)) if r.shape[0] // k >= max(1, len(encode(t)))]
+        self.lengths = [raw[i].shape[0] // k for i in self.keep]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, j: int) -> Example:
+        i = self.keep[j]
+        raw = self.raw[i] if isinstance(self.raw[i], torch.Tensor) else torch.tensor(self.raw[i])  # a copy of read-only memory
+        x = self.extractor.features_from_raw(raw.float())
+        return Example(x, torch.tensor(encode(self.texts[i]), dtype=torch.long), self.texts[i], i)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def new_model(model_config: ModelConfig, seed: int) -> BiLSTMCTC:
+    """Freshly initialised weights, the same for a given seed in every process."""
+    torch.manual_seed(seed)
+    return BiLSTMCTC(model_config)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    steps: int
+    chunked_batches: int
+    whole_batches: int
+
+
+#: One step's input: the batch's examples, chunk frames (None: whole utterances), lookahead frames.
+StepInput = tuple[list[Example], int | None, int]
+
+
+class TrainLoop:
+    """Optimiser, LR schedule and progress of one run, and what every epoch does with them: the
+    training steps, dev evaluation, best-epoch export, snapshots, averaging, checkpoint state.
+
+    Ray-free: the single-process ``Trainer`` and the Ray Train loop (pipeline/distributed.py) both run
+    their epochs through it. ``model`` may be wrapped (DDP): ``module`` is the bare model used for
+    evaluation, export and state. ``rank``/``world`` describe data parallelism: only rank 0
+    evaluates, exports and writes files; ``steps_per_epoch`` is this worker's number of steps per
+    epoch (the LR schedule spans ``steps_per_epoch * epochs`` steps).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, features: FeatureConfig, normalizer: Normalizer,
+                 device: torch.device, steps_per_epoch: int, rank: int = 0, world: int = 1,
+                 log: Callable[[str], None] = print) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.features = features
+        self.normalizer = normalizer
+        self.device = device
+        self.rank, self.world = rank, world
+        self.log = log
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.ctc = nn.CTCLoss(blank=BLANK_ID, zero_infinity=True)
+        self.augment = SpecAugment(features.stack_frames, cfg.freq_mask_param, cfg.time_mask_param, cfg.num_time_masks)
+        self.progress = Progress()
+
+    @property
+    def module(self) -> BiLSTMCTC:
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _lr_factor(self, step: int) -> float:
+        if step < self.cfg.warmup_steps:
+            return (step + 1) / self.cfg.warmup_steps
+        frac = (step - self.cfg.warmup_steps) / max(1, self.total_steps - self.cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def seed_epoch(self) -> None:
+        """Seed SpecAugment, dropout and augmentation draws from (seed, epoch, rank): a resumed or
+        restarted run draws what the uninterrupted one did."""
+        seed = self.cfg.seed + 7919 * (self.progress.epoch + 1) + 104_729 * self.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+
+    # ---- training steps ---------------------------------------------------------------
+    def train_step(self, examples: list[Example], chunk: int | None, rc: int) -> float:
+        x, lengths, targets, target_lengths = collate(examples)
+        x = self.augment(x.to(self.device))
+        use_bf16 = self.cfg.bf16 and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            log_probs = self.model(x, lengths, chunk, rc)
+        loss = self.ctc(log_probs.float().transpose(0, 1), targets.to(self.device), lengths, target_lengths)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step += 1
+        return loss.item()
+
+    def train_steps(self, steps: Iterable[StepInput], total: int | None = None, show_progress: bool = False) -> EpochStats:
+        """Run the steps of one epoch (this worker's share); loss and batch counts summed over workers."""
+        from tqdm import tqdm
+
+        self.model.train()
+        loss_sum, count, chunked = 0.0, 0, 0
+        bar = tqdm(steps, total=total, desc=f"epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
+                   disable=not show_progress, mininterval=5)
+        for examples, chunk, rc in bar:
+            loss_sum += self.train_step(examples, chunk, rc)
+            count += 1
+            chunked += chunk is not None
+            bar.set_postfix(loss=f"{loss_sum / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sums = torch.tensor([loss_sum, count, chunked], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(sums)
+            loss_sum, count, chunked = sums[0].item(), int(sums[1].item()), int(sums[2].item())
+        return EpochStats(loss_sum / max(count, 1), count, chunked, count - chunked)
+
+    # ---- evaluation, export, snapshots ------------------------------------------------
+    def evaluate(self, dev: list[Example]) -> tuple[float, float]:
+        """Greedy dev WER offline and at the streaming setting (nan without dev data)."""
+        if not dev:
+            return math.nan, math.nan
+        cfg = self.cfg
+        return (evaluate_greedy(self.module, dev, self.device, None, 0),
+                evaluate_greedy(self.module, dev, self.device, cfg.eval_chunk_frames, cfg.eval_right_context_frames))
+
+    def export(self, export_dir: Path, info: dict, export_extras: Callable[[], dict] | None) -> None:
+        extras = export_extras() if export_extras else {}
+        save_bundle(export_dir, self.module, self.features, self.normalizer, info=info, **extras)
+
+    def end_epoch(self, stats: EpochStats, t0: float, dev: list[Example], export_dir: Path,
+                  snapshot_dir: Path | None = None, export_extras: Callable[[], dict] | None = None,
+                  bundle_info: dict | None = None) -> dict:
+        """Count the epoch done; on rank 0 evaluate on dev, log the record as a JSON line, export the
+        model if its streaming dev WER (or, without dev data, its loss) is the best so far, and keep a
+        weights snapshot for averaging."""
+        wer, wer_stream = self.evaluate(dev) if self.is_main else (math.nan, math.nan)
+        self.progress.epoch += 1
+        record = {"epoch": self.progress.epoch, "loss": round(stats.loss, 4), "dev_wer_greedy": round(wer, 4),
+                  "dev_wer_greedy_streaming": round(wer_stream, 4), "epoch_s": round(time.time() - t0, 1),
+                  "steps": stats.steps, "chunked_batches": stats.chunked_batches, "whole_batches": stats.whole_batches}
+        if self.world > 1:
+            record["workers"] = self.world
+        self.progress.history.append(record)
+        if not self.is_main:
+            return record
+        self.log(json.dumps(record))
+        score = wer_stream if not math.isnan(wer_stream) else stats.loss
+        if score < self.progress.best_wer or not (export_dir / "config.json").exists():
+            self.progress.best_wer = min(score, self.progress.best_wer)
+            self.export(export_dir, {**(bundle_info or {}), **record}, export_extras)
+        if snapshot_dir is not None:
+            self.save_snapshot(snapshot_dir)
+        return record
+
+    def save_snapshot(self, snapshot_dir: Path) -> None:
+        keep = self.cfg.average_last_epochs
+        if keep < 2 or not self.is_main:
+            return
+        snapshot_dir.mkdir(parents=True, exist_ok=True)
+        path = snapshot_dir / f"epoch_{self.progress.epoch:03d}.pt"
+        torch.save(self.module.state_dict(), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        for old in sorted(snapshot_dir.glob("epoch_*.pt"))[:-keep]:
+            old.unlink()
+
+    def averaging_pending(self) -> bool:
+        done = self.progress.averaged and self.progress.averaged.get("after_epoch") == self.progress.epoch
+        return self.cfg.average_last_epochs > 1 and not done
+
+    def try_averaged(self, dev: list[Example], snapshot_dir: Path, export_dir: Path,
+                     export_extras: Callable[[], dict] | None = None, bundle_info: dict | None = None) -> None:
+        """Average the last epochs' weights; export them if their streaming dev WER beats the best epoch's.
+        The model keeps the last epoch's weights (for --resume with more epochs)."""
+        paths = sorted(snapshot_dir.glob("epoch_*.pt"))[-self.cfg.average_last_epochs :]
+        if len(paths) < 2 or not dev or not self.is_main:
+            return
+        trained = {n: v.clone() for n, v in self.module.state_dict().items()}
+        self.module.load_state_dict(average_state_dicts(paths))
+        epochs = [int(p.stem.split("_")[1]) for p in paths]
+        wer, wer_stream = self.evaluate(dev)
+        record = {"after_epoch": self.progress.epoch, "averaged_epochs": [epochs[0], epochs[-1]],
+                  "dev_wer_greedy": round(wer, 4), "dev_wer_greedy_streaming": round(wer_stream, 4)}
+        record["exported"] = record["dev_wer_greedy_streaming"] < self.progress.best_wer
+        self.log(json.dumps(record))
+        if record["exported"]:
+            self.progress.best_wer = record["dev_wer_greedy_streaming"]
+            self.export(export_dir, {**(bundle_info or {}), **record, "epoch": self.progress.epoch}, export_extras)
+        self.module.load_state_dict(trained)
+        self.progress.averaged = record
+
+    # ---- checkpoint state -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        py = json.loads(state["rng"]["python"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+class Trainer(TrainLoop):
+    """Single-process training of one run directory: the data (features cached in memory and on disk,
+    speed perturbation, waveform augmentation), checkpoints in ``last.pt``, the epochs of ``TrainLoop``."""
 
     def __init__(
         self,
@@ -254,20 +527,17 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg = train
-        self.features = features
-        self.log = log
         if train.num_threads > 0:
             torch.set_num_threads(train.num_threads)
-        self.device = torch.device("cuda" if train.device == "auto" and torch.cuda.is_available() else ("cpu" if train.device == "auto" else train.device))
+        device = resolve_device(train.device)
         random.seed(train.seed)
         torch.manual_seed(train.seed)
         cache_dir = self.run_dir.parent / "feature_cache"
         raw_train = compute_raw_features(train_utts, features, train.speed_factors, cache_dir, log)
         raw_dev = compute_raw_features(dev_utts, features, (1.0,), cache_dir, log)[1.0]
         # Global statistics from the training speakers' unperturbed audio only.
-        self.normalizer = Normalizer.from_frames(raw_train[1.0])
-        extractor = MfccExtractor(features, self.normalizer)
+        normalizer = Normalizer.from_frames(raw_train[1.0])
+        extractor = MfccExtractor(features, normalizer)
         self.train_sets = {s: make_examples(raw_train[s], train_utts, extractor) for s in train.speed_factors}
         self.dev = make_examples(raw_dev, dev_utts, extractor)
         self.train_texts = [u.text for u in train_utts]
@@ -278,16 +548,12 @@ class Trainer:
             # Waveforms stay in memory (float32, ~230 MB per hour) and are degraded afresh each epoch.
             self.waves = [load_audio(u.audio, features.sample_rate_hz) for u in train_utts]
             self.augmenter = Augmenter(train.augment_config, features.sample_rate_hz, self.waves, seed=train.seed)
-        self.model = BiLSTMCTC(model_config).to(self.device)
+        model = new_model(model_config, train.seed).to(device)
+        steps_per_epoch = len(length_buckets([e.features.shape[0] for e in self.train_sets[1.0]], train.max_batch_frames,
+                                             train.max_batch_utterances))
+        super().__init__(model, train, features, normalizer, device, steps_per_epoch, log=log)
         if train.init_from:
             self._init_from(train.init_from, model_config)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
-        steps_per_epoch = len(length_buckets([e.features.shape[0] for e in self.train_sets[1.0]], train.max_batch_frames, train.max_batch_utterances))
-        self.total_steps = steps_per_epoch * train.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.ctc = nn.CTCLoss(blank=BLANK_ID, zero_infinity=True)
-        self.augment = SpecAugment(features.stack_frames, train.freq_mask_param, train.time_mask_param, train.num_time_masks)
-        self.progress = Progress()
         log(
             f"train: {len(self.train_sets[1.0])} utterances x {len(train.speed_factors)} speeds, dev: {len(self.dev)}, "
             f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters, device {self.device}, "
@@ -313,17 +579,11 @@ class Trainer:
         x = self.extractor(self.augmenter(wave))
         return Example(x, example.targets, example.text, example.index) if x.shape[0] >= example.targets.numel() else example
 
-    def _batch_examples(self, examples: list[Example], idx: list[int], speed: float) -> list[Example]:
+    def _batch_examples(self, examples: list[Example], idx, speed: float) -> list[Example]:
         batch = [examples[i] for i in idx]
         if self.augmenter is None:
             return batch
         return [self.augmented(e, speed) if random.random() < self.cfg.augment_prob else e for e in batch]
-
-    def _lr_factor(self, step: int) -> float:
-        if step < self.cfg.warmup_steps:
-            return (step + 1) / self.cfg.warmup_steps
-        frac = (step - self.cfg.warmup_steps) / max(1, self.total_steps - self.cfg.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     # ---- checkpoints ----------------------------------------------------------------
     @property
@@ -335,79 +595,32 @@ class Trainer:
         """Model weights of the last ``average_last_epochs`` epochs, one file each."""
         return self.run_dir / "epochs"
 
-    def save_snapshot(self) -> None:
-        keep = self.cfg.average_last_epochs
-        if keep < 2:
-            return
-        self.snapshot_dir.mkdir(exist_ok=True)
-        path = self.snapshot_dir / f"epoch_{self.progress.epoch:03d}.pt"
-        torch.save(self.model.state_dict(), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-        for old in sorted(self.snapshot_dir.glob("epoch_*.pt"))[:-keep]:
-            old.unlink()
-
     def save_checkpoint(self) -> None:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "progress": asdict(self.progress),
-            "rng": {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())},
-        }
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save(self.state_dict(), tmp)
         tmp.replace(self.checkpoint_path)
 
     def load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.progress = Progress(**state["progress"])
-        torch.set_rng_state(state["rng"]["torch"])
-        py = json.loads(state["rng"]["python"])
-        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.load_state_dict(torch.load(self.checkpoint_path, map_location=self.device, weights_only=True))
+        self.progress.resumes.append(self.progress.epoch)
         self.log(f"resumed from {self.checkpoint_path} after epoch {self.progress.epoch}")
         return True
 
     # ---- training -------------------------------------------------------------------
-    def _draw_chunking(self) -> tuple[int | None, int]:
-        if random.random() < self.cfg.full_utterance_prob:
-            return None, 0
-        return random.randint(*self.cfg.chunk_frames_range), random.randint(*self.cfg.right_context_frames_range)
+    def epoch_plan(self, max_steps: int | None = None) -> tuple[float, list[PlannedBatch]]:
+        """(speed factor, batches) of the next epoch."""
+        speed = epoch_speed(self.cfg, self.progress.epoch)
+        plan = plan_epoch([e.features.shape[0] for e in self.train_sets[speed]], self.cfg, self.progress.epoch)
+        return speed, plan[:max_steps] if max_steps is not None else plan
 
-    def train_epoch(self, max_steps: int | None = None, show_progress: bool = True) -> float:
-        from tqdm import tqdm
-
-        epoch = self.progress.epoch
-        speed = self.cfg.speed_factors[epoch % len(self.cfg.speed_factors)] if epoch > 0 else 1.0
+    def train_epoch(self, max_steps: int | None = None, show_progress: bool = True) -> EpochStats:
+        self.seed_epoch()
+        speed, plan = self.epoch_plan(max_steps)
         examples = self.train_sets[speed]
-        batches = length_buckets([e.features.shape[0] for e in examples], self.cfg.max_batch_frames, self.cfg.max_batch_utterances)
-        if epoch > 0:  # the first epoch runs shortest-first, which leaves the all-blank stage sooner
-            random.shuffle(batches)
-        if max_steps is not None:
-            batches = batches[:max_steps]
-        self.model.train()
-        total, count = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not show_progress, mininterval=5)
-        for idx in bar:
-            x, lengths, targets, target_lengths = collate(self._batch_examples(examples, idx, speed))
-            x = self.augment(x.to(self.device))
-            chunk, rc = self._draw_chunking()
-            log_probs = self.model(x, lengths, chunk, rc)
-            loss = self.ctc(log_probs.transpose(0, 1), targets.to(self.device), lengths, target_lengths)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.progress.step += 1
-            total += loss.item()
-            count += 1
-            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-        return total / max(count, 1)
+        steps = ((self._batch_examples(examples, b.indices, speed), b.chunk_frames, b.right_context_frames) for b in plan)
+        return self.train_steps(steps, len(plan), show_progress)
 
     def run(self, resume: bool = False, export_dir: Path | None = None, max_steps_per_epoch: int | None = None,
             show_progress: bool = True, export_extras: Callable[[Path], dict] | None = None,
@@ -416,55 +629,18 @@ class Trainer:
         if resume:
             self.load_checkpoint()
         export_dir = export_dir or self.run_dir / "bundle"
+        extras = (lambda: export_extras(self.run_dir)) if export_extras else None
         while self.progress.epoch < self.cfg.epochs:
             t0 = time.time()
-            loss = self.train_epoch(max_steps_per_epoch, show_progress)
-            wer = evaluate_greedy(self.model, self.dev, self.device, None, 0) if self.dev else math.nan
-            wer_stream = (
-                evaluate_greedy(self.model, self.dev, self.device, self.cfg.eval_chunk_frames, self.cfg.eval_right_context_frames)
-                if self.dev
-                else math.nan
-            )
-            self.progress.epoch += 1
-            record = {"epoch": self.progress.epoch, "loss": round(loss, 4), "dev_wer_greedy": round(wer, 4),
-                      "dev_wer_greedy_streaming": round(wer_stream, 4), "epoch_s": round(time.time() - t0, 1)}
-            self.progress.history.append(record)
-            self.log(json.dumps(record))
-            score = wer_stream if not math.isnan(wer_stream) else loss
-            if score < self.progress.best_wer or not (export_dir / "config.json").exists():
-                self.progress.best_wer = min(score, self.progress.best_wer)
-                extras = export_extras(self.run_dir) if export_extras else {}
-                save_bundle(export_dir, self.model, self.features, self.normalizer, info={**(bundle_info or {}), **record}, **extras)
-            self.save_snapshot()
+            stats = self.train_epoch(max_steps_per_epoch, show_progress)
+            self.end_epoch(stats, t0, self.dev, export_dir, self.snapshot_dir, extras, bundle_info)
             self.save_checkpoint()
-        done = self.progress.averaged and self.progress.averaged.get("after_epoch") == self.progress.epoch
-        if self.cfg.average_last_epochs > 1 and self.dev and not done:
+        if self.averaging_pending() and self.dev:
             self._try_averaged(export_dir, export_extras, bundle_info)
         return self.progress
 
     def _try_averaged(self, export_dir: Path, export_extras: Callable[[Path], dict] | None, bundle_info: dict | None) -> None:
         """Average the last epochs' weights; export them if their streaming dev WER beats the best epoch's."""
-        paths = sorted(self.snapshot_dir.glob("epoch_*.pt"))[-self.cfg.average_last_epochs :]
-        if len(paths) < 2:
-            return
-        trained = {n: v.clone() for n, v in self.model.state_dict().items()}
-        self.model.load_state_dict(average_state_dicts(paths))
-        epochs = [int(p.stem.split("_")[1]) for p in paths]
-        record = {
-            "after_epoch": self.progress.epoch,
-            "averaged_epochs": [epochs[0], epochs[-1]],
-            "dev_wer_greedy": round(evaluate_greedy(self.model, self.dev, self.device, None, 0), 4),
-            "dev_wer_greedy_streaming": round(
-                evaluate_greedy(self.model, self.dev, self.device, self.cfg.eval_chunk_frames, self.cfg.eval_right_context_frames), 4
-            ),
-        }
-        record["exported"] = record["dev_wer_greedy_streaming"] < self.progress.best_wer
-        self.log(json.dumps(record))
-        if record["exported"]:
-            self.progress.best_wer = record["dev_wer_greedy_streaming"]
-            extras = export_extras(self.run_dir) if export_extras else {}
-            info = {**(bundle_info or {}), **record, "epoch": self.progress.epoch}
-            save_bundle(export_dir, self.model, self.features, self.normalizer, info=info, **extras)
-        self.model.load_state_dict(trained)  # last.pt keeps the last epoch's weights, for --resume with more epochs
-        self.progress.averaged = record
+        extras = (lambda: export_extras(self.run_dir)) if export_extras else None
+        self.try_averaged(self.dev, self.snapshot_dir, export_dir, extras, bundle_info)
         self.save_checkpoint()

@@ -1,0 +1,82 @@
+"""Peak memory of each Ray Train worker of `asr train --workers N` (pipeline/distributed.py).
+
+    python scripts/train_worker_memory.py --max-train 48            # a small AN4 subset
+    python scripts/train_worker_memory.py --fsdd --max-train 0      # all of AN4 + FSDD
+
+Polls the workers' pids (written by the train loop to a pid dir) with psutil every 0.2 s and prints,
+per rank, the peak RSS (which counts pages of the shared object store the worker touched) and the
+peak USS (memory unique to the process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-train", type=int, default=48, help="0: all training utterances")
+    p.add_argument("--fsdd", action="store_true")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps-per-epoch", type=int, default=20)
+    args = p.parse_args()
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.training import run_training_distributed
+
+    repo = Path(__file__).resolve().parents[1]
+    data = repo.parent / "shared" / "data"
+    config = load_config(str(repo / "configs/tiny.yaml"), [
+        f"data.an4_root={data / 'an4'}", f"data.fsdd_root={data / 'fsdd'}", f"data.use_fsdd={str(args.fsdd).lower()}",
+        f"data.max_train_utterances={args.max_train}", "data.max_dev_utterances=8", f"train.epochs={args.epochs}"])
+    tmp = Path(tempfile.mkdtemp(prefix="train_memory_"))
+    pids = tmp / "pids"
+    pids.mkdir()
+    peak: dict[int, dict[str, float]] = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for f in pids.glob("rank*.json"):
+                rank = int(f.stem[4:])
+                try:
+                    mem = psutil.Process(json.loads(f.read_text())["pid"]).memory_full_info()
+                except (psutil.Error, ValueError, KeyError):
+                    continue
+                slot = peak.setdefault(rank, {"rss": 0.0, "uss": 0.0})
+                slot["rss"] = max(slot["rss"], mem.rss / 2**20)
+                slot["uss"] = max(slot["uss"], mem.uss / 2**20)
+            time.sleep(0.2)
+
+    ray.init(num_cpus=max(2, args.workers), num_gpus=0, include_dashboard=False)
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    t0 = time.time()
+    lines: list[str] = []
+    try:
+        run_training_distributed(config, tmp / "run", args.workers, max_steps_per_epoch=args.max_steps_per_epoch,
+                                 use_gpu=False, pid_dir=pids, log=lines.append)
+    finally:
+        done.set()
+        ray.shutdown()
+    train_h = json.loads((tmp / "run" / "bundle" / "config.json").read_text())["info"].get("train_audio_h")
+    print(json.dumps({"train_audio_h": train_h, "train_utterances": args.max_train or "all", "fsdd": args.fsdd,
+                      "wall_s": round(time.time() - t0, 1),
+                      "peak_mib": {r: {k: round(v, 1) for k, v in m.items()} for r, m in sorted(peak.items())}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

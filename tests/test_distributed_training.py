@@ -1,0 +1,159 @@
+"""`asr train --workers N` (pipeline/distributed.py) runs the single-process trainer's epochs
+(workers.training.TrainLoop) on Ray Train: same weights with one worker, a loadable bundle with
+lexicon and LM from two, and a run that survives a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.conftest import AN4, REPO
+from workers.bundle import load_bundle
+
+pytestmark = pytest.mark.skipif(not AN4.is_dir(), reason=f"{AN4} not present")
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_cpus():
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _config(*extra: str):
+    from pipeline.config import load_config
+
+    return load_config(str(REPO / "configs/tiny.yaml"), [f"data.an4_root={AN4}", "data.use_fsdd=false", *extra])
+
+
+def _weights(bundle) -> dict[str, torch.Tensor]:
+    return bundle.model.state_dict()
+
+
+def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cpus):
+    """Same seed, same epoch plans (batches and chunk draws), speed perturbation in epoch 2:
+    the weights after 2 x 3 steps agree to 1e-5 (max abs difference)."""
+    from pipeline.distributed import train_distributed
+    from pipeline.training import build_split
+    from workers.training import Trainer
+
+    config = _config("data.max_train_utterances=10", "data.max_dev_utterances=3", "train.epochs=2",
+                     "train.speed_factors=[1.0, 1.1]", "train.full_utterance_prob=0.3",
+                     "train.max_batch_utterances=3")
+    train, dev, _ = build_split(config)
+    trainer = Trainer(tmp_path / "single", train, dev, config.features, config.model, config.train, log=lambda _: None)
+    single = trainer.run(max_steps_per_epoch=3, show_progress=False)
+    lines: list[str] = []
+    out = train_distributed(train, config.features, config.model, config.train, 1, tmp_path / "ray" / "bundle", use_gpu=False,
+                            storage_path=tmp_path / "ray" / "ray_train", dev=dev, max_steps_per_epoch=3, log=lines.append)
+    history = json.loads((tmp_path / "ray" / "history.json").read_text())
+    assert [h["steps"] for h in history] == [h["steps"] for h in single.history] == [3, 3]
+    for key in ("chunked_batches", "whole_batches", "dev_wer_greedy", "dev_wer_greedy_streaming"):
+        assert [h[key] for h in history] == [h[key] for h in single.history], key
+    assert sum(h["chunked_batches"] for h in history) > 0  # chunk-aware batches on both paths
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single.history], abs=1e-4)
+    # the last epoch's weights (the last checkpoints) and the exported best epoch's (the bundles)
+    last = sorted((tmp_path / "ray" / "ray_train" / "asr_train").glob("checkpoint_2*"))[-1] / "state.pt"
+    got = torch.load(last, weights_only=True)["model"]
+    expected = trainer.module.state_dict()
+    assert max((got[n] - v).abs().max().item() for n, v in expected.items()) < 1e-5
+    best, best_single = _weights(load_bundle(out)), _weights(load_bundle(tmp_path / "single" / "bundle"))
+    assert max((best[n] - v).abs().max().item() for n, v in best_single.items()) < 1e-5
+    # and the model did move away from its initial weights
+    from workers.training import new_model
+
+    start = new_model(config.model, config.train.seed).state_dict()
+    assert max((got[n] - v).abs().max().item() for n, v in start.items()) > 1e-3
+
+
+def test_two_workers_two_epochs_export_a_bundle_that_eval_and_transcribe_load(tmp_path, ray_cpus, capsys):
+    from pipeline.cli import main
+    from pipeline.training import run_training_distributed
+
+    config = _config("data.max_train_utterances=16", "data.max_dev_utterances=4", "train.epochs=2")
+    lines: list[str] = []
+    out = run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False)
+    records = [json.loads(line) for line in lines if line.startswith('{"epoch"')]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert 0 <= r["dev_wer_greedy"] and 0 <= r["dev_wer_greedy_streaming"] and r["workers"] == 2
+        assert r["chunked_batches"] + r["whole_batches"] == r["steps"]
+    assert sum(r["chunked_batches"] for r in records) > 0
+    bundle = load_bundle(out)
+    assert bundle.info["ray_train_workers"] == 2 and bundle.info["train_utterances"] == 16
+    assert bundle.lexicon_path is not None and bundle.lm_path is not None
+    assert (tmp_path / "run" / "train.jsonl").is_file()
+    capsys.readouterr()
+    manifest = tmp_path / "run" / "dev_an4.jsonl"
+    assert main(["eval", str(manifest), "--model", str(out), "--config", str(REPO / "configs/tiny.yaml"), "--decoder", "beam",
+                 "--set", f"data.an4_root={AN4}"]) == 0
+    assert "WER" in capsys.readouterr().out.upper()
+    assert main(["transcribe", "--local", "--model", str(out), str(REPO / "examples" / "ex01_yes.wav")]) == 0
+    assert "ex01_yes.wav:" in capsys.readouterr().out
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(tmp_path, ray_cpus):
+    from pipeline.training import run_training_distributed
+
+    config = _config("data.max_train_utterances=24", "data.max_dev_utterances=2", "train.epochs=4", "train.max_batch_utterances=4")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    lines: list[str] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False, pid_dir=pids)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 240
+    killed = None
+    snapshot = tmp_path / "run" / "ray_train" / "asr_train" / "checkpoint_manager_snapshot.json"
+    while thread.is_alive() and time.time() < deadline:
+        # Kill rank 1 once Ray Train has registered a checkpoint and while epochs remain to train.
+        state = json.loads((pids / "rank1.json").read_text()) if (pids / "rank1.json").exists() else {}
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}) if snapshot.exists() else {}
+        if latest and state.get("epoch", 4) < 3:
+            os.kill(state["pid"], signal.SIGKILL)
+            killed = state["pid"]
+            break
+        time.sleep(0.01)
+    thread.join(timeout=300)
+    assert not errors, errors
+    assert killed is not None, "the run finished before a worker could be killed"
+    assert json.loads((pids / "rank1.json").read_text())["pid"] != killed  # a new worker took rank 1's place
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    resumed = [line for line in lines if line.startswith("resumed from a checkpoint after epoch")]
+    assert resumed and int(resumed[0].split()[-1]) >= 1
+    assert load_bundle(tmp_path / "run" / "bundle").lm_path is not None
+
+
+def test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones(ray_cpus):
+    from pipeline.training import build_split
+    from pipeline.training_data import feature_dataset, global_cmvn
+    from workers.features import Normalizer
+    from workers.training import compute_raw_features
+
+    config = _config("data.max_train_utterances=6")
+    train, _, _ = build_split(config)
+    raw = compute_raw_features(train, config.features, (1.0, 1.1), None, log=lambda _: None)
+    for speed in (1.0, 1.1):
+        rows = sorted(feature_dataset(train, config.features, speed, batch_size=4).take_all(), key=lambda r: r["index"])
+        assert [r["text"] for r in rows] == [u.text for u in train]
+        for row, expected in zip(rows, raw[speed]):
+            assert row["frames"] == expected.shape[0]
+            assert torch.equal(torch.tensor(row["mfcc"]), expected)
+    normalizer = global_cmvn(feature_dataset(train, config.features, 1.0, batch_size=4))
+    reference = Normalizer.from_frames(raw[1.0])
+    assert torch.allclose(normalizer.mean, reference.mean, atol=1e-4) and torch.allclose(normalizer.std, reference.std, rtol=1e-4)
