@@ -47,12 +47,14 @@ def _train_loop(loop_config: dict) -> None:
 
     from workers.training import (
         LazyExamples,
+        StreamedSteps,
         TrainLoop,
         epoch_speed,
         new_model,
         plan_epoch,
         shard_plan,
         steps_per_worker,
+        trainable,
     )
 
     features = FeatureConfig(**loop_config["features"])
@@ -69,14 +71,41 @@ def _train_loop(loop_config: dict) -> None:
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     normalizer = Normalizer(torch.tensor(data["mean"]), torch.tensor(data["std"]))
     extractor = MfccExtractor(features, normalizer)
-    train_sets = {float(s): LazyExamples(raw, data["texts"], extractor) for s, raw in data["train"].items()}
     dev_set = LazyExamples(data["dev"], data["dev_texts"], extractor) if rank == 0 else None
     dev = [dev_set[i] for i in range(len(dev_set))] if dev_set is not None else []
+    max_steps = loop_config.get("max_steps_per_epoch")
+    if data["feed"] == "shared":
+        train_sets = {float(s): LazyExamples(raw, data["texts"], extractor) for s, raw in data["train"].items()}
+        lengths_1 = train_sets[1.0].lengths
+
+        def epoch_steps(epoch: int):
+            examples = train_sets[epoch_speed(cfg, epoch)]
+            plan = shard_plan(plan_epoch(examples.lengths, cfg, epoch), rank, world)[:max_steps]
+            return (([examples[i] for i in b.indices], b.chunk_frames, b.right_context_frames) for b in plan), len(plan)
+    else:
+        from pipeline.training_data import feature_dataset
+
+        utts, texts, k = data["utterances"], data["texts"], features.stack_frames
+        trainable_sets = {float(s): trainable(frames, texts, k) for s, frames in data["frames"].items()}
+        lengths_1 = trainable_sets[1.0][1]
+        feed_batch = cfg.feed_batch_utterances
+
+        def epoch_steps(epoch: int):
+            """This worker's share of the epoch's plan, its utterances' features streamed in plan order through Ray Data."""
+            speed = epoch_speed(cfg, epoch)
+            keep, lengths = trainable_sets[speed]
+            plan = shard_plan(plan_epoch(lengths, cfg, epoch), rank, world)[:max_steps]
+            order = [utts[i] for i in StreamedSteps.plan_utterances(plan, keep)]
+            ds = feature_dataset(order, features, speed, batch_size=feed_batch, num_cpus=loop_config["feed_task_cpus"],
+                                 ordered=True)
+            rows = ds.iter_batches(batch_size=feed_batch, batch_format="numpy", prefetch_batches=1)
+            streamed = StreamedSteps(plan, keep, texts, extractor, rows, prefetched_rows=feed_batch)
+            return streamed, len(streamed)
 
     device = ray.train.torch.get_device()
     module = new_model(ModelConfig(**loop_config["model"]), cfg.seed)
     model = ray.train.torch.prepare_model(module)
-    steps = steps_per_worker(len(plan_epoch(train_sets[1.0].lengths, cfg, 0)), world)
+    steps = steps_per_worker(len(plan_epoch(lengths_1, cfg, 0)), world)
     loop = TrainLoop(model, cfg, features, normalizer, device, steps, rank, world, log)
 
     work = Path(tempfile.mkdtemp(prefix=f"asr_train_rank{rank}_"))
@@ -96,7 +125,6 @@ def _train_loop(loop_config: dict) -> None:
         extras = lambda: {"lexicon_path": work / "lm" / "lexicon.txt", "lm_path": work / "lm" / "lm.arpa"}  # noqa: E731
     info = {**loop_config["bundle_info"], "ray_train_workers": world}
     pid_dir = loop_config.get("pid_dir")
-    max_steps = loop_config.get("max_steps_per_epoch")
 
     def report(record: dict) -> None:
         ckpt = None
@@ -111,11 +139,15 @@ def _train_loop(loop_config: dict) -> None:
             Path(pid_dir, f"rank{rank}.json").write_text(json.dumps({"pid": os.getpid(), "epoch": loop.progress.epoch}))
         t0 = time.time()
         loop.seed_epoch()
-        examples = train_sets[epoch_speed(cfg, loop.progress.epoch)]
-        plan = shard_plan(plan_epoch(examples.lengths, cfg, loop.progress.epoch), rank, world)[:max_steps]
-        stats = loop.train_steps((([examples[i] for i in b.indices], b.chunk_frames, b.right_context_frames) for b in plan),
-                                 len(plan))
-        record = loop.end_epoch(stats, t0, dev, work / "bundle", work / "epochs", extras, info)
+        feed, total = epoch_steps(loop.progress.epoch)
+        stats = loop.train_steps(feed, total)
+        extra = {}
+        if isinstance(feed, StreamedSteps):  # the most utterances' features any worker held at once
+            held = torch.tensor([feed.max_held], dtype=torch.float64, device=device)
+            if world > 1:
+                torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+            extra = {"feed_max_utterances_held": int(held.item()), "feed_window": 2 * feed_batch + cfg.max_batch_utterances}
+        record = loop.end_epoch(stats, t0, dev, work / "bundle", work / "epochs", extras, info, extra)
         report(record)
     if loop.averaging_pending():
         loop.try_averaged(dev, work / "epochs", work / "bundle", extras, info)
@@ -131,6 +163,7 @@ def _shared_data(train: list[Utterance], dev: list[Utterance], features: Feature
     raw_dev = compute_raw_features(dev, features, (1.0,), cache_dir, log)[1.0] if dev else []
     normalizer = Normalizer.from_frames(raw_train[1.0])
     return {
+        "feed": "shared",
         "train": {s: [r.numpy() for r in raw] for s, raw in raw_train.items()},
         "texts": [u.text for u in train],
         "dev": [r.numpy() for r in raw_dev],
@@ -138,6 +171,47 @@ def _shared_data(train: list[Utterance], dev: list[Utterance], features: Feature
         "mean": normalizer.mean.numpy(),
         "std": normalizer.std.numpy(),
     }
+
+
+def _ray_data_feed(train: list[Utterance], dev: list[Utterance], features: FeatureConfig, cfg: TrainConfig,
+                   cache_dir: Path | None, log) -> dict[str, Any]:
+    """The ``ray_data`` feed's data: one Ray Data pass over the unperturbed training audio for the global
+    statistics and each utterance's length (the frame counts at every speed follow from it, so every
+    worker draws the same epoch plans), the utterance list, and dev's raw MFCC (rank 0 evaluates on it)."""
+    from pipeline.training_data import feature_dataset, training_stats
+    from workers.training import compute_raw_features, mfcc_frames, resampled_samples
+
+    t0 = time.time()
+    normalizer, samples = training_stats(feature_dataset(train, features, 1.0, batch_size=cfg.feed_batch_utterances))
+    rate = features.sample_rate_hz
+    frames = {s: [mfcc_frames(resampled_samples(samples[i], rate, s), features) for i in range(len(train))]
+              for s in cfg.speed_factors}
+    frames.setdefault(1.0, [mfcc_frames(samples[i], features) for i in range(len(train))])
+    log(f"ray data: global CMVN and lengths of {len(train)} training utterances in one pass ({time.time() - t0:.1f} s)")
+    raw_dev = compute_raw_features(dev, features, (1.0,), cache_dir, log)[1.0] if dev else []
+    return {
+        "feed": "ray_data",
+        "utterances": list(train),
+        "texts": [u.text for u in train],
+        "frames": frames,
+        "dev": [r.numpy() for r in raw_dev],
+        "dev_texts": [u.text for u in dev],
+        "mean": normalizer.mean.numpy(),
+        "std": normalizer.std.numpy(),
+    }
+
+
+def _resources(num_workers: int, use_gpu: bool, feed: str, cluster_cpus: float) -> tuple[dict, float]:
+    """(resources of a Ray Train worker, CPUs of a Ray Data feature task). With the ray_data feed the
+    workers leave at least one CPU of the cluster to the feature tasks (each asks for half a CPU):
+    otherwise trainers that wait for their features in an all-reduce would hold every CPU."""
+    per_worker = 1.0
+    if feed == "ray_data" and cluster_cpus < num_workers + 1:
+        per_worker = max(0.01, (cluster_cpus - 1) / num_workers)
+    resources = {"CPU": per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return resources, 0.5
 
 
 def train_distributed(
@@ -179,12 +253,15 @@ def train_distributed(
     if not resume and (storage / RUN_NAME).exists():
         shutil.rmtree(storage / RUN_NAME)
     dev = dev or []
-    data = _shared_data(utterances, dev, features, train, Path(cache_dir) if cache_dir else None, log)
+    cache = Path(cache_dir) if cache_dir else None
+    feed = _ray_data_feed if train.data_feed == "ray_data" else _shared_data
+    data = feed(utterances, dev, features, train, cache, log)
+    resources, feed_task_cpus = _resources(num_workers, use_gpu, train.data_feed, ray.cluster_resources().get("CPU", 0))
     lm_texts = {}
     if lm_files:
         lm_texts = {"lexicon.txt": Path(lm_files["lexicon_path"]).read_text(), "lm.arpa": Path(lm_files["lm_path"]).read_text()}
-    log(f"ray train: {num_workers} workers ({'GPU, nccl' if use_gpu else 'CPU, gloo'}), {len(data['texts'])} train utterances x "
-        f"{len(train.speed_factors)} speeds, dev {len(data['dev_texts'])}, storage {storage / RUN_NAME}"
+    log(f"ray train: {num_workers} workers ({'GPU, nccl' if use_gpu else 'CPU, gloo'}; {resources}), {len(data['texts'])} train "
+        f"utterances x {len(train.speed_factors)} speeds, feed {train.data_feed}, dev {len(data['dev_texts'])}, storage {storage / RUN_NAME}"
         + (" (resuming)" if resume else ""))
     trainer = TorchTrainer(
         _train_loop,
@@ -197,8 +274,9 @@ def train_distributed(
             "bundle_info": bundle_info or {},
             "max_steps_per_epoch": max_steps_per_epoch,
             "pid_dir": str(pid_dir) if pid_dir else None,
+            "feed_task_cpus": feed_task_cpus,
         },
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage), failure_config=FailureConfig(max_failures=MAX_FAILURES),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

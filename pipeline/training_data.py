@@ -1,14 +1,17 @@
-"""Training features through Ray Data (for `asr train --workers N`; not yet wired into the Ray Train loop).
+"""Training features through Ray Data (the ``ray_data`` feed of `asr train --workers N`, pipeline/distributed.py).
 
-``feature_dataset``: the training utterances (audio path, text, position) as a Ray Data dataset whose
-``map_batches`` (CPU workers) reads, resamples, speed-perturbs and computes the un-normalised MFCC of
-each utterance. ``global_cmvn``: one pass over that dataset that sums frames, squared frames and the
-frame count per batch, aggregated in the driver into the ``Normalizer`` the bundle stores (the same
-statistics as ``Normalizer.from_frames`` on the in-memory features).
+``feature_dataset``: utterances (audio path, text, position) as a Ray Data dataset whose ``map_batches``
+(CPU tasks) reads, resamples, speed-perturbs and computes the un-normalised MFCC of each utterance.
+``training_stats``: one pass over that dataset that sums frames, squared frames and the frame count
+per batch (and keeps each utterance's sample count), aggregated in the driver into the ``Normalizer``
+the bundle stores (the same statistics as ``Normalizer.from_frames`` on the in-memory features) and
+the utterance lengths the epoch plans are drawn from. Nothing holds more than a batch of features.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -18,56 +21,73 @@ from workers.corpus import Utterance
 from workers.features import FeatureConfig, Normalizer
 
 
-class RawMfcc:
-    """map_batches callable: {"audio", "text", "index"} -> the same plus "mfcc" (frames_10ms, n_mfcc) float32 and "frames"."""
+@functools.lru_cache(maxsize=4)
+def _extractor(features_json: str):
+    from workers.features import MfccExtractor
 
-    def __init__(self, features: dict, speed: float) -> None:
-        from workers.features import MfccExtractor
+    return MfccExtractor(FeatureConfig(**json.loads(features_json)))
 
-        self.config = FeatureConfig(**features)
-        self.speed = speed
-        self.extractor = MfccExtractor(self.config)
 
-    def __call__(self, batch: dict) -> dict:
-        import torchaudio
+def raw_mfcc_batch(batch: dict, features_json: str, speed: float) -> dict:
+    """map_batches function: {"audio", "text", "index"} -> the same plus "mfcc" (frames_10ms, n_mfcc) float32,
+    "frames" and "samples" (the unperturbed wave's length at the model rate)."""
+    import torchaudio
 
-        from workers.audio import load_audio
+    from workers.audio import load_audio
 
-        rate = self.config.sample_rate_hz
-        mfcc = []
-        for path in batch["audio"]:
-            wave = load_audio(str(path), rate)
-            if self.speed != 1.0:
-                wave = torchaudio.functional.resample(wave, int(round(rate * self.speed)), rate)
-            mfcc.append(self.extractor.raw_mfcc(wave).numpy().astype(np.float32))
-        return {"audio": batch["audio"], "text": batch["text"], "index": batch["index"], "mfcc": mfcc,
-                "frames": np.array([m.shape[0] for m in mfcc], dtype=np.int64)}
+    extractor = _extractor(features_json)
+    rate = extractor.config.sample_rate_hz
+    mfcc, samples = [], []
+    for path in batch["audio"]:
+        wave = load_audio(str(path), rate)
+        samples.append(wave.numel())
+        if speed != 1.0:
+            wave = torchaudio.functional.resample(wave, int(round(rate * speed)), rate)
+        mfcc.append(extractor.raw_mfcc(wave).numpy().astype(np.float32))
+    return {"audio": batch["audio"], "text": batch["text"], "index": batch["index"], "mfcc": mfcc,
+            "frames": np.array([m.shape[0] for m in mfcc], dtype=np.int64), "samples": np.array(samples, dtype=np.int64)}
 
 
 def _frame_sums(batch: dict) -> dict:
     frames = [np.asarray(m, dtype=np.float64) for m in batch["mfcc"]]
     total = np.concatenate(frames) if frames else np.zeros((0, 1))
-    return {"sum": [total.sum(0)], "sumsq": [(total**2).sum(0)], "count": np.array([total.shape[0]], dtype=np.int64)}
+    return {"sum": [total.sum(0)], "sumsq": [(total**2).sum(0)], "count": np.array([total.shape[0]], dtype=np.int64),
+            "index": [np.asarray(batch["index"], dtype=np.int64)], "samples": [np.asarray(batch["samples"], dtype=np.int64)]}
 
 
-def feature_dataset(utts: list[Utterance], features: FeatureConfig, speed: float = 1.0, batch_size: int = 16):
-    """A Ray Data dataset of the utterances' raw MFCC at ``speed`` (lazy: computed as it is consumed)."""
+def feature_dataset(utts: list[Utterance], features: FeatureConfig, speed: float = 1.0, batch_size: int = 16,
+                    num_cpus: float = 1.0, concurrency: int | None = None, ordered: bool = False):
+    """A Ray Data dataset of the utterances' raw MFCC at ``speed`` (lazy: computed as it is consumed).
+    Row ``index`` is the utterance's position in ``utts``; ``ordered`` keeps the rows in that order."""
     import ray.data
 
     rows = [{"audio": u.audio, "text": u.text, "index": i} for i, u in enumerate(utts)]
-    return ray.data.from_items(rows).map_batches(RawMfcc, fn_constructor_args=(asdict(features), speed), batch_size=batch_size,
-                                                 concurrency=1, batch_format="numpy")
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+    if ordered:
+        ds.context.execution_options.preserve_order = True
+    return ds.map_batches(raw_mfcc_batch, fn_kwargs={"features_json": json.dumps(asdict(features)), "speed": speed},
+                          batch_size=batch_size, num_cpus=num_cpus, concurrency=concurrency, batch_format="numpy")
 
 
-def global_cmvn(dataset) -> Normalizer:
-    """Mean and (unbiased) std of all frames of a ``feature_dataset``: per-batch sums aggregated in the driver."""
-    total, sq, count = None, None, 0
+def training_stats(dataset) -> tuple[Normalizer, dict[int, int]]:
+    """(mean and unbiased std of all frames, sample count by row ``index``) of a ``feature_dataset``:
+    per-batch sums aggregated in the driver."""
+    total, sq, frames = None, None, 0
+    samples: dict[int, int] = {}
     for row in dataset.map_batches(_frame_sums, batch_format="numpy").iter_rows():
         total = row["sum"] if total is None else total + row["sum"]
         sq = row["sumsq"] if sq is None else sq + row["sumsq"]
-        count += int(row["count"])
-    if not count:
+        frames += int(row["count"])
+        for i, n in zip(row["index"], row["samples"]):
+            samples[int(i)] = int(n)
+    if not frames:
         raise ValueError("no frames to compute normalisation statistics from")
-    mean = total / count
-    var = np.maximum((sq - count * mean**2) / max(1, count - 1), 0.0)
-    return Normalizer(torch.tensor(mean, dtype=torch.float32), torch.tensor(np.sqrt(var), dtype=torch.float32).clamp_min(1e-5))
+    mean = total / frames
+    var = np.maximum((sq - frames * mean**2) / max(1, frames - 1), 0.0)
+    normalizer = Normalizer(torch.tensor(mean, dtype=torch.float32), torch.tensor(np.sqrt(var), dtype=torch.float32).clamp_min(1e-5))
+    return normalizer, samples
+
+
+def global_cmvn(dataset) -> Normalizer:
+    """Mean and (unbiased) std of all frames of a ``feature_dataset``."""
+    return training_stats(dataset)[0]

@@ -60,7 +60,7 @@ def main() -> int:
                 slot["uss"] = max(slot["uss"], mem.uss / 2**20)
             time.sleep(0.2)
 
-    ray.init(num_cpus=max(2, args.workers), num_gpus=0, include_dashboard=False)
+    ray.init(address="local", num_cpus=max(2, args.workers), num_gpus=0, include_dashboard=False)
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
     t0 = time.time()

@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_cpus():
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False)  # never a `ray start` cluster of the machine
     yield
     ray.shutdown()
 
@@ -39,14 +39,16 @@ def _weights(bundle) -> dict[str, torch.Tensor]:
 
 def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cpus):
     """Same seed, same epoch plans (batches and chunk draws), speed perturbation in epoch 2:
-    the weights after 2 x 3 steps agree to 1e-5 (max abs difference)."""
+    the weights after 2 x 3 steps agree to 1e-5 (max abs difference). The ``shared`` feed: the same
+    features and statistics as the single-process trainer (the ray_data feed's CMVN is summed in
+    another order, ~1e-7 apart)."""
     from pipeline.distributed import train_distributed
     from pipeline.training import build_split
     from workers.training import Trainer
 
     config = _config("data.max_train_utterances=10", "data.max_dev_utterances=3", "train.epochs=2",
                      "train.speed_factors=[1.0, 1.1]", "train.full_utterance_prob=0.3",
-                     "train.max_batch_utterances=3")
+                     "train.max_batch_utterances=3", "train.data_feed=shared")
     train, dev, _ = build_split(config)
     trainer = Trainer(tmp_path / "single", train, dev, config.features, config.model, config.train, log=lambda _: None)
     single = trainer.run(max_steps_per_epoch=3, show_progress=False)
@@ -157,3 +159,89 @@ def test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones(ray_cpus):
     normalizer = global_cmvn(feature_dataset(train, config.features, 1.0, batch_size=4))
     reference = Normalizer.from_frames(raw[1.0])
     assert torch.allclose(normalizer.mean, reference.mean, atol=1e-4) and torch.allclose(normalizer.std, reference.std, rtol=1e-4)
+
+
+def test_ray_data_feed_two_workers_stream_bounded_windows_and_export_the_global_cmvn(tmp_path, ray_cpus):
+    """The default ``ray_data`` feed: 2 workers x 2 epochs (the second speed-perturbed) on 24 utterances,
+    features streamed per worker through Ray Data; equal steps on both workers (the run finishes), dev
+    WER and chunked batches logged per epoch, no worker held more than the window (< its share of the
+    corpus), and the bundle's normaliser is ``global_cmvn`` of the training set."""
+    from pipeline.training import build_split, run_training_distributed
+    from pipeline.training_data import feature_dataset, global_cmvn
+    from workers.training import mfcc_frames, plan_epoch, steps_per_worker, trainable
+
+    config = _config("data.max_train_utterances=24", "data.max_dev_utterances=3", "train.epochs=2",
+                     "train.speed_factors=[1.0, 1.1]", "train.max_batch_utterances=3", "train.feed_batch_utterances=2")
+    assert config.train.data_feed == "ray_data"
+    lines: list[str] = []
+    out = run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False)
+    assert any("feed ray_data" in line for line in lines)
+    records = [json.loads(line) for line in lines if line.startswith('{"epoch"')]
+    assert [r["epoch"] for r in records] == [1, 2]
+    train, _, _ = build_split(config, lambda _: None)
+    normalizer = global_cmvn(feature_dataset(train, config.features, 1.0, batch_size=8))
+    frames = [r["frames"] for r in sorted(feature_dataset(train, config.features, 1.0).take_all(), key=lambda r: r["index"])]
+    plan = plan_epoch(trainable(frames, [u.text for u in train], config.features.stack_frames)[1], config.train, 0)
+    for r in records:
+        assert 0 <= r["dev_wer_greedy"] and 0 <= r["dev_wer_greedy_streaming"] and r["workers"] == 2
+        assert r["chunked_batches"] + r["whole_batches"] == r["steps"] == 2 * steps_per_worker(len(plan), 2)
+        assert 0 < r["feed_max_utterances_held"] <= r["feed_window"] == 2 * 2 + 3 < len(train) // 2
+    assert sum(r["chunked_batches"] for r in records) > 0
+    bundle = load_bundle(out)
+    assert torch.allclose(bundle.normalizer.mean, normalizer.mean, atol=1e-4)
+    assert torch.allclose(bundle.normalizer.std, normalizer.std, atol=1e-4)
+    assert bundle.lm_path is not None and bundle.info["ray_train_workers"] == 2
+    assert mfcc_frames(0, config.features) == 0
+
+
+def test_lengths_at_every_speed_follow_from_the_sample_count(tmp_path):
+    """The ray_data feed plans epochs from lengths computed from one pass at speed 1.0: equal to the
+    frame counts of the speed-perturbed MFCC."""
+    from pipeline.training import build_split
+    from workers.audio import load_audio
+    from workers.training import compute_raw_features, mfcc_frames, resampled_samples
+
+    config = _config("data.max_train_utterances=6")
+    train, _, _ = build_split(config, lambda _: None)
+    speeds = (0.9, 1.0, 1.1)
+    raw = compute_raw_features(train, config.features, speeds, None, log=lambda _: None)
+    rate = config.features.sample_rate_hz
+    for i, u in enumerate(train):
+        n = load_audio(u.audio, rate).numel()
+        for s in speeds:
+            assert mfcc_frames(resampled_samples(n, rate, s), config.features) == raw[s][i].shape[0]
+    for n in (1, 399, 400, 401, 16000, 123457):
+        assert mfcc_frames(n, config.features) == MfccFrames(config.features)(n)
+
+
+def MfccFrames(features):  # noqa: N802 - the extractor's own count, for lengths no utterance has
+    from workers.features import MfccExtractor
+
+    extractor = MfccExtractor(features)
+    return lambda n: extractor.raw_mfcc(torch.zeros(n)).shape[0]
+
+
+def test_streamed_steps_form_the_plan_batches_in_order_within_the_window():
+    """``StreamedSteps`` (Ray-free) turns a stream of row batches in plan order into the plan's steps,
+    holding one row batch and one training batch; an out-of-order stream is an error."""
+    from workers.features import FeatureConfig, MfccExtractor
+    from workers.training import PlannedBatch, StreamedSteps
+
+    features = FeatureConfig()
+    extractor = MfccExtractor(features)
+    texts = ["A", "BB", "CCC", "DD", "E"]
+    keep = [0, 1, 2, 4]
+    plan = [PlannedBatch((0, 1), 4, 2), PlannedBatch((3,), None, 0), PlannedBatch((2, 0), 6, 3)]
+    order = StreamedSteps.plan_utterances(plan, keep)
+    assert order == [0, 1, 4, 2, 0]
+    raw = {i: torch.randn(30 + i, features.n_mfcc) for i in range(5)}
+    rows = [{"index": list(range(n, min(n + 2, 5))), "mfcc": [raw[order[j]].numpy() for j in range(n, min(n + 2, 5))]}
+            for n in range(0, 5, 2)]
+    streamed = StreamedSteps(plan, keep, texts, extractor, rows, prefetched_rows=2)
+    steps = list(streamed)
+    assert len(streamed) == 3 and [(c, rc) for _, c, rc in steps] == [(4, 2), (None, 0), (6, 3)]
+    assert [[e.index for e in ex] for ex, _, _ in steps] == [[0, 1], [4], [2, 0]]
+    assert torch.equal(steps[2][0][0].features, extractor.features_from_raw(raw[2]))
+    assert 0 < streamed.max_held <= 2 + 2 + 2
+    with pytest.raises(RuntimeError, match="out of order"):
+        list(StreamedSteps(plan, keep, texts, extractor, [{"index": [1], "mfcc": [raw[0].numpy()]}]))

@@ -63,8 +63,17 @@ class TrainConfig:
     augment_babble_share: float = 0.5
     augment_reverb_prob: float = 0.3  # simulated room (pyroomacoustics)
     augment_reverb_rt60_s_range: tuple[float, float] = (0.2, 0.9)
+    # `asr train --workers N` only (pipeline/distributed.py): "ray_data" streams each worker's share of an
+    # epoch through Ray Data (no process holds the corpus's features); "shared" puts the raw MFCC of the
+    # whole corpus in the object store (every worker can read all of it; same batches as single-process).
+    data_feed: str = "ray_data"
+    feed_batch_utterances: int = 16  # ray_data: utterances per Ray Data batch (a worker holds ~2 + a training batch)
 
     def __post_init__(self) -> None:
+        if self.data_feed not in ("ray_data", "shared"):
+            raise ValueError(f"train.data_feed must be ray_data or shared, got {self.data_feed!r}")
+        if self.feed_batch_utterances < 1:
+            raise ValueError(f"train.feed_batch_utterances must be >= 1, got {self.feed_batch_utterances}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
         if not 0 <= self.full_utterance_prob <= 1:
@@ -287,6 +296,74 @@ def shard_plan(plan: list[PlannedBatch], rank: int, world: int) -> list[PlannedB
     return [plan[(rank + world * i) % len(plan)] for i in range(steps_per_worker(len(plan), world))]
 
 
+def resampled_samples(samples: int, rate_hz: int, speed: float) -> int:
+    """Length of ``torchaudio.functional.resample(wave, round(rate_hz * speed), rate_hz)`` for a wave of
+    ``samples`` (speed perturbation), computed as torchaudio does, without resampling."""
+    if speed == 1.0:
+        return samples
+    orig = int(round(rate_hz * speed))
+    gcd = math.gcd(orig, rate_hz)
+    return int(torch.ceil(torch.as_tensor(rate_hz // gcd * samples / (orig // gcd))).item())
+
+
+def mfcc_frames(samples: int, features: FeatureConfig) -> int:
+    """Frames (10 ms) of ``MfccExtractor.raw_mfcc`` of a wave of ``samples`` (no centring; 0 if shorter than a window)."""
+    if samples < features.window_samples:
+        return 0
+    return 1 + (samples - features.window_samples) // features.hop_samples
+
+
+def trainable(frames: list[int], texts: list[str], stack_frames: int) -> tuple[list[int], list[int]]:
+    """(kept utterance positions, their model-frame lengths): utterances with at least one model frame
+    per label (CTC), as ``make_examples`` and ``LazyExamples`` keep them."""
+    keep = [i for i, (f, t) in enumerate(zip(frames, texts)) if f // stack_frames >= max(1, len(encode(t)))]
+    return keep, [frames[i] // stack_frames for i in keep]
+
+
+class StreamedSteps:
+    """The training steps of one worker's epoch plan from a stream of raw-MFCC row batches (dicts of
+    equal-length columns "index" and "mfcc"), in plan order: row ``n`` of the stream is the ``n``-th
+    utterance of the plan (``plan_utterances``). Only the current row batch and the current training
+    batch are held; ``max_held`` records the most utterances whose features were held at once (the
+    current row batch, the current training batch's examples, and ``prefetched_rows`` that the stream
+    may hold ahead: an upper bound)."""
+
+    def __init__(self, plan: list[PlannedBatch], keep: list[int], texts: list[str], extractor: MfccExtractor,
+                 row_batches: Iterable[dict], prefetched_rows: int = 0) -> None:
+        self.plan, self.keep, self.texts, self.extractor = plan, keep, texts, extractor
+        self.row_batches = row_batches
+        self.prefetched_rows = prefetched_rows
+        self.max_held = 0
+
+    @staticmethod
+    def plan_utterances(plan: list[PlannedBatch], keep: list[int]) -> list[int]:
+        """Utterance positions (in the training list) of the plan's batches, in step order (repeats included)."""
+        return [keep[j] for b in plan for j in b.indices]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        batches = iter(self.row_batches)
+        rows: dict = {"index": []}
+        taken, n = 0, 0
+        for b in self.plan:
+            examples = []
+            for j in b.indices:
+                if taken == len(rows["index"]):
+                    rows, taken = next(batches), 0  # the previous row batch is dropped here
+                i = self.keep[j]
+                if int(rows["index"][taken]) != n:
+                    raise RuntimeError(f"feature stream out of order: row {int(rows['index'][taken])}, expected {n}")
+                raw = torch.as_tensor(rows["mfcc"][taken]).float()
+                examples.append(Example(self.extractor.features_from_raw(raw), torch.tensor(encode(self.texts[i]), dtype=torch.long),
+                                        self.texts[i], i))
+                taken += 1
+                n += 1
+                self.max_held = max(self.max_held, len(rows["index"]) + len(examples) + self.prefetched_rows)
+            yield examples, b.chunk_frames, b.right_context_frames
+
+
 class LazyExamples:
     """Training examples normalised on access from raw MFCC (a list of (frames_10ms, n_mfcc) tensors or
     arrays, e.g. views of shared memory): same positions and lengths as ``make_examples`` on the same data,
@@ -432,10 +509,10 @@ class TrainLoop:
 
     def end_epoch(self, stats: EpochStats, t0: float, dev: list[Example], export_dir: Path,
                   snapshot_dir: Path | None = None, export_extras: Callable[[], dict] | None = None,
-                  bundle_info: dict | None = None) -> dict:
-        """Count the epoch done; on rank 0 evaluate on dev, log the record as a JSON line, export the
-        model if its streaming dev WER (or, without dev data, its loss) is the best so far, and keep a
-        weights snapshot for averaging."""
+                  bundle_info: dict | None = None, extra: dict | None = None) -> dict:
+        """Count the epoch done; on rank 0 evaluate on dev, log the record (with ``extra``) as a JSON line,
+        export the model if its streaming dev WER (or, without dev data, its loss) is the best so far, and
+        keep a weights snapshot for averaging."""
         wer, wer_stream = self.evaluate(dev) if self.is_main else (math.nan, math.nan)
         self.progress.epoch += 1
         record = {"epoch": self.progress.epoch, "loss": round(stats.loss, 4), "dev_wer_greedy": round(wer, 4),
@@ -443,6 +520,7 @@ class TrainLoop:
                   "steps": stats.steps, "chunked_batches": stats.chunked_batches, "whole_batches": stats.whole_batches}
         if self.world > 1:
             record["workers"] = self.world
+        record.update(extra or {})
         self.progress.history.append(record)
         if not self.is_main:
             return record
