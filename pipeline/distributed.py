@@ -4,10 +4,26 @@ Everything a training epoch does (epoch plans with chunk draws, speed perturbati
 AdamW with weight decay, the LR schedule, dev WER, best-epoch export, averaging, checkpoint
 state) is ``workers.training.TrainLoop``, the same code the single-process ``Trainer`` runs. Here:
 
-- the driver computes the raw MFCC of every (utterance, speed factor) once (cached on disk like
-  the single-process trainer's) and the global normalisation statistics, and puts them in the
-  object store as numpy arrays: the workers read them zero-copy from shared memory and normalise
-  the batches they train on only;
+- the data, by ``train.data_feed``:
+
+  - ``ray_data`` (the default): the driver makes one Ray Data pass over the unperturbed training
+    audio (``pipeline/training_data.py``: read -> resample -> MFCC in ``map_batches`` tasks) that
+    sums the global CMVN statistics and keeps each utterance's sample count; the frame counts at
+    every speed factor follow from it (``resampled_samples``, ``mfcc_frames``), so every worker
+    draws the same epoch plans without seeing any features. Per epoch each worker takes its shard
+    of the plan and streams the raw MFCC of exactly those utterances, at the epoch's speed, in plan
+    order, from its own Ray Data dataset (``feature_dataset(..., ordered=True)``, tasks of half a
+    CPU on the cluster's CPUs: with fewer than workers + 1 CPUs the workers reserve less than one
+    each so that the feature tasks can run). ``StreamedSteps`` forms the planned batches from the
+    stream, holding one Ray Data batch (``train.feed_batch_utterances``), one prefetched batch and
+    one training batch: no process holds the corpus's features; the epoch record reports
+    ``feed_max_utterances_held`` (the largest count on any worker) and ``feed_window``;
+  - ``shared``: the driver computes the raw MFCC of every (utterance, speed factor) once (cached on
+    disk like the single-process trainer's) and the global statistics, and puts them in the object
+    store as numpy arrays: the workers read them zero-copy from shared memory (every worker can
+    read all of it) and normalise the batches they train on only. Same features and statistics as
+    the single-process ``Trainer`` (tests/test_distributed_training.py compares the weights);
+
 - each worker runs its shard of the epoch's plan (``shard_plan``: every worker the same number of
   steps, so the LR schedule spans ``steps_per_worker * epochs`` steps);
 - rank 0 evaluates on dev, exports the best bundle (with lexicon and LM) into its work dir and
@@ -71,7 +87,8 @@ def _train_loop(loop_config: dict) -> None:
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     normalizer = Normalizer(torch.tensor(data["mean"]), torch.tensor(data["std"]))
     extractor = MfccExtractor(features, normalizer)
-    dev_set = LazyExamples(data["dev"], data["dev_texts"], extractor) if rank == 0 else None
+    dev_data = ray.get(loop_config["dev"]) if rank == 0 else None  # only rank 0 evaluates: only it fetches dev
+    dev_set = LazyExamples(dev_data["dev"], dev_data["dev_texts"], extractor) if dev_data is not None else None
     dev = [dev_set[i] for i in range(len(dev_set))] if dev_set is not None else []
     max_steps = loop_config.get("max_steps_per_epoch")
     if data["feed"] == "shared":
@@ -269,7 +286,8 @@ def train_distributed(
             "features": asdict(features),
             "model": asdict(model),
             "train": asdict(train),
-            "data": ray.put(data),
+            "data": ray.put({k: v for k, v in data.items() if k not in ("dev", "dev_texts")}),
+            "dev": ray.put({"dev": data["dev"], "dev_texts": data["dev_texts"]}),
             "lm_files": lm_texts,
             "bundle_info": bundle_info or {},
             "max_steps_per_epoch": max_steps_per_epoch,

@@ -2,6 +2,9 @@
 
     python scripts/train_worker_memory.py --max-train 48            # a small AN4 subset
     python scripts/train_worker_memory.py --fsdd --max-train 0      # all of AN4 + FSDD
+    python scripts/train_worker_memory.py --feed shared ...         # the object-store feed, for comparison
+
+``--feed`` sets ``train.data_feed`` (default ray_data: each worker streams its share through Ray Data).
 
 Polls the workers' pids (written by the train loop to a pid dir) with psutil every 0.2 s and prints,
 per rank, the peak RSS (which counts pages of the shared object store the worker touched) and the
@@ -30,6 +33,7 @@ def main() -> int:
     p.add_argument("--fsdd", action="store_true")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps-per-epoch", type=int, default=20)
+    p.add_argument("--feed", choices=("ray_data", "shared"), default="ray_data")
     args = p.parse_args()
     import ray
 
@@ -40,7 +44,8 @@ def main() -> int:
     data = repo.parent / "shared" / "data"
     config = load_config(str(repo / "configs/tiny.yaml"), [
         f"data.an4_root={data / 'an4'}", f"data.fsdd_root={data / 'fsdd'}", f"data.use_fsdd={str(args.fsdd).lower()}",
-        f"data.max_train_utterances={args.max_train}", "data.max_dev_utterances=8", f"train.epochs={args.epochs}"])
+        f"data.max_train_utterances={args.max_train}", "data.max_dev_utterances=8", f"train.epochs={args.epochs}",
+        f"train.data_feed={args.feed}"])
     tmp = Path(tempfile.mkdtemp(prefix="train_memory_"))
     pids = tmp / "pids"
     pids.mkdir()
@@ -71,8 +76,11 @@ def main() -> int:
     finally:
         done.set()
         ray.shutdown()
-    train_h = json.loads((tmp / "run" / "bundle" / "config.json").read_text())["info"].get("train_audio_h")
-    print(json.dumps({"train_audio_h": train_h, "train_utterances": args.max_train or "all", "fsdd": args.fsdd,
+    info = json.loads((tmp / "run" / "bundle" / "config.json").read_text())["info"]
+    history = json.loads((tmp / "run" / "history.json").read_text())
+    print(json.dumps({"feed": args.feed, "train_audio_h": info.get("train_audio_h"), "train_utterances": info.get("train_utterances"),
+                      "fsdd": args.fsdd, "steps_per_worker": [h["steps"] // args.workers for h in history],
+                      "feed_max_utterances_held": [h.get("feed_max_utterances_held") for h in history],
                       "wall_s": round(time.time() - t0, 1),
                       "peak_mib": {r: {k: round(v, 1) for k, v in m.items()} for r, m in sorted(peak.items())}}))
     return 0
