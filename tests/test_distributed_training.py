@@ -168,7 +168,7 @@ def test_ray_data_feed_two_workers_stream_bounded_windows_and_export_the_global_
     corpus), and the bundle's normaliser is ``global_cmvn`` of the training set."""
     from pipeline.training import build_split, run_training_distributed
     from pipeline.training_data import feature_dataset, global_cmvn
-    from workers.training import mfcc_frames, plan_epoch, steps_per_worker, trainable
+    from workers.training import plan_epoch, steps_per_worker, trainable
 
     config = _config("data.max_train_utterances=24", "data.max_dev_utterances=3", "train.epochs=2",
                      "train.speed_factors=[1.0, 1.1]", "train.max_batch_utterances=3", "train.feed_batch_utterances=2")
@@ -191,7 +191,6 @@ def test_ray_data_feed_two_workers_stream_bounded_windows_and_export_the_global_
     assert torch.allclose(bundle.normalizer.mean, normalizer.mean, atol=1e-4)
     assert torch.allclose(bundle.normalizer.std, normalizer.std, atol=1e-4)
     assert bundle.lm_path is not None and bundle.info["ray_train_workers"] == 2
-    assert mfcc_frames(0, config.features) == 0
 
 
 def test_lengths_at_every_speed_follow_from_the_sample_count(tmp_path):
@@ -199,6 +198,7 @@ def test_lengths_at_every_speed_follow_from_the_sample_count(tmp_path):
     frame counts of the speed-perturbed MFCC."""
     from pipeline.training import build_split
     from workers.audio import load_audio
+    from workers.features import MfccExtractor
     from workers.training import compute_raw_features, mfcc_frames, resampled_samples
 
     config = _config("data.max_train_utterances=6")
@@ -210,15 +210,9 @@ def test_lengths_at_every_speed_follow_from_the_sample_count(tmp_path):
         n = load_audio(u.audio, rate).numel()
         for s in speeds:
             assert mfcc_frames(resampled_samples(n, rate, s), config.features) == raw[s][i].shape[0]
-    for n in (1, 399, 400, 401, 16000, 123457):
-        assert mfcc_frames(n, config.features) == MfccFrames(config.features)(n)
-
-
-def MfccFrames(features):  # noqa: N802 - the extractor's own count, for lengths no utterance has
-    from workers.features import MfccExtractor
-
-    extractor = MfccExtractor(features)
-    return lambda n: extractor.raw_mfcc(torch.zeros(n)).shape[0]
+    extractor = MfccExtractor(config.features)
+    for n in (1, 399, 400, 401, 16000, 123457):  # lengths no utterance has
+        assert mfcc_frames(n, config.features) == extractor.raw_mfcc(torch.zeros(n)).shape[0]
 
 
 def test_streamed_steps_form_the_plan_batches_in_order_within_the_window():
@@ -242,6 +236,10 @@ def test_streamed_steps_form_the_plan_batches_in_order_within_the_window():
     assert len(streamed) == 3 and [(c, rc) for _, c, rc in steps] == [(4, 2), (None, 0), (6, 3)]
     assert [[e.index for e in ex] for ex, _, _ in steps] == [[0, 1], [4], [2, 0]]
     assert torch.equal(steps[2][0][0].features, extractor.features_from_raw(raw[2]))
-    assert 0 < streamed.max_held <= 2 + 2 + 2
+    assert streamed.max_held == 4  # row batch [0, 1] + the 2 rows the stream may have fetched ahead
+    long_plan = plan * 4
+    rows = [{"index": list(range(n, n + 2)), "mfcc": [raw[0].numpy()] * 2} for n in range(0, 20, 2)]
+    streamed = StreamedSteps(long_plan, [0] * 5, texts, extractor, rows, prefetched_rows=2)
+    assert len(list(streamed)) == 12 and streamed.max_held <= 2 + 1 + 2  # bounded however long the plan
     with pytest.raises(RuntimeError, match="out of order"):
         list(StreamedSteps(plan, keep, texts, extractor, [{"index": [1], "mfcc": [raw[0].numpy()]}]))

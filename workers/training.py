@@ -325,8 +325,8 @@ class StreamedSteps:
     equal-length columns "index" and "mfcc"), in plan order: row ``n`` of the stream is the ``n``-th
     utterance of the plan (``plan_utterances``). Only the current row batch and the current training
     batch are held; ``max_held`` records the most utterances whose features were held at once (the
-    current row batch, the current training batch's examples, and ``prefetched_rows`` that the stream
-    may hold ahead: an upper bound)."""
+    current row batch, the current training batch's examples, and up to ``prefetched_rows`` of the
+    remaining rows that the stream may hold ahead: an upper bound)."""
 
     def __init__(self, plan: list[PlannedBatch], keep: list[int], texts: list[str], extractor: MfccExtractor,
                  row_batches: Iterable[dict], prefetched_rows: int = 0) -> None:
@@ -346,12 +346,14 @@ class StreamedSteps:
     def __iter__(self):
         batches = iter(self.row_batches)
         rows: dict = {"index": []}
-        taken, n = 0, 0
+        taken, n, received = 0, 0, 0
+        total = sum(len(b.indices) for b in self.plan)
         for b in self.plan:
             examples = []
             for j in b.indices:
                 if taken == len(rows["index"]):
                     rows, taken = next(batches), 0  # the previous row batch is dropped here
+                    received += len(rows["index"])
                 i = self.keep[j]
                 if int(rows["index"][taken]) != n:
                     raise RuntimeError(f"feature stream out of order: row {int(rows['index'][taken])}, expected {n}")
@@ -360,7 +362,9 @@ class StreamedSteps:
                                         self.texts[i], i))
                 taken += 1
                 n += 1
-                self.max_held = max(self.max_held, len(rows["index"]) + len(examples) + self.prefetched_rows)
+                ahead = min(self.prefetched_rows, total - received)  # what the stream may have fetched ahead
+                earlier = len(examples) - min(taken, len(examples))  # this step's examples from earlier row batches
+                self.max_held = max(self.max_held, len(rows["index"]) + earlier + ahead)
             yield examples, b.chunk_frames, b.right_context_frames
 
 
