@@ -8,7 +8,19 @@
 
 Polls the workers' pids (written by the train loop to a pid dir) with psutil every 0.2 s and prints,
 per rank, the peak RSS (which counts pages of the shared object store the worker touched) and the
-peak USS (memory unique to the process).
+peak USS (memory unique to the process), and the epoch records' ``feed_max_utterances_held``.
+
+Measured (2 CPU workers, configs/tiny.yaml, 1 epoch of at most 20 steps; peak MiB of rank 0 / rank 1):
+
+| feed | training set | RSS | USS | utterances held |
+|---|---|---|---|---|
+| ray_data | 48 AN4 utterances (0.033 h) | 894 / 896 | 490 / 496 | 24 |
+| ray_data | all AN4 + FSDD (2843 utterances, 0.854 h) | 891 / 878 | 487 / 478 | 32 |
+| shared | 48 AN4 utterances | 885 / 885 | 486 / 490 | - |
+| shared | all AN4 + FSDD | 884 / 871 | 483 / 472 | - |
+
+Neither grows with the corpus here: the raw MFCC of all of AN4 + FSDD at one speed is ~16 MB, and
+a shared-feed worker only touches the object-store pages of the utterances it trains on.
 """
 
 from __future__ import annotations
