@@ -158,6 +158,11 @@ def run_training_cli(args, config: AppConfig) -> int:
     if dev_sources and not train_sources:
         print("error: --dev needs --train (without --train the AN4 + FSDD split of the config is used)", file=sys.stderr)
         return 2
+    if args.workers > 0 and config.train.augment_prob > 0:
+        print(f"error: train.augment_prob={config.train.augment_prob:g} (waveform augmentation) is not available with --workers "
+              "yet, and training without it would be another recipe; train without --workers, or add --set train.augment_prob=0",
+              file=sys.stderr)
+        return 2
     try:
         if args.workers > 0:
             build_split(config, lambda _: None, train_sources, dev_sources)  # bad data fails here, before Ray starts

@@ -84,3 +84,50 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: The corpora of ``an4_as_librispeech_and_folder`` (tests/test_train_data.py, tests/test_distributed_training.py).
+TRAIN_SPEAKERS = 6
+UTTS_PER_SPEAKER = 4
+
+
+def _by_speaker(an4_root: Path) -> dict[str, list]:
+    from workers.corpus import read_an4
+
+    speakers: dict[str, list] = {}
+    for u in read_an4(an4_root).utterances:
+        speakers.setdefault(u.speaker, []).append(u)
+    return speakers
+
+
+def an4_as_librispeech_and_folder(an4_root: Path, root: Path) -> tuple[Path, Path, set[str]]:
+    """Real AN4 recordings laid out as other corpora: (a LibriSpeech-layout training corpus of
+    ``TRAIN_SPEAKERS`` speakers x ``UTTS_PER_SPEAKER`` utterances, ``SPEAKER/CHAPTER/*.flac`` +
+    ``*.trans.txt`` in upper case; a plain dev folder of two other speakers, ``SPEAKER/N.wav`` +
+    ``N.txt``; the training words)."""
+    import soundfile as sf
+
+    from workers.audio import read_audio
+    speakers = sorted(_by_speaker(an4_root).items())
+    train_words: set[str] = set()
+    libri = root / "LibriSpeech" / "train-clean-an4"
+    for k, (_, utts) in enumerate(speakers[:TRAIN_SPEAKERS]):
+        speaker_id, chapter = str(100 + k), "7"
+        chapter_dir = libri / speaker_id / chapter
+        chapter_dir.mkdir(parents=True)
+        lines = []
+        for n, u in enumerate(utts[:UTTS_PER_SPEAKER]):
+            uid = f"{speaker_id}-{chapter}-{n:04d}"
+            audio, rate = read_audio(u.audio)
+            sf.write(chapter_dir / f"{uid}.flac", audio[:, 0], rate)
+            lines.append(f"{uid} {u.text.upper()}")
+            train_words |= set(u.text.split())
+        (chapter_dir / f"{speaker_id}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    folder = root / "dev_folder"
+    for name, utts in speakers[TRAIN_SPEAKERS : TRAIN_SPEAKERS + 2]:
+        (folder / name).mkdir(parents=True)
+        for n, u in enumerate(utts[:4]):
+            audio, rate = read_audio(u.audio)
+            sf.write(folder / name / f"{n}.wav", audio[:, 0], rate, subtype="PCM_16")
+            (folder / name / f"{n}.txt").write_text(u.text + "\n")
+    return libri.parent, folder, train_words

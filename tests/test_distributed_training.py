@@ -1,6 +1,7 @@
 """`asr train --workers N` (pipeline/distributed.py) runs the single-process trainer's epochs
 (workers.training.TrainLoop) on Ray Train: same weights with one worker, a loadable bundle with
-lexicon and LM from two, and a run that survives a killed worker."""
+lexicon and LM from two (on real audio in the LibriSpeech layout, features streamed through Ray
+Data), and a run that survives a killed worker."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import AN4, REPO
+from tests.conftest import AN4, REPO, TRAIN_SPEAKERS, UTTS_PER_SPEAKER, an4_as_librispeech_and_folder
 from workers.bundle import load_bundle
 
 pytestmark = pytest.mark.skipif(not AN4.is_dir(), reason=f"{AN4} not present")
@@ -73,32 +75,6 @@ def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cp
 
     start = new_model(config.model, config.train.seed).state_dict()
     assert max((got[n] - v).abs().max().item() for n, v in start.items()) > 1e-3
-
-
-def test_two_workers_two_epochs_export_a_bundle_that_eval_and_transcribe_load(tmp_path, ray_cpus, capsys):
-    from pipeline.cli import main
-    from pipeline.training import run_training_distributed
-
-    config = _config("data.max_train_utterances=16", "data.max_dev_utterances=4", "train.epochs=2")
-    lines: list[str] = []
-    out = run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False)
-    records = [json.loads(line) for line in lines if line.startswith('{"epoch"')]
-    assert [r["epoch"] for r in records] == [1, 2]
-    for r in records:
-        assert 0 <= r["dev_wer_greedy"] and 0 <= r["dev_wer_greedy_streaming"] and r["workers"] == 2
-        assert r["chunked_batches"] + r["whole_batches"] == r["steps"]
-    assert sum(r["chunked_batches"] for r in records) > 0
-    bundle = load_bundle(out)
-    assert bundle.info["ray_train_workers"] == 2 and bundle.info["train_utterances"] == 16
-    assert bundle.lexicon_path is not None and bundle.lm_path is not None
-    assert (tmp_path / "run" / "train.jsonl").is_file()
-    capsys.readouterr()
-    manifest = tmp_path / "run" / "dev_an4.jsonl"
-    assert main(["eval", str(manifest), "--model", str(out), "--config", str(REPO / "configs/tiny.yaml"), "--decoder", "beam",
-                 "--set", f"data.an4_root={AN4}"]) == 0
-    assert "WER" in capsys.readouterr().out.upper()
-    assert main(["transcribe", "--local", "--model", str(out), str(REPO / "examples" / "ex01_yes.wav")]) == 0
-    assert "ex01_yes.wav:" in capsys.readouterr().out
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(tmp_path, ray_cpus):
@@ -161,24 +137,35 @@ def test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones(ray_cpus):
     assert torch.allclose(normalizer.mean, reference.mean, atol=1e-4) and torch.allclose(normalizer.std, reference.std, rtol=1e-4)
 
 
-def test_ray_data_feed_two_workers_stream_bounded_windows_and_export_the_global_cmvn(tmp_path, ray_cpus):
-    """The default ``ray_data`` feed: 2 workers x 2 epochs (the second speed-perturbed) on 24 utterances,
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> tuple[Path, Path, set[str]]:
+    return an4_as_librispeech_and_folder(AN4, tmp_path_factory.mktemp("corpora"))
+
+
+def test_two_workers_train_other_layouts_through_ray_data_and_export_a_bundle_eval_and_transcribe_load(
+        tmp_path, ray_cpus, capsys, corpora):
+    """``asr train --workers 2 --train LIBRISPEECH --dev FOLDER`` on the default ``ray_data`` feed:
+    2 workers x 2 epochs (the second speed-perturbed) on real AN4 audio laid out as LibriSpeech,
     features streamed per worker through Ray Data; equal steps on both workers (the run finishes), dev
-    WER and chunked batches logged per epoch, no worker held more than the window (< its share of the
-    corpus), and the bundle's normaliser is ``global_cmvn`` of the training set."""
+    WER and chunked batches logged per epoch, no worker held more than the window (< its share of
+    the corpus); the bundle's normaliser is ``global_cmvn`` of the training set, its lexicon the
+    training words, and ``asr eval`` and ``asr transcribe`` load it."""
+    from pipeline.cli import main
     from pipeline.training import build_split, run_training_distributed
     from pipeline.training_data import feature_dataset, global_cmvn
     from workers.training import plan_epoch, steps_per_worker, trainable
 
-    config = _config("data.max_train_utterances=24", "data.max_dev_utterances=3", "train.epochs=2",
-                     "train.speed_factors=[1.0, 1.1]", "train.max_batch_utterances=3", "train.feed_batch_utterances=2")
+    libri, folder, words = corpora
+    sources = {"train_sources": [str(libri)], "dev_sources": [str(folder)]}
+    config = _config("train.epochs=2", "train.speed_factors=[1.0, 1.1]", "train.max_batch_utterances=3", "train.feed_batch_utterances=2")
     assert config.train.data_feed == "ray_data"
     lines: list[str] = []
-    out = run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False)
+    out = run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False, **sources)
     assert any("feed ray_data" in line for line in lines)
     records = [json.loads(line) for line in lines if line.startswith('{"epoch"')]
     assert [r["epoch"] for r in records] == [1, 2]
-    train, _, _ = build_split(config, lambda _: None)
+    train, dev, _ = build_split(config, lambda _: None, **sources)
+    assert len(train) == TRAIN_SPEAKERS * UTTS_PER_SPEAKER and len(dev) == 8
     normalizer = global_cmvn(feature_dataset(train, config.features, 1.0, batch_size=8))
     frames = [r["frames"] for r in sorted(feature_dataset(train, config.features, 1.0).take_all(), key=lambda r: r["index"])]
     plan = plan_epoch(trainable(frames, [u.text for u in train], config.features.stack_frames)[1], config.train, 0)
@@ -190,7 +177,14 @@ def test_ray_data_feed_two_workers_stream_bounded_windows_and_export_the_global_
     bundle = load_bundle(out)
     assert torch.allclose(bundle.normalizer.mean, normalizer.mean, atol=1e-4)
     assert torch.allclose(bundle.normalizer.std, normalizer.std, atol=1e-4)
-    assert bundle.lm_path is not None and bundle.info["ray_train_workers"] == 2
+    assert bundle.info["ray_train_workers"] == 2 and bundle.info["train_utterances"] == len(train)
+    assert bundle.lm_path is not None and bundle.lexicon_path is not None
+    assert {line.split("\t")[0] for line in bundle.lexicon_path.read_text().splitlines()} == words
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--model", str(out), "--config", str(REPO / "configs/tiny.yaml"), "--decoder", "beam"]) == 0
+    assert "WER" in capsys.readouterr().out.upper()
+    assert main(["transcribe", "--local", "--model", str(out), str(REPO / "examples" / "ex01_yes.wav")]) == 0
+    assert "ex01_yes.wav:" in capsys.readouterr().out
 
 
 def test_lengths_at_every_speed_follow_from_the_sample_count(tmp_path):

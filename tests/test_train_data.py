@@ -12,52 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-from conftest import REPO
+from conftest import REPO, TRAIN_SPEAKERS, UTTS_PER_SPEAKER, an4_as_librispeech_and_folder
 
-from workers.audio import read_audio
 from workers.bundle import load_bundle
-from workers.corpus import read_an4, read_corpus
+from workers.corpus import read_corpus
 
-TRAIN_SPEAKERS = 6
-UTTS_PER_SPEAKER = 8
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def _by_speaker(an4_root: Path) -> dict[str, list]:
-    speakers: dict[str, list] = {}
-    for u in read_an4(an4_root).utterances:
-        speakers.setdefault(u.speaker, []).append(u)
-    return speakers
 
 
 @pytest.fixture(scope="module")
 def corpora(an4_root: Path, tmp_path_factory) -> tuple[Path, Path, set[str]]:
-    """(LibriSpeech-layout training corpus, plain dev folder of two other speakers, training words)."""
-    root = tmp_path_factory.mktemp("corpora")
-    speakers = sorted(_by_speaker(an4_root).items())
-    train_words: set[str] = set()
-    libri = root / "LibriSpeech" / "train-clean-an4"
-    for k, (_, utts) in enumerate(speakers[:TRAIN_SPEAKERS]):
-        speaker_id, chapter = str(100 + k), "7"
-        chapter_dir = libri / speaker_id / chapter
-        chapter_dir.mkdir(parents=True)
-        lines = []
-        for n, u in enumerate(utts[:UTTS_PER_SPEAKER]):
-            uid = f"{speaker_id}-{chapter}-{n:04d}"
-            audio, rate = read_audio(u.audio)
-            sf.write(chapter_dir / f"{uid}.flac", audio[:, 0], rate)
-            lines.append(f"{uid} {u.text.upper()}")
-            train_words |= set(u.text.split())
-        (chapter_dir / f"{speaker_id}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
-    folder = root / "dev_folder"
-    for name, utts in speakers[TRAIN_SPEAKERS : TRAIN_SPEAKERS + 2]:
-        (folder / name).mkdir(parents=True)
-        for n, u in enumerate(utts[:4]):
-            audio, rate = read_audio(u.audio)
-            sf.write(folder / name / f"{n}.wav", audio[:, 0], rate, subtype="PCM_16")
-            (folder / name / f"{n}.txt").write_text(u.text + "\n")
-    return libri.parent, folder, train_words
+    return an4_as_librispeech_and_folder(an4_root, tmp_path_factory.mktemp("corpora"))
 
 
 def _train(run_dir: Path, *args: str, timeout_s: int = 400) -> subprocess.CompletedProcess:
@@ -114,6 +79,13 @@ def test_speakers_shared_by_train_and_dev_are_refused(corpora, tmp_path: Path, c
     err = capsys.readouterr().err
     assert "share 2 speaker(s)" in err, err
     assert not (tmp_path / "run" / "bundle").exists()
+
+
+def test_workers_refuse_a_recipe_they_cannot_follow(tmp_path: Path, capsys) -> None:
+    """Waveform augmentation is not in the distributed feeds: a clear error, not another recipe."""
+    assert _train_in_process(tmp_path / "run", "--workers", "2", "--set", "train.augment_prob=0.5") == 2
+    assert "augment_prob=0.5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unreadable_train_data_is_a_clear_error(tmp_path: Path, capsys) -> None:
