@@ -109,7 +109,8 @@ def start_local_ray(verbose: bool | None = None, **init_kwargs: Any) -> None:
     no_metrics = {} if METRICS_VARIABLE in os.environ else {METRICS_VARIABLE: "0"}
     try:
         with _loopback_node(), _environment(no_metrics):
-            ray.init(include_dashboard=False, logging_level=_logging_level(verbose), log_to_driver=verbose, **init_kwargs)
+            # address="local": a new Ray even when a `ray start` cluster runs on this machine (ray.init would join it)
+            ray.init(address="local", include_dashboard=False, logging_level=_logging_level(verbose), log_to_driver=verbose, **init_kwargs)
     except BaseException:
         _stop_reaper(reaper)
         raise
