@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -13,15 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import soundfile as sf
 import torch
-from conftest import NO_VAD
+from conftest import CRASH_NAME, NO_VAD
 
 import pipeline.batch as batch_mod
 from pipeline.batch import (
     PARTIAL_NAME,
-    TEST_EXIT_ENV,
     TRANSCRIPTS_NAME,
     discover_inputs,
     to_srt,
@@ -83,22 +80,6 @@ def _make_tree(root: Path) -> tuple[list[str], list[str]]:
 
 def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / TRANSCRIPTS_NAME).read_text().splitlines()]
-
-
-CRASH_NAME = "crash_me.raw"  # a batch holding a file of this name kills its worker (the test hook, armed below)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray; its workers inherit the environment it starts with, which arms the test hook
-    ``TEST_EXIT_ENV`` for files named ``CRASH_NAME`` (no other input is affected)."""
-    os.environ[TEST_EXIT_ENV] = CRASH_NAME
-    try:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=150 * 1024**2)
-    finally:
-        del os.environ[TEST_EXIT_ENV]
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,7 @@ def test_train_kill_resume_matches_uninterrupted_run(tmp_path):
     assert bundle.info["epoch"] >= 1
 
 
-def test_ray_train_two_workers_exports_loadable_bundle(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_ray_train_two_workers_exports_loadable_bundle(local_ray, tmp_path):
     from pipeline.config import load_config
     from pipeline.distributed import train_distributed
     from pipeline.training import build_split
@@ -70,12 +69,8 @@ def test_ray_train_two_workers_exports_loadable_bundle(tmp_path):
     config = load_config("configs/tiny.yaml", [f"data.an4_root={AN4}", "data.use_fsdd=false", "data.max_train_utterances=8",
                                                 "train.epochs=1"])
     train, _, _ = build_split(config)
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
-    try:
-        out = train_distributed(train, config.features, config.model, config.train, num_workers=2, export_dir=tmp_path / "bundle",
-                                use_gpu=False, storage_path=tmp_path / "ray_train")
-    finally:
-        ray.shutdown()
+    out = train_distributed(train, config.features, config.model, config.train, num_workers=2, export_dir=tmp_path / "bundle",
+                            use_gpu=False, storage_path=tmp_path / "ray_train")
     bundle = load_bundle(out)
     assert bundle.info["ray_train_workers"] == 2
     x = torch.randn(1, 20, bundle.features.feature_dim)
