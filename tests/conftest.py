@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: The held-out AN4 speakers (configs/default.yaml, data.an4_dev_speakers).
+HELD_OUT = ("fbbh", "ftal", "mcfl", "mdxs", "mgah", "mmkw", "mrcb", "mtos")
+#: A user's environment for a command in a subprocess: no RAY_ADDRESS (a local Ray), one torch thread.
+CLI_ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+
+
+def held_out_files(an4_root: Path) -> list[str]:
+    """One real utterance of each held-out AN4 speaker."""
+    return [str(sorted((an4_root / "wav" / "an4_clstk" / s).glob("*.raw"))[0]) for s in HELD_OUT]
+
+
+@pytest.fixture(scope="session")
+def verbose_ray_transcription(an4_root, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``asr transcribe --ray --verbose`` in a subprocess, as a user runs it, on ``held_out_files``
+    (shipped model, beam + LM) with .txt and .srt files: (the finished command, its --out folder).
+    One run for two tests, so that its local Ray and Ray Data actor start once: what --verbose
+    shows (tests/test_ray_session.py) and the in-process run against the Ray run
+    (tests/test_transcribe_cli.py). Tests must not write to the folder (copy it first)."""
+    out = tmp_path_factory.mktemp("verbose_ray") / "out"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "transcribe", *held_out_files(an4_root), "--out", str(out),
+                           "--format", "txt,srt", "--verbose", "--ray"],
+                          cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    return done, out
 
 
 # --------------------------------------------------------------------------- one local Ray
