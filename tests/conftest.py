@@ -118,49 +118,35 @@ def verbose_ray_transcription(an4_root, tmp_path_factory) -> tuple[subprocess.Co
 #: Custom resources of the shared local Ray: tests/test_streaming_pipeline.py places the
 #: streaming actors with them (and checks what is left of them).
 LOCAL_RAY_RESOURCES = {"asr_acoustic": 3, "asr_decoder": 3}
-#: A batch holding a file of this name kills its Ray Data worker (the test hook
-#: ``pipeline.batch.TEST_EXIT_ENV``, armed in the shared local Ray; tests/test_batch.py).
-CRASH_NAME = "crash_me.raw"
 _local_ray_modules: set[str] = set()  # the test modules that use the fixture ``local_ray``
 _local_ray_started = False
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The modules whose tests use ``local_ray`` run one after another, where the first of
-    them would have run, so that the shared Ray starts once (each Ray start took 7-25 s)."""
     _local_ray_modules.clear()
     _local_ray_modules.update(item.module.__name__ for item in items if "local_ray" in item.fixturenames)
-    first = next((i for i, item in enumerate(items) if item.module.__name__ in _local_ray_modules), None)
-    if first is None:
-        return
-    grouped = [item for item in items[first:] if item.module.__name__ in _local_ray_modules]
-    rest = [item for item in items[first:] if item.module.__name__ not in _local_ray_modules]
-    items[first:] = grouped + rest
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """The local Ray of the in-process tests that need one (2 CPUs, no GPU, 150 MB object store,
-    ``LOCAL_RAY_RESOURCES``), started when first asked for and shared by the test modules that
-    use it (grouped by ``pytest_collection_modifyitems``); it is shut down after the last test of
-    those modules, so other tests never see it (``ray.is_initialized()`` changes what some code
-    does). Its workers inherit the environment it starts with, which arms the crash hook for
-    files named ``CRASH_NAME`` (no other input is affected)."""
+    """The local Ray of the in-process streaming and training tests (2 CPUs, no GPU, 150 MB object
+    store, ``LOCAL_RAY_RESOURCES``): started when first asked for and shared by consecutive test
+    modules that use it (tests/test_stream_recovery.py, test_streaming_pipeline.py,
+    test_training.py); shut down after the last test of such a run of modules, so other tests never
+    see it (``ray.is_initialized()`` changes what some code does). A module that uses it must leave
+    no actor behind: tests/test_batch.py keeps a Ray of its own (Ray Data's actors of its jobs can
+    outlive them and hold the CPUs that Ray Train's workers need)."""
     import logging
 
     import ray
 
-    from pipeline.batch import TEST_EXIT_ENV
-
     global _local_ray_started
     if not _local_ray_started:
         assert not ray.is_initialized(), "a Ray other than the shared one is running"
-        os.environ[TEST_EXIT_ENV] = CRASH_NAME
-        try:
-            ray.init(num_cpus=2, num_gpus=0, resources=LOCAL_RAY_RESOURCES, object_store_memory=150 * 1024**2,
-                     include_dashboard=False, logging_level=logging.WARNING)
-        finally:
-            del os.environ[TEST_EXIT_ENV]
+        # address="local": a new Ray even when another one was started on this machine with `ray start`
+        # (ray.init() with no address would join that one, and refuse these resource arguments).
+        ray.init(address="local", num_cpus=2, num_gpus=0, resources=LOCAL_RAY_RESOURCES,
+                 object_store_memory=150 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
         _local_ray_started = True
     yield
 
