@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,82 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+#: The held-out AN4 speakers (configs/default.yaml, data.an4_dev_speakers).
+HELD_OUT = ("fbbh", "ftal", "mcfl", "mdxs", "mgah", "mmkw", "mrcb", "mtos")
+#: A user's environment for a command in a subprocess: no RAY_ADDRESS (a local Ray), one torch thread.
+CLI_ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+
+
+def held_out_files(an4_root: Path) -> list[str]:
+    """One real utterance of each held-out AN4 speaker."""
+    return [str(sorted((an4_root / "wav" / "an4_clstk" / s).glob("*.raw"))[0]) for s in HELD_OUT]
+
+
+@pytest.fixture(scope="session")
+def verbose_ray_transcription(an4_root, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``asr transcribe --ray --verbose`` in a subprocess, as a user runs it, on ``held_out_files``
+    (shipped model, beam + LM) with .txt and .srt files: (the finished command, its --out folder).
+    One run for two tests, so that its local Ray and Ray Data actor start once: what --verbose
+    shows (tests/test_ray_session.py) and the in-process run against the Ray run
+    (tests/test_transcribe_cli.py). Tests must not write to the folder (copy it first)."""
+    out = tmp_path_factory.mktemp("verbose_ray") / "out"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "transcribe", *held_out_files(an4_root), "--out", str(out),
+                           "--format", "txt,srt", "--verbose", "--ray"],
+                          cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    return done, out
+
+
+# --------------------------------------------------------------------------- one local Ray
+
+#: Custom resources of the shared local Ray: tests/test_streaming_pipeline.py places the
+#: streaming actors with them (and checks what is left of them).
+LOCAL_RAY_RESOURCES = {"asr_acoustic": 3, "asr_decoder": 3}
+_local_ray_modules: set[str] = set()  # the test modules that use the fixture ``local_ray``
+_local_ray_started = False
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    _local_ray_modules.clear()
+    _local_ray_modules.update(item.module.__name__ for item in items if "local_ray" in item.fixturenames)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """The local Ray of the in-process streaming and training tests (2 CPUs, no GPU, 150 MB object
+    store, ``LOCAL_RAY_RESOURCES``): started when first asked for and shared by consecutive test
+    modules that use it (tests/test_stream_recovery.py, test_streaming_pipeline.py,
+    test_training.py); shut down after the last test of such a run of modules, so other tests never
+    see it (``ray.is_initialized()`` changes what some code does). A module that uses it must leave
+    no actor behind: tests/test_batch.py keeps a Ray of its own (Ray Data's actors of its jobs can
+    outlive them and hold the CPUs that Ray Train's workers need)."""
+    import logging
+
+    import ray
+
+    global _local_ray_started
+    if not _local_ray_started:
+        assert not ray.is_initialized(), "a Ray other than the shared one is running"
+        # address="local": a new Ray even when another one was started on this machine with `ray start`
+        # (ray.init() with no address would join that one, and refuse these resource arguments).
+        ray.init(address="local", num_cpus=2, num_gpus=0, resources=LOCAL_RAY_RESOURCES,
+                 object_store_memory=150 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
+        _local_ray_started = True
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Shut the shared local Ray down once the next test is not in a module that uses it (after
+    this test's fixtures, module-scoped pipelines included, have been torn down)."""
+    global _local_ray_started
+    yield
+    if _local_ray_started and (nextitem is None or nextitem.module.__name__ not in _local_ray_modules):
+        import ray
+
+        ray.shutdown()
+        _local_ray_started = False
+
+
 #: The corpora of ``an4_as_librispeech_and_folder`` (tests/test_train_data.py, tests/test_distributed_training.py).
 TRAIN_SPEAKERS = 6
 UTTS_PER_SPEAKER = 4
@@ -108,6 +186,7 @@ def an4_as_librispeech_and_folder(an4_root: Path, root: Path) -> tuple[Path, Pat
     import soundfile as sf
 
     from workers.audio import read_audio
+
     speakers = sorted(_by_speaker(an4_root).items())
     train_words: set[str] = set()
     libri = root / "LibriSpeech" / "train-clean-an4"

@@ -89,8 +89,9 @@ CRASH_NAME = "crash_me.raw"  # a batch holding a file of this name kills its wor
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray; its workers inherit the environment it starts with, which arms the test hook
+def batch_ray():
+    """A local Ray of its own (not conftest.local_ray: Ray Data actors of its jobs can outlive them);
+    its workers inherit the environment it starts with, which arms the test hook
     ``TEST_EXIT_ENV`` for files named ``CRASH_NAME`` (no other input is affected)."""
     os.environ[TEST_EXIT_ENV] = CRASH_NAME
     try:
@@ -109,7 +110,7 @@ def tree(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def first_run(local_ray, tree, tiny_bundle, tmp_path_factory) -> tuple[Path, dict]:
+def first_run(batch_ray, tree, tiny_bundle, tmp_path_factory) -> tuple[Path, dict]:
     root, _, _ = tree
     out = tmp_path_factory.mktemp("out")
     summary = transcribe_inputs(root, out, bundle_path=tiny_bundle, formats=("txt", "srt"), batch_size=3, vad=NO_VAD)
@@ -169,7 +170,7 @@ def test_rerun_skips_done_inputs_and_retries_errors(tree, first_run, tiny_bundle
     assert _rows(out) == before
 
 
-def test_rerun_with_other_settings_redoes_the_inputs(tree, tiny_bundle, local_ray, tmp_path):
+def test_rerun_with_other_settings_redoes_the_inputs(tree, tiny_bundle, batch_ray, tmp_path):
     """Records carry the settings that made them; another decoder or latency redoes them."""
     root, good, bad = tree
     out = tmp_path / "out"
@@ -192,7 +193,7 @@ def test_overwrite_redoes_everything(tree, first_run, tiny_bundle):
     assert len(_rows(out)) == len(good) + len(bad)
 
 
-def test_manifest_input_cli_and_resume_from_partial(local_ray, tree, tiny_bundle, tmp_path):
+def test_manifest_input_cli_and_resume_from_partial(batch_ray, tree, tiny_bundle, tmp_path):
     """A manifest through the CLI; a line left in the partial file by an interrupted run is reused."""
     root, good, _ = tree
     manifest = tmp_path / "list.jsonl"
@@ -275,7 +276,7 @@ def test_bad_latency_is_exit_2_before_anything_starts(tmp_path, tiny_bundle, cap
 BATCH, RETRIES = 2, 0  # the job's defaults are 16 and 1: each extra round or retry restarts a worker (seconds)
 
 
-def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(local_ray, tiny_bundle, tmp_path, monkeypatch):
+def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(batch_ray, tiny_bundle, tmp_path, monkeypatch):
     """A worker process that dies on one input (the test hook calls os._exit, as a kill for
     memory would end it) among real AN4 files: the job ends, that input has an error record,
     every other one is transcribed exactly once and as in-process."""

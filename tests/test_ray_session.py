@@ -58,12 +58,14 @@ def test_transcribe_prints_only_the_summary(an4_root, tmp_path):
     assert "core_worker.cc" in (logs / DRIVER_STDERR_NAME).read_text()  # what Ray's C++ core wrote to stderr
 
 
-def test_transcribe_verbose_shows_rays_output(an4_root, tmp_path):
-    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"), "--verbose", "--ray")
+def test_transcribe_verbose_shows_rays_output(verbose_ray_transcription):
+    """``asr transcribe --ray --verbose`` on 8 held-out utterances (the run is shared with
+    tests/test_transcribe_cli.py, which compares its files with an in-process run)."""
+    done, _ = verbose_ray_transcription
     assert done.returncode == 0, done.stderr
     assert "Started a local Ray instance" in done.stderr
     assert "Loading the LM" in done.stdout + done.stderr  # worker output is forwarded
-    assert "3 files: 3 transcribed" in done.stdout
+    assert "8 files: 8 transcribed" in done.stdout
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ voice activity gating on.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -67,12 +66,10 @@ def expected(streams_audio) -> list[list[tuple]]:
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
+def pipe(local_ray):
     pipeline = StreamingPipeline(CONFIG, None, GREEDY)
     yield pipeline
     pipeline.shutdown()
-    ray.shutdown()
 
 
 def timed(fn, *args):

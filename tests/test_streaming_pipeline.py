@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import NO_VAD
+from conftest import LOCAL_RAY_RESOURCES, NO_VAD
 
 from pipeline.config import AppConfig, StreamingConfig
 from pipeline.streaming import PipelineStats, StreamError, StreamingPipeline, acoustic_actor_count, acoustic_num_gpus
@@ -35,7 +34,7 @@ STREAMING = StreamingConfig(
     decoder_resources={"asr_decoder": 1},
 )
 CONFIG = AppConfig(streaming=STREAMING, vad=NO_VAD)  # generated audio: see conftest.NO_VAD
-NODE_RESOURCES = {"asr_acoustic": 3, "asr_decoder": 3}
+NODE_RESOURCES = LOCAL_RAY_RESOURCES  # of the shared local Ray (conftest.local_ray)
 
 
 @dataclass
@@ -45,13 +44,6 @@ class Pipe:
     kind: str
 
 
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, num_gpus=0, resources=NODE_RESOURCES, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module", params=["greedy", "beam"])

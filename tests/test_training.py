@@ -4,6 +4,7 @@ Ray Train (`asr train --workers N`): tests/test_distributed_training.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -62,25 +63,29 @@ def test_train_kill_resume_matches_uninterrupted_run(tmp_path):
     assert bundle.info["epoch"] >= 1
 
 
-def test_augmented_warm_started_epoch(tmp_path):
+def test_augmented_warm_started_epoch(tmp_path, monkeypatch):
     """train.init_from starts from a bundle's weights; with augment_prob=1 every example of an
     epoch is recomputed from its degraded waveform (same targets, new features)."""
     from pipeline.config import load_config
     from pipeline.training import build_split
     from workers.bundle import save_bundle
-    from workers.training import Trainer
+    from workers.training import TrainConfig, Trainer
+
+    # 4 simulated rooms instead of 48 (as tests/test_perturb.py): each Augmenter built here
+    # simulated 96 rooms, ~90 % of this test's time; what is checked does not depend on the pool size.
+    augment_config = TrainConfig.augment_config.fget
+    monkeypatch.setattr(TrainConfig, "augment_config", property(lambda self: dataclasses.replace(augment_config(self), rir_pool_size=4)))
 
     config = load_config("configs/tiny.yaml", [f"data.an4_root={AN4}", "data.use_fsdd=false", "data.max_train_utterances=6",
                                                 "data.max_dev_utterances=2", "features.cmn_prior_frames=50"])
     train, dev, _ = build_split(config)
     first = Trainer(tmp_path / "a", train, dev, config.features, config.model, config.train, log=lambda _: None)
     start = save_bundle(tmp_path / "start", first.model, config.features, first.normalizer)
-    import dataclasses
-
     cfg = dataclasses.replace(config.train, init_from=str(start), augment_prob=1.0, epochs=1, seed=5)
     trainer = Trainer(tmp_path / "b", train, dev, config.features, config.model, cfg, log=lambda _: None)
     for name, value in first.model.state_dict().items():
         assert torch.equal(value, trainer.model.state_dict()[name]), name
+    assert len(trainer.augmenter.rirs) == 4
     clean = trainer.train_sets[1.0]
     augmented = trainer._batch_examples(clean, list(range(len(clean))), 1.0)
     for before, after in zip(clean, augmented):

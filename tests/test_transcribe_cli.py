@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import held_out_files
 
-from pipeline import ray_session
 from pipeline.batch import LOCAL_MAX_AUDIO_S, choose_backend, transcribe_inputs
 from pipeline.cli import main
 
@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 YES = EXAMPLES / "ex01_yes.wav"
 ENTER = EXAMPLES / "ex03_enter_one_two_three.wav"
-HELD_OUT = ("fbbh", "ftal", "mcfl", "mdxs", "mgah", "mmkw", "mrcb", "mtos")
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
 
 
@@ -86,17 +85,18 @@ def test_backend_choice(monkeypatch):
         choose_backend("local", 1.0, address="127.0.0.1:6379")
 
 
-def test_in_process_and_ray_give_the_same_records_files_and_resume(an4_root, tmp_path):
+def test_in_process_and_ray_give_the_same_records_files_and_resume(an4_root, verbose_ray_transcription, tmp_path):
     """One real utterance of each held-out AN4 speaker, shipped model, beam + LM: the in-process
-    run and the Ray Data run write the same texts, word times, settings and .txt/.srt files."""
-    files = [str(sorted((an4_root / "wav" / "an4_clstk" / s).glob("*.raw"))[0]) for s in HELD_OUT]
+    run and the Ray Data run (``asr transcribe --ray``, shared with tests/test_ray_session.py)
+    write the same texts, word times, settings and .txt/.srt files."""
+    files = held_out_files(an4_root)
     local = transcribe_inputs(files, tmp_path / "local", formats=("txt", "srt"), backend="local", progress=False)
     assert local["ran"] == "in-process" and not ray.is_initialized()
-    try:
-        on_ray = transcribe_inputs(files, tmp_path / "ray", formats=("txt", "srt"), backend="ray", progress=False)
-    finally:
-        ray_session.shutdown_ray()
-    assert on_ray["ran"] == "ray" and local["transcribed"] == on_ray["transcribed"] == len(files)
+    done, ray_out = verbose_ray_transcription
+    assert done.returncode == 0, done.stderr
+    assert f"{len(files)} files: {len(files)} transcribed" in done.stdout and "ran: ray" in done.stdout
+    assert local["transcribed"] == len(files)
+    shutil.copytree(ray_out, tmp_path / "ray")  # the shared run's folder stays as it was
     rows = {name: [json.loads(line) for line in (tmp_path / name / "transcripts.jsonl").read_text().splitlines()]
             for name in ("local", "ray")}
     assert rows["local"] == rows["ray"]
