@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from workers.decoder import normalize_phrases
+from workers.decoder import Alternative, normalize_phrases
 from workers.stages import MAX_ALTERNATIVES, RecognitionResult, StreamOptions
 
 MAX_FRAME_BYTES = 1 << 20  # a binary frame over 1 MB (33 s at 16 kHz) is refused
@@ -245,7 +245,7 @@ class VoskConnection:
             prefix_words = [w for r in finals[:-1] for w in r.words]
             last = finals[-1] if finals else None
             alternatives = (last.alternatives if last is not None and last.alternatives else
-                            [_Alt(last.text if last else "", last.words if last else [], 1.0)])
+                            [Alternative(last.text if last else "", last.words if last else [], 1.0)])
             out = []
             for alt in alternatives:
                 entry: dict[str, Any] = {"confidence": round(float(alt.confidence), 6), "text": " ".join(t for t in (prefix_text, alt.text) if t)}
@@ -261,13 +261,6 @@ class VoskConnection:
     def _fail(self, error: ProtocolError) -> Reply:
         self.on_disconnect()
         return Reply({"error": str(error)}, error.code)
-
-
-@dataclass
-class _Alt:
-    text: str
-    words: list[Any]
-    confidence: float
 
 
 def _word_entries(words: list[Any], offset_s: float) -> list[dict[str, Any]]:
