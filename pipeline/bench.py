@@ -16,6 +16,8 @@ All figures come from one run on the machine it runs on:
   ``--max-p95-ms`` and whose results kept pace with the audio.
 - ``long_stream``: one stream of ``--long-minutes`` of speech pushed as fast as the pipeline
   takes it, with the RSS of the stage actors sampled along the way (flat = no leak).
+- ``idle_stream_memory``: PSS (and RSS) of the driver and every Ray process, by process, with one
+  stream open and idle (``pipeline.memory``); the long stream samples the same total.
 - ``peak_rss_mb``: the largest sum of RSS over the driver and Ray's worker processes seen.
 """
 
@@ -232,7 +234,9 @@ def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: in
     gap = np.zeros(int(0.6 * rate_hz), dtype=np.float32)
     sid = pipe.open_stream()
     block = int(rate_hz * 0.1)
-    pushed_s, samples_mb, finals, k, t0 = 0.0, [], 0, 0, time.perf_counter()
+    from pipeline.memory import memory_report, process_tree_memory
+
+    pushed_s, samples_mb, pss_mb, finals, k, t0 = 0.0, [], [], 0, 0, time.perf_counter()
     next_sample_s = 0.0
     while pushed_s < minutes * 60:
         wave = np.concatenate([waves[k % len(waves)], gap])
@@ -242,11 +246,29 @@ def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: in
         pushed_s += len(wave) / rate_hz
         if pushed_s >= next_sample_s:
             samples_mb.append((round(pushed_s / 60, 2), round(RssSampler.current_mb(STAGE_ACTORS, include_self=False), 1)))
+            pss_mb.append((round(pushed_s / 60, 2), memory_report(process_tree_memory())["total_pss_mb"]))
             next_sample_s += 60
     finals += sum(r.is_final for r in pipe.close(sid))
     wall = time.perf_counter() - t0
     return {"audio_min": round(pushed_s / 60, 2), "wall_s": round(wall, 1), "rtf": round(wall / pushed_s, 4),
-            "utterances_sent": k, "finals": finals, "stage_actors_rss_mb_by_audio_minute": samples_mb}
+            "utterances_sent": k, "finals": finals, "stage_actors_rss_mb_by_audio_minute": samples_mb,
+            "total_pss_mb_by_audio_minute": pss_mb}
+
+
+def bench_idle_memory(pipe, wave: np.ndarray, rate_hz: int) -> dict:
+    """The memory of the driver and every Ray process (``pipeline.memory``) with one stream open
+    and idle, after it recognised ``wave`` (so every stage has loaded what it needs)."""
+    from pipeline.memory import memory_report, process_tree_memory
+
+    sid = pipe.open_stream()
+    block = int(rate_hz * 0.1)
+    for start in range(0, len(wave), block):
+        pipe.push(sid, wave[start : start + block], rate_hz)
+    pipe.results(sid, wait=True)
+    time.sleep(1.0)  # let the pushes' objects be freed
+    report = memory_report(process_tree_memory())
+    pipe.close(sid)
+    return report
 
 
 def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
@@ -283,6 +305,8 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
         with RssSampler() as sampler:
             result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
             pipe = StreamingPipeline(config, args.model)
+            result["idle_stream_memory"] = bench_idle_memory(pipe, waves[0], rate)
+            print(json.dumps({k: v for k, v in result["idle_stream_memory"].items() if k != "by_process"}), flush=True)
             result["streaming_settings"] = {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
                                             "push_ms": 100}
             runs = []

@@ -153,7 +153,9 @@ def _train_loop(loop_config: dict) -> None:
 
     while loop.progress.epoch < cfg.epochs:
         if pid_dir:
-            Path(pid_dir, f"rank{rank}.json").write_text(json.dumps({"pid": os.getpid(), "epoch": loop.progress.epoch}))
+            partial = Path(pid_dir, f"rank{rank}.json.tmp")  # written whole, then renamed: a reader never sees half
+            partial.write_text(json.dumps({"pid": os.getpid(), "epoch": loop.progress.epoch}))
+            partial.replace(partial.with_suffix(""))
         t0 = time.time()
         loop.seed_epoch()
         feed, total = epoch_steps(loop.progress.epoch)

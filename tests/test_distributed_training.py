@@ -35,6 +35,15 @@ def _config(*extra: str):
     return load_config(str(REPO / "configs/tiny.yaml"), [f"data.an4_root={AN4}", "data.use_fsdd=false", *extra])
 
 
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; {} while it does not exist or is being written (Ray Train
+    rewrites its checkpoint snapshot in place, so a poll can see it empty or half-written)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def _weights(bundle) -> dict[str, torch.Tensor]:
     return bundle.model.state_dict()
 
@@ -99,8 +108,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(
     snapshot = tmp_path / "run" / "ray_train" / "asr_train" / "checkpoint_manager_snapshot.json"
     while thread.is_alive() and time.time() < deadline:
         # Kill rank 1 once Ray Train has registered a checkpoint and while epochs remain to train.
-        state = json.loads((pids / "rank1.json").read_text()) if (pids / "rank1.json").exists() else {}
-        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}) if snapshot.exists() else {}
+        state = _read_json(pids / "rank1.json")
+        latest = _read_json(snapshot).get("latest_checkpoint_result") or {}
         if latest and state.get("epoch", 4) < 3:
             os.kill(state["pid"], signal.SIGKILL)
             killed = state["pid"]
