@@ -156,6 +156,9 @@ def _train_loop(loop_config: dict) -> None:
             partial = Path(pid_dir, f"rank{rank}.json.tmp")  # written whole, then renamed: a reader never sees half
             partial.write_text(json.dumps({"pid": os.getpid(), "epoch": loop.progress.epoch}))
             partial.replace(partial.with_suffix(""))
+            held_until = time.time() + 120  # a test holds the workers here after epoch 1 (file "hold") to kill one
+            while loop.progress.epoch >= 1 and Path(pid_dir, "hold").exists() and time.time() < held_until:
+                time.sleep(0.05)
         t0 = time.time()
         loop.seed_epoch()
         feed, total = epoch_steps(loop.progress.epoch)

@@ -46,7 +46,15 @@ def test_bench_prints_every_figure(tmp_path: Path) -> None:
     long_stream = result["long_stream"]
     assert long_stream["audio_min"] >= 0.2 and long_stream["finals"] >= 1
     assert long_stream["stage_actors_rss_mb_by_audio_minute"]  # sampled at least once
+    assert long_stream["total_pss_mb_by_audio_minute"] and all(mb > 100 for _, mb in long_stream["total_pss_mb_by_audio_minute"])
     assert result["peak_rss_mb"] > 100
+
+    memory = result["idle_stream_memory"]  # the driver and every Ray process, one idle stream
+    names = [p["name"] for p in memory["by_process"]]
+    for actor in ("ray::IngestActor", "ray::FeatureActor", "ray::AcousticActor", "ray::DecoderActor", "raylet", "gcs_server"):
+        assert actor in names, names
+    assert memory["processes"] == len(names) and memory["total_pss_mb"] == pytest.approx(sum(p["pss_mb"] for p in memory["by_process"]), abs=1)
+    assert 0 < memory["total_pss_mb"] < memory["summed_rss_mb"]  # torch's pages are shared by the actors
 
 
 def test_bench_rejects_a_missing_or_broken_corpus(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """`asr train --workers N` (pipeline/distributed.py) runs the single-process trainer's epochs
 (workers.training.TrainLoop) on Ray Train: same weights with one worker, a loadable bundle with
 lexicon and LM from two (on real audio in the LibriSpeech layout, features streamed through Ray
-Data), and a run that survives a killed worker."""
+Data, surviving a killed worker)."""
 
 from __future__ import annotations
 
@@ -86,46 +86,6 @@ def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cp
     assert max((got[n] - v).abs().max().item() for n, v in start.items()) > 1e-3
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(tmp_path, ray_cpus):
-    from pipeline.training import run_training_distributed
-
-    config = _config("data.max_train_utterances=24", "data.max_dev_utterances=2", "train.epochs=4", "train.max_batch_utterances=4")
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    lines: list[str] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False, pid_dir=pids)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.time() + 240
-    killed = None
-    snapshot = tmp_path / "run" / "ray_train" / "asr_train" / "checkpoint_manager_snapshot.json"
-    while thread.is_alive() and time.time() < deadline:
-        # Kill rank 1 once Ray Train has registered a checkpoint and while epochs remain to train.
-        state = _read_json(pids / "rank1.json")
-        latest = _read_json(snapshot).get("latest_checkpoint_result") or {}
-        if latest and state.get("epoch", 4) < 3:
-            os.kill(state["pid"], signal.SIGKILL)
-            killed = state["pid"]
-            break
-        time.sleep(0.01)
-    thread.join(timeout=300)
-    assert not errors, errors
-    assert killed is not None, "the run finished before a worker could be killed"
-    assert json.loads((pids / "rank1.json").read_text())["pid"] != killed  # a new worker took rank 1's place
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
-    resumed = [line for line in lines if line.startswith("resumed from a checkpoint after epoch")]
-    assert resumed and int(resumed[0].split()[-1]) >= 1
-    assert load_bundle(tmp_path / "run" / "bundle").lm_path is not None
-
-
 def test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones(ray_cpus):
     from pipeline.training import build_split
     from pipeline.training_data import feature_dataset, global_cmvn
@@ -151,14 +111,16 @@ def corpora(tmp_path_factory) -> tuple[Path, Path, set[str]]:
     return an4_as_librispeech_and_folder(AN4, tmp_path_factory.mktemp("corpora"))
 
 
-def test_two_workers_train_other_layouts_through_ray_data_and_export_a_bundle_eval_and_transcribe_load(
+def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worker_and_export_a_bundle(
         tmp_path, ray_cpus, capsys, corpora):
     """``asr train --workers 2 --train LIBRISPEECH --dev FOLDER`` on the default ``ray_data`` feed:
     2 workers x 2 epochs (the second speed-perturbed) on real AN4 audio laid out as LibriSpeech,
-    features streamed per worker through Ray Data; equal steps on both workers (the run finishes), dev
-    WER and chunked batches logged per epoch, no worker held more than the window (< its share of
-    the corpus); the bundle's normaliser is ``global_cmvn`` of the training set, its lexicon the
-    training words, and ``asr eval`` and ``asr transcribe`` load it."""
+    features streamed per worker through Ray Data. Rank 1 is SIGKILLed once Ray Train has a
+    checkpoint of epoch 1 (the workers are held before epoch 2 until then): a new worker takes its
+    place, the run resumes from the checkpoint and finishes. Equal steps on both workers, dev WER and chunked batches logged per
+    epoch, no worker held more than the window (< its share of the corpus); the bundle's
+    normaliser is ``global_cmvn`` of the training set, its lexicon the training words, and
+    ``asr eval`` and ``asr transcribe`` load it."""
     from pipeline.cli import main
     from pipeline.training import build_split, run_training_distributed
     from pipeline.training_data import feature_dataset, global_cmvn
@@ -169,20 +131,54 @@ def test_two_workers_train_other_layouts_through_ray_data_and_export_a_bundle_ev
     config = _config("train.epochs=2", "train.speed_factors=[1.0, 1.1]", "train.max_batch_utterances=3", "train.feed_batch_utterances=2")
     assert config.train.data_feed == "ray_data"
     lines: list[str] = []
-    out = run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False, **sources)
+    errors: list[BaseException] = []
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (pids / "hold").touch()  # the workers wait at the start of epoch 2 while this exists
+    result: list[Path] = []
+
+    def run() -> None:
+        try:
+            result.append(run_training_distributed(config, tmp_path / "run", 2, log=lines.append, use_gpu=False, pid_dir=pids, **sources))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    killed = None
+    snapshot = tmp_path / "run" / "ray_train" / "asr_train" / "checkpoint_manager_snapshot.json"
+    while thread.is_alive() and time.time() < deadline:
+        # Kill rank 1 once Ray Train has registered epoch 1's checkpoint, while held before epoch 2.
+        state = _read_json(pids / "rank1.json")
+        if _read_json(snapshot).get("latest_checkpoint_result") and state.get("epoch") == 1:
+            os.kill(state["pid"], signal.SIGKILL)
+            killed = state["pid"]
+            (pids / "hold").unlink()
+            break
+        time.sleep(0.01)
+    thread.join(timeout=300)
+    assert not errors, errors
+    assert killed is not None, "the run finished before a worker could be killed"
+    assert _read_json(pids / "rank1.json")["pid"] != killed  # a new worker took rank 1's place
+    resumed = [line for line in lines if line.startswith("resumed from a checkpoint after epoch")]
+    assert resumed and int(resumed[0].split()[-1]) == 1
+    out = result[0]
     assert any("feed ray_data" in line for line in lines)
-    records = [json.loads(line) for line in lines if line.startswith('{"epoch"')]
-    assert [r["epoch"] for r in records] == [1, 2]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    records = {r["epoch"]: r for r in (json.loads(line) for line in lines if line.startswith('{"epoch"'))}
+    assert sorted(records) == [1, 2]
     train, dev, _ = build_split(config, lambda _: None, **sources)
     assert len(train) == TRAIN_SPEAKERS * UTTS_PER_SPEAKER and len(dev) == 8
     normalizer = global_cmvn(feature_dataset(train, config.features, 1.0, batch_size=8))
     frames = [r["frames"] for r in sorted(feature_dataset(train, config.features, 1.0).take_all(), key=lambda r: r["index"])]
     plan = plan_epoch(trainable(frames, [u.text for u in train], config.features.stack_frames)[1], config.train, 0)
-    for r in records:
+    for r in records.values():
         assert 0 <= r["dev_wer_greedy"] and 0 <= r["dev_wer_greedy_streaming"] and r["workers"] == 2
         assert r["chunked_batches"] + r["whole_batches"] == r["steps"] == 2 * steps_per_worker(len(plan), 2)
         assert 0 < r["feed_max_utterances_held"] <= r["feed_window"] == 2 * 2 + 3 < len(train) // 2
-    assert sum(r["chunked_batches"] for r in records) > 0
+    assert sum(r["chunked_batches"] for r in records.values()) > 0
     bundle = load_bundle(out)
     assert torch.allclose(bundle.normalizer.mean, normalizer.mean, atol=1e-4)
     assert torch.allclose(bundle.normalizer.std, normalizer.std, atol=1e-4)

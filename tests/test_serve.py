@@ -347,7 +347,7 @@ def test_200_dropped_connections_leave_no_state_and_no_memory_growth(server: Ser
     _drop_connections(server.url, pcm, 20)  # warm-up: caches, allocator pools
     before = _settled_stats(server)
     assert before["stage_streams"] and not any(before["stage_streams"].values()), before
-    _drop_connections(server.url, pcm, 200)
+    _drop_connections(server.url, pcm, 200, concurrency=16)
     after = _settled_stats(server)
     assert after["connections"] == 0 and after["open_streams"] == 0, after
     assert not any(after["stage_streams"].values()), after["stage_streams"]
