@@ -61,17 +61,8 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from workers.training import (
-        LazyExamples,
-        StreamedSteps,
-        TrainLoop,
-        epoch_speed,
-        new_model,
-        plan_epoch,
-        shard_plan,
-        steps_per_worker,
-        trainable,
-    )
+    from workers.epochs import LazyExamples, StreamedSteps, epoch_speed, plan_epoch, shard_plan, steps_per_worker, trainable
+    from workers.training import TrainLoop, new_model
 
     features = FeatureConfig(**loop_config["features"])
     cfg = TrainConfig(**loop_config["train"])
@@ -179,7 +170,7 @@ def _train_loop(loop_config: dict) -> None:
 def _shared_data(train: list[Utterance], dev: list[Utterance], features: FeatureConfig, cfg: TrainConfig,
                  cache_dir: Path | None, log) -> dict[str, Any]:
     """Raw MFCC of the training set (every speed factor) and dev, and the global statistics, as numpy arrays."""
-    from workers.training import compute_raw_features
+    from workers.epochs import compute_raw_features
 
     raw_train = compute_raw_features(train, features, cfg.speed_factors, cache_dir, log)
     raw_dev = compute_raw_features(dev, features, (1.0,), cache_dir, log)[1.0] if dev else []
@@ -201,7 +192,7 @@ def _ray_data_feed(train: list[Utterance], dev: list[Utterance], features: Featu
     statistics and each utterance's length (the frame counts at every speed follow from it, so every
     worker draws the same epoch plans), the utterance list, and dev's raw MFCC (rank 0 evaluates on it)."""
     from pipeline.training_data import feature_dataset, training_stats
-    from workers.training import compute_raw_features, mfcc_frames, resampled_samples
+    from workers.epochs import compute_raw_features, mfcc_frames, resampled_samples
 
     t0 = time.time()
     normalizer, samples = training_stats(feature_dataset(train, features, 1.0, batch_size=cfg.feed_batch_utterances))

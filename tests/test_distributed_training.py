@@ -89,8 +89,8 @@ def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cp
 def test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones(ray_cpus):
     from pipeline.training import build_split
     from pipeline.training_data import feature_dataset, global_cmvn
+    from workers.epochs import compute_raw_features
     from workers.features import Normalizer
-    from workers.training import compute_raw_features
 
     config = _config("data.max_train_utterances=6")
     train, _, _ = build_split(config)
@@ -124,7 +124,7 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     from pipeline.cli import main
     from pipeline.training import build_split, run_training_distributed
     from pipeline.training_data import feature_dataset, global_cmvn
-    from workers.training import plan_epoch, steps_per_worker, trainable
+    from workers.epochs import plan_epoch, steps_per_worker, trainable
 
     libri, folder, words = corpora
     sources = {"train_sources": [str(libri)], "dev_sources": [str(folder)]}
@@ -197,8 +197,8 @@ def test_lengths_at_every_speed_follow_from_the_sample_count(tmp_path):
     frame counts of the speed-perturbed MFCC."""
     from pipeline.training import build_split
     from workers.audio import load_audio
+    from workers.epochs import compute_raw_features, mfcc_frames, resampled_samples
     from workers.features import MfccExtractor
-    from workers.training import compute_raw_features, mfcc_frames, resampled_samples
 
     config = _config("data.max_train_utterances=6")
     train, _, _ = build_split(config, lambda _: None)
@@ -217,8 +217,8 @@ def test_lengths_at_every_speed_follow_from_the_sample_count(tmp_path):
 def test_streamed_steps_form_the_plan_batches_in_order_within_the_window():
     """``StreamedSteps`` (Ray-free) turns a stream of row batches in plan order into the plan's steps,
     holding one row batch and one training batch; an out-of-order stream is an error."""
+    from workers.epochs import PlannedBatch, StreamedSteps
     from workers.features import FeatureConfig, MfccExtractor
-    from workers.training import PlannedBatch, StreamedSteps
 
     features = FeatureConfig()
     extractor = MfccExtractor(features)
