@@ -41,6 +41,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -147,13 +148,11 @@ def _train_loop(loop_config: dict) -> None:
             partial = Path(pid_dir, f"rank{rank}.json.tmp")  # written whole, then renamed: a reader never sees half
             partial.write_text(json.dumps({"pid": os.getpid(), "epoch": loop.progress.epoch}))
             partial.replace(partial.with_suffix(""))
-            held_until = time.time() + 120  # a test holds the workers here after epoch 1 (file "hold") to kill one
-            while loop.progress.epoch >= 1 and Path(pid_dir, "hold").exists() and time.time() < held_until:
-                time.sleep(0.05)
         t0 = time.time()
         loop.seed_epoch()
         feed, total = epoch_steps(loop.progress.epoch)
-        stats = loop.train_steps(feed, total)
+        steps = _held_after_first_step(feed, Path(pid_dir, "hold")) if pid_dir and loop.progress.epoch >= 1 else feed
+        stats = loop.train_steps(steps, total)
         extra = {}
         if isinstance(feed, StreamedSteps):  # the most utterances' features any worker held at once
             held = torch.tensor([feed.max_held], dtype=torch.float64, device=device)
@@ -165,6 +164,16 @@ def _train_loop(loop_config: dict) -> None:
     if loop.averaging_pending():
         loop.try_averaged(dev, work / "epochs", work / "bundle", extras, info)
         report(loop.progress.averaged or {"epoch": loop.progress.epoch})
+
+
+def _held_after_first_step(feed: Iterable, hold: Path, max_hold_s: float = 120.0) -> Iterator:
+    """A test hook (``pid_dir``): ``feed``'s steps, pausing after the first while the file ``hold``
+    exists, so that a test can kill a worker mid-epoch at a known point."""
+    for k, step in enumerate(feed):
+        yield step
+        held_until = time.time() + max_hold_s
+        while k == 0 and hold.exists() and time.time() < held_until:
+            time.sleep(0.05)
 
 
 def _shared_data(train: list[Utterance], dev: list[Utterance], features: FeatureConfig, cfg: TrainConfig,

@@ -116,8 +116,8 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     """``asr train --workers 2 --train LIBRISPEECH --dev FOLDER`` on the default ``ray_data`` feed:
     2 workers x 2 epochs (the second speed-perturbed) on real AN4 audio laid out as LibriSpeech,
     features streamed per worker through Ray Data. Rank 1 is SIGKILLed once Ray Train has a
-    checkpoint of epoch 1 (the workers are held before epoch 2 until then): a new worker takes its
-    place, the run resumes from the checkpoint and finishes. Equal steps on both workers, dev WER and chunked batches logged per
+    checkpoint of epoch 1, mid-epoch 2 (the workers pause after its first step until then): a new
+    worker takes its place, the run resumes from the checkpoint and finishes. Equal steps on both workers, dev WER and chunked batches logged per
     epoch, no worker held more than the window (< its share of the corpus); the bundle's
     normaliser is ``global_cmvn`` of the training set, its lexicon the training words, and
     ``asr eval`` and ``asr transcribe`` load it."""
@@ -134,7 +134,7 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     errors: list[BaseException] = []
     pids = tmp_path / "pids"
     pids.mkdir()
-    (pids / "hold").touch()  # the workers wait at the start of epoch 2 while this exists
+    (pids / "hold").touch()  # the workers wait after the first step of epoch 2 while this exists
     result: list[Path] = []
 
     def run() -> None:
@@ -149,7 +149,8 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     killed = None
     snapshot = tmp_path / "run" / "ray_train" / "asr_train" / "checkpoint_manager_snapshot.json"
     while thread.is_alive() and time.time() < deadline:
-        # Kill rank 1 once Ray Train has registered epoch 1's checkpoint, while held before epoch 2.
+        # Kill rank 1 mid-epoch 2 (it stops after that epoch's first step until "hold" goes), once Ray
+        # Train has registered epoch 1's checkpoint.
         state = _read_json(pids / "rank1.json")
         if _read_json(snapshot).get("latest_checkpoint_result") and state.get("epoch") == 1:
             os.kill(state["pid"], signal.SIGKILL)
