@@ -290,7 +290,7 @@ class StreamingRecognizer:
     def push(self, samples: np.ndarray | torch.Tensor, rate_hz: int = 16000) -> list[RecognitionResult]:
         results = []
         for wave in self.ingest.push(self.stream_id, samples, rate_hz):
-            feats, speech = self.features.push(self.stream_id, wave)
+            feats, speech = self.features.push(self.stream_id, torch.from_numpy(wave))
             (log_probs,) = self.acoustic.process([(self.stream_id, feats, False)])
             if len(log_probs) or len(speech):
                 results += self.decoder.push(self.stream_id, log_probs, speech=speech, options=self.options)
@@ -298,6 +298,6 @@ class StreamingRecognizer:
 
     def finish(self) -> list[RecognitionResult]:
         """Flush everything buffered and return the remaining final result(s); the recognizer can be reused."""
-        feats, speech = self.features.finish(self.stream_id, self.ingest.finish(self.stream_id))
+        feats, speech = self.features.finish(self.stream_id, torch.from_numpy(self.ingest.finish(self.stream_id)))
         (log_probs,) = self.acoustic.process([(self.stream_id, feats, True)])
         return self.decoder.push(self.stream_id, log_probs, is_last=True, speech=speech, options=self.options)

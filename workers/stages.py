@@ -3,50 +3,30 @@
 The in-process ``StreamingRecognizer`` chains them directly; the Ray pipeline wraps each
 one in an actor shared by many streams. Same classes, same numbers.
 
-    IngestStage    audio of any size/rate  -> fixed-size model-rate chunks (samples,)
+    IngestStage    audio of any size/rate  -> fixed-size model-rate chunks (samples,)   workers.ingest
     FeatureStage   model-rate chunk        -> normalised stacked MFCC (frames, feature_dim)
     AcousticStage  features of many streams -> CTC log-probs (frames, num_tokens), batched
     DecoderStage   log-probs               -> partial / final ``RecognitionResult``      workers.decoder_stage
 
-The decoder stage lives in a torch-free module (numpy in, numpy out), re-exported here.
+The ingest and decoder stages live in torch-free modules (numpy in, numpy out), re-exported here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from workers.audio import StreamingIngest
 from workers.decoder_stage import MAX_ALTERNATIVES, PHRASE_DECODER_CACHE, DecoderStage, RecognitionResult, StreamOptions
 from workers.features import FeatureState, MfccExtractor, StreamingFeatures
+from workers.ingest import IngestStage
 from workers.model import BiLSTMCTC
 from workers.vad import SpeechDetector, VadState
 
-__all__ = [  # the decoder stage is a torch-free module's (the Ray actors of those stages never load torch)
+__all__ = [  # the ingest and decoder stages are torch-free modules' (the Ray actors of those stages never load torch)
     "MAX_ALTERNATIVES", "PHRASE_DECODER_CACHE", "AcousticStage", "DecoderStage", "FeatureStage", "IngestStage", "RecognitionResult",
     "StreamOptions",
 ]
-
-
-class IngestStage:
-    def __init__(self, target_rate_hz: int, chunk_samples: int) -> None:
-        self.target_rate_hz = target_rate_hz
-        self.chunk_samples = chunk_samples
-        self._streams: dict[str, StreamingIngest] = {}
-
-    def push(self, stream_id: str, samples: np.ndarray | torch.Tensor, rate_hz: int) -> list[torch.Tensor]:
-        ingest = self._streams.setdefault(stream_id, StreamingIngest(self.target_rate_hz, self.chunk_samples))
-        return ingest.push(samples, rate_hz, source=f"stream {stream_id}")
-
-    def finish(self, stream_id: str) -> torch.Tensor:
-        ingest = self._streams.pop(stream_id, None)
-        return ingest.flush() if ingest else torch.zeros(0)
-
-    def stream_ids(self) -> set[str]:
-        """The streams this stage holds state for."""
-        return set(self._streams)
 
 
 class FeatureStage:
