@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from workers.audio import AudioError, RawFormat, StreamingIngest, decode_raw_pcm, load_audio, read_audio
+from workers.audio import AudioError, RawFormat, decode_raw_pcm, load_audio, read_audio
 from workers.features import FeatureConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -230,57 +230,6 @@ def test_too_short_for_one_feature_frame(tmp_path: Path) -> None:
         load_audio(short_8k, min_samples=min_samples)
 
 
-def test_streaming_ingest_rejects_non_finite() -> None:
-    ingest = StreamingIngest()
-    with pytest.raises(AudioError) as exc_info:
-        ingest.push(np.array([0.0, np.nan, 0.1], np.float32), 16000, source="mic-3")
-    assert "mic-3" in str(exc_info.value)
-
-
-# ---- streaming ingest ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_streaming_ingest_rechunks_exactly(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    whole = rng.standard_normal(40_000).astype(np.float32) * 0.1
-    out_chunk = 1600
-    ingest = StreamingIngest(target_rate_hz=16000, out_chunk_samples=out_chunk)
-    cuts = np.sort(rng.integers(0, len(whole), size=25))
-    chunks = []
-    for piece in np.split(whole, cuts):  # includes empty pieces and 1-sample pieces
-        chunks.extend(ingest.push(piece, 16000))
-    assert all(c.shape == (out_chunk,) for c in chunks)
-    assert len(chunks) == len(whole) // out_chunk
-    rest = ingest.flush()
-    assert rest.numel() == len(whole) % out_chunk
-    joined = torch.cat([*chunks, rest]).numpy()
-    np.testing.assert_array_equal(joined, whole)
-    assert ingest.flush().numel() == 0
-
-
-@pytest.mark.parametrize(("dtype", "scale"), [(np.int16, 2**15), (np.int32, 2**31)])
-def test_streaming_ingest_integer_chunks(dtype: type, scale: int) -> None:
-    rng = np.random.default_rng(5)
-    ints = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, size=5000, dtype=dtype)
-    ingest = StreamingIngest(out_chunk_samples=1000)
-    chunks = []
-    for piece in np.array_split(ints, [7, 1234, 1235, 4000]):
-        chunks.extend(ingest.push(piece, 16000))
-    joined = torch.cat(chunks).numpy()
-    assert joined.dtype == np.float32
-    np.testing.assert_allclose(joined, ints.astype(np.float64) / scale, rtol=1e-6, atol=1e-7)
-    assert np.all(np.abs(joined) <= 1.0)
-
-
-def test_streaming_ingest_stereo_and_tensor_chunks() -> None:
-    rng = np.random.default_rng(9)
-    stereo = (0.2 * rng.standard_normal((3200, 2))).astype(np.float32)
-    ingest = StreamingIngest(out_chunk_samples=800)
-    chunks = ingest.push(torch.from_numpy(stereo[:1000]), 16000) + ingest.push(stereo[1000:], 16000)
-    np.testing.assert_allclose(torch.cat(chunks).numpy(), stereo.mean(axis=1), atol=1e-6)
-
-
 def test_float_file_far_outside_full_scale_is_scaled_to_peak_one(tmp_path) -> None:
     """A float WAV holding 16-bit-sized values (or any gain) reads as the same waveform at full scale."""
     from workers.audio import read_audio
@@ -312,14 +261,6 @@ def test_scaled_float_speech_transcribes_like_the_original(tmp_path) -> None:
     peak_one = wave / np.abs(wave).max()
     sf.write(tmp_path / "p.wav", peak_one, 16000, subtype="FLOAT")
     assert texts[1] == rec.transcribe_file(tmp_path / "p.wav").text
-
-
-def test_stream_refuses_float_chunks_far_outside_full_scale() -> None:
-    ingest = StreamingIngest(16000, 1600)
-    assert ingest.push(np.full(1600, 1.5, dtype=np.float32), 16000)  # a little over full scale: accepted
-    with pytest.raises(AudioError, match="far outside"):
-        ingest.push(np.full(1600, 3000.0, dtype=np.float32), 16000, source="stream s1")
-    assert ingest.push(np.full(1600, 20000, dtype=np.int16), 16000)  # integers are scaled, never refused
 
 
 def test_truncated_wav_is_an_error_naming_both_durations(tmp_path) -> None:

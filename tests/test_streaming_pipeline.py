@@ -329,7 +329,16 @@ def test_bad_latency_on_the_command_line_is_exit_2(capsys) -> None:
 def test_voice_activity_gating_through_the_actors(local_ray) -> None:
     """With the detector on (the default), the feature actor's speech flags reach the decoder
     actors: real speech between stretches of faint noise gives exactly the in-process words,
-    and a stream of faint noise only gives none. Shipped model, so there are real words."""
+    and a stream of faint noise only gives none. Shipped model, so there are real words.
+    The ingest and decoder actors never import torch or torchaudio."""
+
+    def torch_modules(actor: object) -> dict[str, bool]:
+        """Runs inside a stage actor (``__ray_call__``; defined here so that Ray ships it by
+        value): whether its process has imported torch and torchaudio."""
+        import sys
+
+        return {name: name in sys.modules for name in ("torch", "torchaudio")}
+
     from workers.audio import load_audio
     from workers.augment import colored_noise
     from workers.bundle import DEFAULT_BUNDLE
@@ -347,6 +356,14 @@ def test_voice_activity_gating_through_the_actors(local_ray) -> None:
     streams = {"speech": (random_pieces(speech, rng), RATE_HZ), "noise": (random_pieces(faint, rng), RATE_HZ)}
     with StreamingPipeline(config, None, DecoderConfig(kind="beam")) as pipeline:
         got = run_interleaved(pipeline, streams)
+        names = list(pipeline.actors)
+        loaded = dict(zip(names, ray.get([pipeline.actors[n].__ray_call__.remote(torch_modules) for n in names], timeout=60)))
+    # After real work, the ingest and decoder actors still run without torch (the memory it
+    # costs); the feature and acoustic actors hold it, which shows that the probe sees it.
+    torch_free = {name for name in loaded if name.startswith(("ingest", "decoder"))}
+    assert torch_free == {"ingest", "decoder", "decoder-2"}
+    for name, modules in loaded.items():
+        assert modules == ({"torch": False, "torchaudio": False} if name in torch_free else {"torch": True, "torchaudio": True}), name
     for name, (pieces, _) in streams.items():
         rec = StreamingRecognizer(None, DecoderConfig(kind="beam"), 300, 150, 600, device="cpu")
         want = [r for p in pieces for r in rec.push(p, RATE_HZ)] + rec.finish()

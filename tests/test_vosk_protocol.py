@@ -14,7 +14,7 @@ from workers.recognizer import StreamingRecognizer
 CONFIG = load_config()
 
 
-@pytest.mark.parametrize(("rate_hz", "frame_s"), [(16000, 0.1), (16000, 0.2), (8000, 0.25), (16000, 0.037)])
+@pytest.mark.parametrize(("rate_hz", "frame_s"), [(16000, 0.1), (16000, 0.2), (8000, 0.25), (8000, 0.1), (16000, 0.037)])
 def test_the_clock_flags_every_frame_that_yields_log_probs(an4_root, rate_hz: int, frame_s: float) -> None:
     """Fed to the in-process recogniser frame by frame, every frame after which the acoustic
     model emitted log-probs was flagged by the clock (no reply that should have waited
@@ -29,7 +29,7 @@ def test_the_clock_flags_every_frame_that_yields_log_probs(an4_root, rate_hz: in
     rec.acoustic.process = lambda items: [emitted.append(len(out)) or out for out in process(items)]
     feats = rec.bundle.features
     clock = ChunkClock(rec.acoustic.chunk_frames * feats.frame_ms, rec.acoustic.right_context_frames * feats.frame_ms, feats.frame_ms,
-                       1000 * feats.min_samples / feats.sample_rate_hz, s.ingest_chunk_ms)
+                       1000 * feats.min_samples / feats.sample_rate_hz, s.ingest_chunk_ms, feats.sample_rate_hz)
     _, dev = split_by_speaker(read_an4(an4_root).utterances, CONFIG.data.an4_dev_speakers)
     audio = np.concatenate([read_audio(u.audio)[0][:, 0] for u in sorted(dev, key=lambda u: u.id)[:3]])
     if rate_hz != 16000:
@@ -39,7 +39,7 @@ def test_the_clock_flags_every_frame_that_yields_log_probs(an4_root, rate_hz: in
     for start in range(0, len(audio), n):
         emitted.clear()
         rec.push(audio[start : start + n], rate_hz)
-        wait = clock.advance(1000 * len(audio[start : start + n]) / rate_hz)
+        wait = clock.advance(1000 * len(audio[start : start + n]) / rate_hz, rate_hz)
         if sum(emitted):
             emitting += 1
             assert wait, f"frame at {start / rate_hz:.3f} s emitted {sum(emitted)} frames of log-probs but was not flagged"
@@ -48,6 +48,16 @@ def test_the_clock_flags_every_frame_that_yields_log_probs(an4_root, rate_hz: in
     assert emitting >= 10
     if frame_s <= s.chunk_ms / 3000:  # three or more frames per chunk: most need not wait
         assert saved >= emitting, (saved, emitting, flagged)
+
+
+@pytest.mark.parametrize("rate_hz", [8000, 11025, 22050, 32000, 44100, 48000])
+def test_the_streamed_resampler_adds_under_10_ms(rate_hz: int) -> None:
+    """What a stream's resampler holds back (``workers.ingest.max_resample_lag_ms``, which the
+    clock allows for) is a few ms: streams at other rates are hardly later than 16 kHz ones."""
+    from workers.ingest import max_resample_lag_ms
+
+    assert 0 < max_resample_lag_ms(rate_hz, 16000) < 10
+    assert max_resample_lag_ms(16000, 16000) == 0
 
 
 def test_clock_without_audio_does_not_flag() -> None:

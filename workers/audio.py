@@ -1,7 +1,8 @@
 """Audio intake: read, validate, downmix and resample to the model's rate.
 
 Every failure raises ``AudioError`` naming the file and the reason, so a pipeline can
-record the bad input and go on.
+record the bad input and go on. Whole files are resampled with torchaudio here; streams
+go through ``workers.ingest`` (soxr, torch-free), whose ``StreamingIngest`` is re-exported.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from workers.audio_checks import MAX_STREAM_PEAK, AudioError, validate_samples
+from workers.ingest import StreamingIngest
+
+__all__ = [  # AudioError, the sample checks and StreamingIngest are torch-free modules' (re-exported)
+    "MAX_STREAM_PEAK", "RAW_SUFFIXES", "AudioError", "AudioReader", "RawFormat", "StreamingIngest", "decode_raw_pcm", "load_audio",
+    "read_audio", "to_model_rate", "validate_samples", "wav_declared_frames",
+]
+
 #: Suffixes read as headerless PCM when no header is present (AN4 ships ``.raw``).
 RAW_SUFFIXES = frozenset({".raw", ".pcm"})
-
-
-class AudioError(Exception):
-    """Input that cannot become a model-rate waveform. ``str()`` names file and reason."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,6 @@ def read_audio(path: str | Path, raw_format: RawFormat | None = None) -> tuple[n
     return samples, int(rate)
 
 
-#: Streamed float chunks louder than this are refused: a file can be scaled as a whole, a
-#: stream cannot, and such values are nearly always integers sent as floats.
-MAX_STREAM_PEAK = 2.0
-
-
 def wav_declared_frames(path: Path) -> int | None:
     """Frames the RIFF/WAVE header of ``path`` declares (libsndfile reads a cut file silently);
     None for other formats or an unknown length (0 or 0xFFFFFFFF, as streaming writers leave it)."""
@@ -126,19 +121,6 @@ def wav_declared_frames(path: Path) -> int | None:
             return size // block_align
         pos += 8 + size + (size & 1)
     return None
-
-
-def validate_samples(samples: np.ndarray, source: str, max_peak: float | None = MAX_STREAM_PEAK) -> None:
-    """Reject empty or non-finite signals, and (``max_peak``) float samples far outside [-1, 1]."""
-    if samples.size == 0:
-        raise AudioError(source, "no audio samples (header only or truncated)")
-    if not np.all(np.isfinite(samples)):
-        raise AudioError(source, "NaN or infinite samples")
-    if max_peak is not None and np.issubdtype(samples.dtype, np.floating):
-        peak = float(np.abs(samples).max())
-        if peak > max_peak:
-            raise AudioError(source, f"float samples reach {peak:.4g}, far outside [-1, 1] (integer PCM sent as floats? "
-                                     "scale to full scale 1.0, e.g. divide 16-bit values by 32768)")
 
 
 def to_model_rate(samples: np.ndarray, rate_hz: int, target_rate_hz: int) -> torch.Tensor:
@@ -309,37 +291,3 @@ class AudioReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-class StreamingIngest:
-    """Accepts chunks of any size and rate; emits fixed-size model-rate chunks.
-
-    Resampling is done per input chunk with torchaudio; for exactness across chunk
-    boundaries at a changing rate use the offline path. At the model rate the output
-    is sample-exact.
-    """
-
-    def __init__(self, target_rate_hz: int = 16000, out_chunk_samples: int = 1600) -> None:
-        self.target_rate_hz = target_rate_hz
-        self.out_chunk_samples = out_chunk_samples
-        self._pending = torch.zeros(0)
-
-    def push(self, samples: np.ndarray | torch.Tensor, rate_hz: int, source: str = "<stream>") -> list[torch.Tensor]:
-        """Add a chunk (samples,) or (samples, channels); return the complete output chunks."""
-        arr = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
-        if arr.size == 0:
-            return []
-        if not np.issubdtype(arr.dtype, np.floating):
-            arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
-        validate_samples(arr, source)
-        wave = to_model_rate(arr.astype(np.float32), rate_hz, self.target_rate_hz)
-        self._pending = torch.cat([self._pending, wave])
-        n_full = self._pending.numel() // self.out_chunk_samples
-        # an empty tensor splits into one empty piece, so no full chunk must mean no output
-        out = list(self._pending[: n_full * self.out_chunk_samples].split(self.out_chunk_samples)) if n_full else []
-        self._pending = self._pending[n_full * self.out_chunk_samples :]
-        return out
-
-    def flush(self) -> torch.Tensor:
-        """Return the remaining (partial) chunk and reset."""
-        rest, self._pending = self._pending, torch.zeros(0)
-        return rest

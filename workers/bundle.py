@@ -18,21 +18,17 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from workers.bundle_config import BUNDLE_VERSION, BundleError, check_tokens, dataclass_from, optional_file, read_bundle_config
 from workers.features import FeatureConfig, Normalizer
 from workers.model import QUANTIZE_MODES, BiLSTMCTC, ModelConfig, quantize_model
 from workers.tokens import TOKENS
 
-BUNDLE_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
-
-
-class BundleError(Exception):
-    """A model bundle that is missing, corrupt or inconsistent."""
 
 
 @dataclass
@@ -87,19 +83,6 @@ def save_bundle(
     return path
 
 
-def _dataclass_from(cls, values: dict, where: str):
-    if not isinstance(values, dict):
-        raise BundleError(f"{where}: expected a JSON object, got {type(values).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise BundleError(f"{where}: unknown keys {sorted(unknown)}")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{where}: {exc}") from exc
-
-
 def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu", quantize: str = "none") -> Bundle:
     """Load and validate a bundle (default: the shipped ``models/default``).
 
@@ -109,24 +92,10 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     path = Path(path) if path is not None else DEFAULT_BUNDLE
-    if not path.is_dir():
-        raise BundleError(f"{path}: model bundle directory not found")
-    for name in ("config.json", "weights.pt", "tokens.txt"):
-        if not (path / name).is_file():
-            raise BundleError(f"{path / name}: missing from the model bundle")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise BundleError(f"{path / 'config.json'}: expected a JSON object, got {type(config).__name__}")
-    if config.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path / 'config.json'}: bundle version {config.get('version')!r}, expected {BUNDLE_VERSION}")
-    features = _dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
-    model_config = _dataclass_from(ModelConfig, config.get("model", {}), f"{path / 'config.json'} [model]")
-    tokens = (path / "tokens.txt").read_text().split("\n")[:-1]
-    if tuple(tokens) != TOKENS or model_config.num_tokens != len(TOKENS):
-        raise BundleError(f"{path / 'tokens.txt'}: token list does not match this version's {len(TOKENS)} tokens")
+    config = read_bundle_config(path, ("config.json", "weights.pt", "tokens.txt"))
+    features = dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
+    model_config = dataclass_from(ModelConfig, config.get("model", {}), f"{path / 'config.json'} [model]")
+    check_tokens(path, model_config.num_tokens)
     if model_config.input_dim != features.feature_dim:
         raise BundleError(
             f"{path / 'config.json'}: model.input_dim {model_config.input_dim} != feature dim {features.feature_dim}"
@@ -151,16 +120,14 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
         warnings.warn(f"quantize={quantize!r} ignored on {device}: dynamic int8 quantisation runs on the CPU only", stacklevel=2)
         quantize = "none"
     model = quantize_model(model, quantize)
-    lexicon = path / "lexicon.txt"
-    lm = path / "lm.arpa"
     return Bundle(
         path=path,
         features=features,
         model_config=model_config,
         model=model,
         normalizer=normalizer,
-        lexicon_path=lexicon if lexicon.is_file() else None,
-        lm_path=lm if lm.is_file() else None,
+        lexicon_path=optional_file(path, "lexicon.txt"),
+        lm_path=optional_file(path, "lm.arpa"),
         info=config.get("info", {}),
         quantize=quantize,
     )

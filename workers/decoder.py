@@ -1,10 +1,13 @@
 """CTC decoding of log-probability emissions: greedy, or beam search with lexicon and LM.
 
-Emissions are float32 tensors of shape ``(frames, len(TOKENS))`` (29 columns, in
-``workers.tokens.TOKENS`` order) holding per-frame log-probabilities; one frame lasts
-``frame_ms`` milliseconds. Beam search is torchaudio's ``ctc_decoder`` (flashlight-text):
-with a lexicon it only spells lexicon words and can use a word ARPA LM; without one it
-is lexicon-free and can use a character LM whose vocabulary is ``tokens.txt``.
+Emissions are float32 arrays of shape ``(frames, len(TOKENS))`` (29 columns, in
+``workers.tokens.TOKENS`` order) holding per-frame log-probabilities, numpy arrays or torch
+tensors (converted by ``check_emissions``; this module never imports torch, so the Ray
+decoder actors run without it); one frame lasts ``frame_ms`` milliseconds. Beam search is
+flashlight-text's, used directly (``workers.ctc_search``, equal to torchaudio's
+``ctc_decoder`` wrapper): with a lexicon it only spells lexicon words and can use a word
+ARPA LM; without one it is lexicon-free and can use a character LM whose vocabulary is
+``tokens.txt``.
 
 Streaming: ``begin()`` gives a state, ``step(state, chunk)`` feeds frames and returns the
 partial hypothesis, ``end(state)`` the final one, equal to ``decode`` on the joined
@@ -23,16 +26,11 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-from flashlight.lib.text.decoder import (
-    CriterionType,
-    LexiconDecoderOptions,
-    LexiconFreeDecoderOptions,
-)
-from flashlight.lib.text.dictionary import load_words
-from torchaudio.models.decoder import CTCDecoder, CTCHypothesis, ctc_decoder
+import numpy as np
 
+from workers.ctc_search import BeamSearch, SearchModels, SearchSettings, load_search_models
 from workers.tokens import BLANK, BLANK_ID, SEPARATOR_ID, TOKEN_TO_ID, TOKENS, WORD_SEPARATOR
 
 NUM_TOKENS = len(TOKENS)
@@ -125,18 +123,22 @@ class StreamState:
     frames: int = 0  # emission frames fed so far
     best_ids: list[int] = field(default_factory=list)  # greedy: argmax token per frame
     best_logprobs: list[float] = field(default_factory=list)  # greedy: max log-prob per frame
-    search: CTCDecoder | None = None  # beam: this stream's own flashlight search
+    search: BeamSearch | None = None  # beam: this stream's own flashlight search
     finished: bool = False
 
 
-def check_emissions(emissions: torch.Tensor) -> torch.Tensor:
-    """Validate ``(frames, 29)`` log-probs; return a contiguous float32 CPU copy or view."""
+def check_emissions(emissions: Any) -> np.ndarray:
+    """Validate ``(frames, 29)`` log-probs, a numpy array or a torch tensor (any device, dtype or
+    grad: duck-typed, no torch import); return a C-contiguous float32 numpy copy or view."""
+    if hasattr(emissions, "detach"):
+        emissions = emissions.detach().cpu().float().numpy()
+    emissions = np.asarray(emissions)
     if emissions.ndim != 2 or emissions.shape[1] != NUM_TOKENS:
         raise ValueError(f"emissions must have shape (frames, {NUM_TOKENS}), got {tuple(emissions.shape)}")
-    return emissions.detach().to("cpu", torch.float32).contiguous()
+    return np.ascontiguousarray(emissions, dtype=np.float32)
 
 
-def word_confidences(log_probs: torch.Tensor, words: list[WordTiming], frame_ms: float, offset_s: float = 0.0) -> list[float]:
+def word_confidences(log_probs: Any, words: list[WordTiming], frame_ms: float, offset_s: float = 0.0) -> list[float]:
     """Confidence in [0, 1] of each word, from the CTC posteriors of its frames.
 
     ``log_probs``: ``(frames, 29)`` log-probabilities; a word's times are seconds from
@@ -159,8 +161,8 @@ def word_confidences(log_probs: torch.Tensor, words: list[WordTiming], frame_ms:
         if not ids or first > last:
             out.append(0.0)
             continue
-        best = emissions[first : last + 1, ids].max(dim=0).values  # (letters,) log-probs
-        out.append(min(1.0, max(0.0, math.exp(float(best.double().mean())))))
+        best = emissions[first : last + 1, ids].max(axis=0)  # (letters,) log-probs
+        out.append(min(1.0, max(0.0, math.exp(float(best.astype(np.float64).mean())))))
     return out
 
 
@@ -234,11 +236,17 @@ def _greedy_from_best(best_ids: list[int], best_logprobs: list[float], frame_ms:
     return Hypothesis(text, words, math.fsum(best_logprobs))
 
 
-def greedy_decode(emissions: torch.Tensor, frame_ms: float) -> Hypothesis:
+def _best_path(emissions: np.ndarray) -> tuple[list[int], list[float]]:
+    """Per frame of (frames, 29) log-probs: the best token (the first of equals) and its log-prob."""
+    best_ids = emissions.argmax(axis=1)
+    return best_ids.tolist(), emissions[np.arange(len(emissions)), best_ids].tolist()
+
+
+def greedy_decode(emissions: Any, frame_ms: float) -> Hypothesis:
     """Best-path CTC decoding of ``(frames, 29)`` log-probs: argmax per frame, collapse
     repeats, drop blanks. Word times come from the frames of each word's letters."""
-    best_logprobs, best_ids = check_emissions(emissions).max(dim=1)
-    return _greedy_from_best(best_ids.tolist(), best_logprobs.tolist(), frame_ms)
+    best_ids, best_logprobs = _best_path(check_emissions(emissions))
+    return _greedy_from_best(best_ids, best_logprobs, frame_ms)
 
 
 class CtcDecoder:
@@ -263,16 +271,12 @@ class CtcDecoder:
             raise ValueError(f"frame_ms must be > 0, got {frame_ms}")
         self.config = config
         self.frame_ms = frame_ms
-        self._lexicon = None
         if config.kind == "beam":
-            self._lexicon = load_words(str(lexicon_path)) if lexicon_path else None
-            self._shared = self._load_shared(lexicon_path, lm_path, tokens_path)
+            self._models = self._load_models(lexicon_path, lm_path, tokens_path)
 
-    def _load_shared(
-        self, lexicon_path: str | Path | None, lm_path: str | Path | None, tokens_path: str | Path | None
-    ) -> CTCDecoder:
-        """Load the LM and dictionaries once, through ``ctc_decoder``; per-stream searches
-        reuse them (the KenLM model is only read while decoding)."""
+    def _load_models(self, lexicon_path: str | Path | None, lm_path: str | Path | None, tokens_path: str | Path | None) -> SearchModels:
+        """Load the LM and dictionaries once; per-stream searches share them (the KenLM model
+        is only read while decoding)."""
         if tokens_path is not None:
             listed = tuple(Path(tokens_path).read_text(encoding="utf-8").split())
             if listed != TOKENS:
@@ -280,55 +284,20 @@ class CtcDecoder:
         if lm_path is not None and lexicon_path is None and tokens_path is None:
             raise ValueError("a character LM (lm_path without lexicon_path) needs tokens_path")
         cfg = self.config
-        return ctc_decoder(
-            lexicon=str(lexicon_path) if lexicon_path else None,
-            tokens=str(tokens_path) if tokens_path else list(TOKENS),
-            lm=str(lm_path) if lm_path else None,
+        settings = SearchSettings(cfg.beam_size, NUM_TOKENS, cfg.beam_threshold, cfg.lm_weight, cfg.word_score, cfg.unk_score, cfg.sil_score)
+        return load_search_models(
+            settings,
+            tokens_path if tokens_path else list(TOKENS),
+            BLANK,
+            WORD_SEPARATOR,
+            UNK_WORD,
+            lexicon_path,
+            lm_path,
             # A character LM's indices must follow tokens.txt, or they don't match.
-            lm_dict=str(tokens_path) if lm_path and not lexicon_path else None,
-            beam_size=cfg.beam_size,
-            beam_threshold=cfg.beam_threshold,
-            lm_weight=cfg.lm_weight,
-            word_score=cfg.word_score,
-            unk_score=cfg.unk_score,
-            sil_score=cfg.sil_score,
-            blank_token=BLANK,
-            sil_token=WORD_SEPARATOR,
-            unk_word=UNK_WORD,
+            lm_dict_path=tokens_path if lm_path and not lexicon_path else None,
         )
 
-    def _new_search(self) -> CTCDecoder:
-        """A fresh flashlight search sharing the loaded LM and dictionaries. Costs one
-        pass over the lexicon (its trie); keeps every hypothesis so the best partial one
-        can be picked (flashlight returns them unsorted before ``decode_end``)."""
-        cfg = self.config
-        common = dict(
-            beam_size=cfg.beam_size,
-            beam_size_token=NUM_TOKENS,
-            beam_threshold=cfg.beam_threshold,
-            lm_weight=cfg.lm_weight,
-            sil_score=cfg.sil_score,
-            log_add=False,
-            criterion_type=CriterionType.CTC,
-        )
-        if self._lexicon:
-            options = LexiconDecoderOptions(word_score=cfg.word_score, unk_score=cfg.unk_score, **common)
-        else:
-            options = LexiconFreeDecoderOptions(**common)
-        shared = self._shared
-        return CTCDecoder(
-            nbest=cfg.beam_size,
-            lexicon=self._lexicon,
-            word_dict=shared.word_dict,
-            tokens_dict=shared.tokens_dict,
-            lm=shared.lm,
-            decoder_options=options,
-            blank_token=BLANK,
-            sil_token=WORD_SEPARATOR,
-            unk_word=UNK_WORD,
-        )
-
-    def decode(self, emissions: torch.Tensor) -> Hypothesis:
+    def decode(self, emissions: Any) -> Hypothesis:
         """Decode a whole utterance of ``(frames, 29)`` log-probs."""
         if self.config.kind == "greedy":
             return greedy_decode(emissions, self.frame_ms)
@@ -340,11 +309,11 @@ class CtcDecoder:
         """Start a stream; the state is this stream's alone."""
         if self.config.kind == "greedy":
             return StreamState()
-        search = self._new_search()
-        search.decode_begin()
+        search = BeamSearch(self._models)  # costs one pass over the lexicon (its trie)
+        search.begin()
         return StreamState(search=search)
 
-    def step(self, state: StreamState, emissions: torch.Tensor) -> Hypothesis:
+    def step(self, state: StreamState, emissions: Any) -> Hypothesis:
         """Feed ``(frames, 29)`` more log-probs; return the partial hypothesis so far
         (for beam, its last word may be an unfinished prefix of a lexicon word)."""
         self._feed(state, check_emissions(emissions))
@@ -367,11 +336,11 @@ class CtcDecoder:
         state.finished = True
         if state.search is None:
             return [_greedy_from_best(state.best_ids, state.best_logprobs, self.frame_ms)]
-        if self._lexicon:
-            separator = torch.full((1, NUM_TOKENS), _OFF)
+        if self._models.lexicon:
+            separator = np.full((1, NUM_TOKENS), _OFF, dtype=np.float32)
             separator[0, SEPARATOR_ID] = 0.0
-            state.search.decode_step(separator)
-        state.search.decode_end()
+            state.search.step(separator)
+        state.search.end()
         if max_alternatives == 1:
             hypotheses = [self._best(state.search)]
         else:
@@ -379,46 +348,43 @@ class CtcDecoder:
         state.search = None  # free the search graph
         return hypotheses
 
-    def _feed(self, state: StreamState, emissions: torch.Tensor) -> None:
+    def _feed(self, state: StreamState, emissions: np.ndarray) -> None:
         if state.finished:
             raise RuntimeError("decoder stream already ended")
         state.frames += emissions.shape[0]
         if state.search is None:
-            best_logprobs, best_ids = emissions.max(dim=1)
-            state.best_ids += best_ids.tolist()
-            state.best_logprobs += best_logprobs.tolist()
+            best_ids, best_logprobs = _best_path(emissions)
+            state.best_ids += best_ids
+            state.best_logprobs += best_logprobs
         elif emissions.shape[0]:
-            state.search.decode_step(emissions)
+            state.search.step(emissions)
 
-    def _best(self, search: CTCDecoder) -> Hypothesis:
+    def _best(self, search: BeamSearch) -> Hypothesis:
         # Pick the best of flashlight's raw results and convert only that one: converting
-        # all of them (``get_final_hypothesis``) walks every path in Python at every chunk.
-        results = search.decoder.get_all_final_hypothesis()
+        # all of them walks every path in Python at every chunk.
+        results = search.results()
         if not results:
             return Hypothesis("", [], float("-inf"))
         best = max(results, key=lambda r: r.score)
-        return self._from_ctc_hypothesis(search._to_hypo([best])[0])
+        return self._from_result(search, best)
 
-    def _distinct(self, search: CTCDecoder, limit: int) -> list[Hypothesis]:
+    def _distinct(self, search: BeamSearch, limit: int) -> list[Hypothesis]:
         """The best-scoring hypothesis of each distinct text, best first, at most ``limit``."""
-        results = sorted(search.decoder.get_all_final_hypothesis(), key=lambda r: -r.score)  # stable: ties keep _best's pick
+        results = sorted(search.results(), key=lambda r: -r.score)  # stable: ties keep _best's pick
         if not results:
             return [Hypothesis("", [], float("-inf"))]
         distinct: dict[str, Hypothesis] = {}
         for result in results:  # converted one by one: the loop usually stops early
-            converted = self._from_ctc_hypothesis(search._to_hypo([result])[0])
+            converted = self._from_result(search, result)
             distinct.setdefault(converted.text, converted)
             if len(distinct) == limit:
                 break
         return list(distinct.values())
 
-    def _from_ctc_hypothesis(self, hyp: CTCHypothesis) -> Hypothesis:
-        """flashlight's ``timesteps`` count from 1 (0 is the start state, reported as a
-        separator); a letter's span is known only by its first frame, so a word ends
-        one frame after the first frame of its last letter."""
-        frames = (hyp.timesteps - 1).tolist()
-        pairs = [(t, f) for t, f in zip(hyp.tokens.tolist(), frames, strict=True) if f >= 0]
-        token_ids = [t for t, _ in pairs]
-        starts = [f for _, f in pairs]
+    def _from_result(self, search: BeamSearch, result: Any) -> Hypothesis:
+        """A flashlight result as a hypothesis. A letter's span is known only by its first
+        frame (``BeamSearch.token_path``), so a word ends one frame after the first frame
+        of its last letter."""
+        token_ids, starts = search.token_path(result)
         words = _words_from_path(token_ids, starts, starts, self.frame_ms)
-        return Hypothesis(" ".join(w.word for w in words), words, float(hyp.score))
+        return Hypothesis(" ".join(w.word for w in words), words, float(result.score))

@@ -6,8 +6,6 @@ whole files (offline, or chunked exactly as a stream would be).
 
 from __future__ import annotations
 
-import dataclasses
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +16,9 @@ import torch
 
 from workers.audio import AudioReader, RawFormat, load_audio
 from workers.bundle import Bundle, load_bundle, pick_device
-from workers.decoder import CtcDecoder, DecoderConfig, WordTiming, normalize_phrases
+from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
+from workers.decoder_stage import build_decoder, phrase_decoder_factory
 from workers.features import MfccExtractor
-from workers.lm import write_lexicon
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult, StreamOptions
 from workers.vad import (
     WINDOW_SAMPLES,
@@ -68,35 +66,12 @@ def frames_for_ms(ms: float, frame_ms: float) -> int:
     return int(round(ms / frame_ms))
 
 
-def build_decoder(bundle: Bundle, config: DecoderConfig) -> CtcDecoder:
-    """A decoder for this bundle: beam search uses the bundle's lexicon and LM when present."""
-    return CtcDecoder(config, bundle.features.frame_ms, bundle.lexicon_path, bundle.lm_path, bundle.tokens_path)
-
-
 def phrase_decoder(bundle: Bundle, config: DecoderConfig, phrases: Sequence[str]) -> CtcDecoder:
     """A beam-search decoder that only spells the words of ``phrases`` (``normalize_phrases``:
     ValueError for words the model cannot spell or an empty list; ``[unk]`` is ignored): its
     lexicon is exactly those words, it has no LM, and the beam settings of ``config`` (whose
     kind is taken as "beam"). See ``phrase_decoder_factory``."""
     return phrase_decoder_factory(bundle, config)(phrases)
-
-
-def phrase_decoder_factory(bundle: Bundle, config: DecoderConfig) -> Callable[[Sequence[str]], CtcDecoder]:
-    """``phrases -> phrase_decoder(bundle, config, phrases)``, for ``DecoderStage(phrase_decoder=)``.
-
-    Keeps only the bundle's frame duration and reads no bundle file: the token list is the
-    one ``load_bundle`` checked the bundle's ``tokens.txt`` against, so it keeps working once
-    a temporary bundle directory is gone (as in the Ray decoder actors). The lexicon is
-    written to a temporary directory that is removed once flashlight has loaded it."""
-    frame_ms = bundle.features.frame_ms
-    beam = dataclasses.replace(config, kind="beam")
-
-    def build(phrases: Sequence[str]) -> CtcDecoder:
-        words = {word for phrase in normalize_phrases(phrases) for word in phrase.split()}
-        with tempfile.TemporaryDirectory(prefix="asr-phrases-") as tmp:
-            return CtcDecoder(beam, frame_ms, write_lexicon(words, Path(tmp) / "lexicon.txt"))
-
-    return build
 
 
 @dataclass
@@ -315,7 +290,7 @@ class StreamingRecognizer:
     def push(self, samples: np.ndarray | torch.Tensor, rate_hz: int = 16000) -> list[RecognitionResult]:
         results = []
         for wave in self.ingest.push(self.stream_id, samples, rate_hz):
-            feats, speech = self.features.push(self.stream_id, wave)
+            feats, speech = self.features.push(self.stream_id, torch.from_numpy(wave))
             (log_probs,) = self.acoustic.process([(self.stream_id, feats, False)])
             if len(log_probs) or len(speech):
                 results += self.decoder.push(self.stream_id, log_probs, speech=speech, options=self.options)
@@ -323,6 +298,6 @@ class StreamingRecognizer:
 
     def finish(self) -> list[RecognitionResult]:
         """Flush everything buffered and return the remaining final result(s); the recognizer can be reused."""
-        feats, speech = self.features.finish(self.stream_id, self.ingest.finish(self.stream_id))
+        feats, speech = self.features.finish(self.stream_id, torch.from_numpy(self.ingest.finish(self.stream_id)))
         (log_probs,) = self.acoustic.process([(self.stream_id, feats, True)])
         return self.decoder.push(self.stream_id, log_probs, is_last=True, speech=speech, options=self.options)

@@ -14,46 +14,12 @@ from functools import lru_cache
 
 import torch
 
-from workers.decoder import WordTiming
+from workers.vad_gate import VAD_RATE_HZ, WINDOW_S, WINDOW_SAMPLES, VadConfig, gate_words, keep_spoken_words
 
-VAD_RATE_HZ = 16000
-WINDOW_SAMPLES = 512  # silero-vad's window at 16 kHz
-WINDOW_S = WINDOW_SAMPLES / VAD_RATE_HZ
-
-
-@dataclass(frozen=True)
-class VadConfig:
-    """Speech / non-speech gating of recognised words."""
-
-    enabled: bool = True
-    threshold: float = 0.5  # speech probability above which a 32 ms window counts as speech
-    pad_ms: float = 300.0  # a word is kept if a speech window lies within this distance of its span
-    max_segment_s: float = 20.0  # offline/batch: longer recordings are cut at pauses into pieces at most this long
-    # Long recordings: shortest non-speech stretch cut at, and the speech padding each piece keeps
-    # (it is recognised as its speech +- piece_pad_ms, like an utterance recording, not with the whole
-    # pause). The 105 dev utterances joined with 0.3-0.8 s of silence, three random draws, WER over
-    # separate files (11.84 %): min_pause 0.35 s + whole pauses 1.17x; + 300 ms 1.11 / 1.03 / 1.09x;
-    # 0.5 s + 300 ms 1.10 / 1.03 / 1.01x (chosen); 0.7 s + 300 ms 1.10 / 1.03 / 1.03x; 400 ms worse.
-    min_pause_s: float = 0.5
-    piece_pad_ms: float = 300.0
-    target_peak: float = 0.5  # the detector hears the input scaled so that its running peak is this ...
-    max_gain_db: float = 40.0  # ... amplified by at most this much (silero misses speech 35 dB below AN4's level)
-
-    @property
-    def gate_pad_ms(self) -> float | None:
-        """What the decoder stages gate words with: ``pad_ms``, or None when detection is off."""
-        return self.pad_ms if self.enabled else None
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"vad.threshold must be in (0, 1), got {self.threshold}")
-        if self.pad_ms < 0 or self.piece_pad_ms < 0:
-            raise ValueError(f"vad.pad_ms and vad.piece_pad_ms must be >= 0, got {self.pad_ms}, {self.piece_pad_ms}")
-        if self.max_segment_s < 1.0 or self.min_pause_s <= 0:
-            raise ValueError(f"vad.max_segment_s must be >= 1 and min_pause_s > 0, got {self.max_segment_s}, {self.min_pause_s}")
-        if self.max_gain_db < 0 or not 0 < self.target_peak <= 1:
-            raise ValueError(f"vad.max_gain_db must be >= 0 and target_peak in (0, 1], got {self.max_gain_db}, {self.target_peak}")
-
+__all__ = [  # the settings and the word gating live in workers.vad_gate (torch-free); re-exported
+    "VAD_RATE_HZ", "WINDOW_S", "WINDOW_SAMPLES", "SpeechDetector", "VadConfig", "VadState", "gate_words", "keep_spoken_words",
+    "pause_cuts", "quiet_cuts", "speech_detector", "trim_to_speech", "window_energy_db",
+]
 
 @lru_cache(maxsize=1)
 def _silero() -> torch.jit.ScriptModule:
@@ -124,28 +90,6 @@ class SpeechDetector:
 def speech_detector(config: VadConfig, rate_hz: int) -> SpeechDetector | None:
     """The detector for a model running at ``rate_hz``, or None when ``config`` turns detection off."""
     return SpeechDetector(config, rate_hz) if config.enabled else None
-
-
-def gate_words(
-    text: str, words: list[WordTiming], speech: torch.Tensor, pad_ms: float, offset_s: float = 0.0
-) -> tuple[str, list[WordTiming]]:
-    """(text, words) of a hypothesis with the unspoken words removed (``keep_spoken_words``);
-    the text is rebuilt only when a word was dropped."""
-    kept = keep_spoken_words(words, speech, pad_ms, offset_s)
-    return (text, words) if len(kept) == len(words) else (" ".join(w.word for w in kept), kept)
-
-
-def keep_spoken_words(words: list[WordTiming], speech: torch.Tensor, pad_ms: float, offset_s: float = 0.0) -> list[WordTiming]:
-    """The words whose span (seconds from the stream start) has a speech window within ``pad_ms``:
-    ``speech`` (windows,) bool, window i covering ``offset_s + [i, i+1) * 32 ms``."""
-    if not words:
-        return words
-    idx = torch.nonzero(speech).flatten()
-    if idx.numel() == 0:
-        return []
-    starts = idx.double() * WINDOW_S + offset_s
-    pad = pad_ms / 1000
-    return [w for w in words if bool(((starts <= w.end_s + pad) & (starts + WINDOW_S >= w.start_s - pad)).any())]
 
 
 def pause_cuts(speech: torch.Tensor, max_segment_s: float, min_pause_s: float) -> list[tuple[int, int]]:

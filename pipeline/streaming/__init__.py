@@ -39,73 +39,68 @@ Failure: actors restart (``max_restarts``) but calls are not retried, because a 
 call would replay audio into per-stream state; a stream whose work failed raises
 ``StreamError`` and is dropped, while new streams use the restarted actors.
 
-Modules: ``items`` (what travels between the actors, stream errors), ``actors`` (ingest,
-features, decoder), ``acoustic_actor`` (the batching acoustic actor), ``placement`` (actor
+Modules: ``items`` (what travels between the actors, stream errors), ``actors`` (ingest and
+decoder, torch-free), ``feature_actor``, ``acoustic_actor`` (the batching acoustic actor), ``placement`` (actor
 counts and options, shipping the bundle; connecting to Ray is ``pipeline.ray_session``), ``session``
 (``StreamingPipeline``: submitter thread, chains, backpressure), ``sources`` (file and
-microphone capture) and ``cli`` (``asr stream``). The public names are re-exported here.
+microphone capture) and ``cli`` (``asr stream``). The public names are re-exported here,
+lazily: the ingest and decoder actors (``actors``) never import torch, and importing them
+must not drag in the rest of the package.
 """
 
-from pipeline.ray_session import connect_ray
-from pipeline.streaming.acoustic_actor import TURN_TIMEOUT_S, AcousticActor
-from pipeline.streaming.actors import DecoderActor, FeatureActor, IngestActor
-from pipeline.streaming.cli import ResultPrinter, add_stream_arguments, format_final, run_session, run_stream, stream_settings
-from pipeline.streaming.items import StageItem, StreamError, StreamOrderError
-from pipeline.streaming.placement import (
-    ACOUSTIC_MAX_CONCURRENCY,
-    ACTOR_MAX_RESTARTS,
-    ACTOR_START_TIMEOUT_S,
-    acoustic_actor_count,
-    acoustic_num_gpus,
-    feature_actor_count,
-    read_bundle_files,
-    unpacked_bundle,
-)
-from pipeline.streaming.session import PipelineStats, PushHandle, StreamingPipeline
-from pipeline.streaming.sources import (
-    MIC_NO_AUDIO_TIMEOUT_S,
-    MIC_RATE_HZ,
-    MicError,
-    check_input_device,
-    file_blocks,
-    import_sounddevice,
-    mic_blocks,
-    parse_device,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "ACOUSTIC_MAX_CONCURRENCY",
-    "ACTOR_MAX_RESTARTS",
-    "ACTOR_START_TIMEOUT_S",
-    "MIC_NO_AUDIO_TIMEOUT_S",
-    "MIC_RATE_HZ",
-    "TURN_TIMEOUT_S",
-    "AcousticActor",
-    "DecoderActor",
-    "FeatureActor",
-    "IngestActor",
-    "MicError",
-    "PipelineStats",
-    "PushHandle",
-    "ResultPrinter",
-    "StageItem",
-    "StreamError",
-    "StreamOrderError",
-    "StreamingPipeline",
-    "acoustic_actor_count",
-    "feature_actor_count",
-    "acoustic_num_gpus",
-    "add_stream_arguments",
-    "check_input_device",
-    "connect_ray",
-    "file_blocks",
-    "format_final",
-    "import_sounddevice",
-    "mic_blocks",
-    "parse_device",
-    "read_bundle_files",
-    "run_session",
-    "run_stream",
-    "stream_settings",
-    "unpacked_bundle",
-]
+_EXPORTS = {  # public name -> the module that defines it, imported on first use (PEP 562)
+    "connect_ray": "pipeline.ray_session",
+    "TURN_TIMEOUT_S": "pipeline.streaming.acoustic_actor",
+    "AcousticActor": "pipeline.streaming.acoustic_actor",
+    "DecoderActor": "pipeline.streaming.actors",
+    "IngestActor": "pipeline.streaming.actors",
+    "FeatureActor": "pipeline.streaming.feature_actor",
+    "ResultPrinter": "pipeline.streaming.cli",
+    "add_stream_arguments": "pipeline.streaming.cli",
+    "format_final": "pipeline.streaming.cli",
+    "run_session": "pipeline.streaming.cli",
+    "run_stream": "pipeline.streaming.cli",
+    "stream_settings": "pipeline.streaming.cli",
+    "StageItem": "pipeline.streaming.items",
+    "StreamError": "pipeline.streaming.items",
+    "StreamOrderError": "pipeline.streaming.items",
+    "ACOUSTIC_MAX_CONCURRENCY": "pipeline.streaming.placement",
+    "ACTOR_MAX_RESTARTS": "pipeline.streaming.placement",
+    "ACTOR_START_TIMEOUT_S": "pipeline.streaming.placement",
+    "acoustic_actor_count": "pipeline.streaming.placement",
+    "acoustic_num_gpus": "pipeline.streaming.placement",
+    "feature_actor_count": "pipeline.streaming.placement",
+    "read_bundle_files": "pipeline.streaming.placement",
+    "unpacked_bundle": "pipeline.streaming.placement",
+    "PipelineStats": "pipeline.streaming.session",
+    "PushHandle": "pipeline.streaming.session",
+    "StreamingPipeline": "pipeline.streaming.session",
+    "MIC_NO_AUDIO_TIMEOUT_S": "pipeline.streaming.sources",
+    "MIC_RATE_HZ": "pipeline.streaming.sources",
+    "MicError": "pipeline.streaming.sources",
+    "check_input_device": "pipeline.streaming.sources",
+    "file_blocks": "pipeline.streaming.sources",
+    "import_sounddevice": "pipeline.streaming.sources",
+    "mic_blocks": "pipeline.streaming.sources",
+    "parse_device": "pipeline.streaming.sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exported names, imported when first asked for: importing one module of this
+    package (Ray does so in every actor process) must not import them all, torch with them."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,5 +1,10 @@
-"""The in-order stage actors: ingest, features and decoder (the acoustic actor, which
-batches, is in ``acoustic_actor``). Each wraps the ``workers.stages`` class of the same name."""
+"""The torch-free in-order stage actors, ingest and decoder, and what every stage actor shares.
+
+Each wraps the ``workers.stages`` class of the same name. These two never import torch
+(a test checks ``sys.modules`` inside them): Ray imports the module that defines an actor
+class, and the modules of its arguments' classes, in the actor's process, so this module,
+``items``, ``placement`` and the ``workers`` modules they use stay torch-free. The feature
+actor is in ``feature_actor``; the acoustic actor, which batches, in ``acoustic_actor``."""
 
 from __future__ import annotations
 
@@ -10,15 +15,17 @@ from typing import Any
 
 import numpy as np
 import psutil
-import torch
 
-from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError, _tensor
-from pipeline.streaming.placement import unpacked_bundle
+from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError
+from pipeline.streaming.placement import unpacked_files
+from workers.bundle_config import load_bundle_files
 from workers.decoder import DecoderConfig
-from workers.features import MfccExtractor
-from workers.recognizer import build_decoder, phrase_decoder_factory
-from workers.stages import DecoderStage, FeatureStage, IngestStage, RecognitionResult
-from workers.vad import VadConfig, speech_detector
+from workers.decoder_stage import DecoderStage, RecognitionResult, build_decoder, phrase_decoder_factory
+from workers.ingest import IngestStage
+from workers.vad_gate import VadConfig
+
+#: The bundle files a decoder actor unpacks (not the model's weights).
+DECODER_FILES = ("config.json", "tokens.txt", "lexicon.txt", "lm.arpa")
 
 
 class _SequenceCheck:
@@ -99,64 +106,34 @@ class IngestActor(_Introspection):
         # numpy, not torch, between stages: Ray serialises arrays ~20x faster than tensors
         self.order.check(item.stream_id, item.seq, item.is_last)
         if item.is_last:
-            return [self.stage.finish(item.stream_id).numpy()]  # the last (partial) chunk
+            return [self.stage.finish(item.stream_id)]  # the rest (the last partial chunk)
         samples, rate_hz = item.data
-        return [c.numpy() for c in self.stage.push(item.stream_id, samples, rate_hz)]
+        return self.stage.push(item.stream_id, samples, rate_hz)
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)
         self.stage.finish(stream_id)
 
 
-class FeatureActor(_Introspection):
-    """Wraps ``FeatureStage``: model-rate chunks -> normalised stacked MFCC (frames, feature_dim)."""
-
-    def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None) -> None:
-        vad = vad or VadConfig()
-        with unpacked_bundle(bundle_files) as bundle:
-            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), speech_detector(vad, bundle.features.sample_rate_hz))
-            self.feature_dim = bundle.features.feature_dim
-        self.order = _SequenceCheck()
-
-    def push_many(self, items: list[StageItem], features: int = 0) -> list[StageItem]:
-        """item.data: model-rate waves, each (samples,) -> their features (frames, feature_dim);
-        item.speech: their voice activity flags (windows,); for the items of this feature
-        actor's streams (``item.features == features``)."""
-        out = _each([i for i in items if i.features == features], self._push, self.drop)
-        return [dataclasses.replace(i, data=i.data[0], speech=i.data[1]) if i.error is None else i for i in out]
-
-    def _push(self, item: StageItem) -> tuple[np.ndarray, np.ndarray]:
-        self.order.check(item.stream_id, item.seq, item.is_last)
-        pieces = [self.stage.push(item.stream_id, _tensor(c)) for c in item.data]
-        if item.is_last:
-            pieces.append(self.stage.finish(item.stream_id))
-        feats = torch.cat([f for f, _ in pieces]) if pieces else torch.zeros(0, self.feature_dim)
-        speech = torch.cat([s for _, s in pieces]) if pieces else torch.zeros(0, dtype=torch.bool)
-        return feats.numpy(), speech.numpy()
-
-    def drop(self, stream_id: str) -> None:
-        self.order.forget(stream_id)
-        self.stage.drop(stream_id)
-
-
 class DecoderActor(_Introspection):
     """Wraps ``DecoderStage``: log-probs (frames, num_tokens) -> partial / final results.
     Each item's ``options`` (a ``StreamOptions`` or None) go to the stage; phrase-list
     decoders are built from what the bundle held (``phrase_decoder_factory`` reads no bundle
-    file, so it works after the unpacked bundle directory is gone)."""
+    file, so it works after the unpacked bundle directory is gone). Reads the bundle's
+    settings and decoder files only (``load_bundle_files``), never its model."""
 
     def __init__(
         self, bundle_files: dict[str, bytes], decoder_config: DecoderConfig, endpoint_silence_ms: float, vad: VadConfig | None = None
     ) -> None:
         vad = vad or VadConfig()
-        with unpacked_bundle(bundle_files) as bundle:
+        with unpacked_files(bundle_files, DECODER_FILES) as path:
+            bundle = load_bundle_files(path)
             self.stage = DecoderStage(
                 build_decoder(bundle, decoder_config),
                 endpoint_silence_ms,
                 vad.gate_pad_ms,
                 phrase_decoder_factory(bundle, decoder_config),
             )
-            self.num_tokens = bundle.model_config.num_tokens
         self.order = _SequenceCheck()
 
     def push_many(self, decoder: int, *parts: list[StageItem]) -> list[StageItem]:
@@ -168,8 +145,10 @@ class DecoderActor(_Introspection):
 
     def _push(self, item: StageItem) -> list[RecognitionResult]:
         self.order.check(item.stream_id, item.seq, item.is_last)
-        speech = None if item.speech is None else torch.from_numpy(np.array(item.speech, dtype=bool))
-        return self.stage.push(item.stream_id, _tensor(item.data), item.is_last, speech, item.options)
+        # a copy: the stage keeps an utterance's log-probs, and a view would pin the buffer
+        # of the whole chain's result that Ray deserialised it from
+        log_probs = np.array(item.data, dtype=np.float32)
+        return self.stage.push(item.stream_id, log_probs, item.is_last, item.speech, item.options)
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)

@@ -1,5 +1,6 @@
 """What travels between the stage actors: ``StageItem`` (one push of one stream), the errors
-of a stream, and the array conversion the actors share."""
+of a stream, and the array conversion the torch actors share. Torch-free: the ingest and
+decoder actors import this module and never load torch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 
 class StreamError(RuntimeError):
@@ -49,6 +49,10 @@ class StageItem:
     options: Any = None  # the stream's workers.stages.StreamOptions (None: the decoder's defaults), for the decoder actor
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A writable float32 tensor from an array Ray handed over (those are read-only views)."""
+def _tensor(array: np.ndarray) -> Any:
+    """A writable float32 torch tensor from an array Ray handed over (those are read-only views).
+    For the feature and acoustic actors, which hold torch anyway; imported here, on use, so
+    that this module stays torch-free."""
+    import torch
+
     return torch.from_numpy(np.array(array, dtype=np.float32))

@@ -1,5 +1,8 @@
 """Where and how the stage actors run: GPUs and actor counts, actor options, and shipping
-the model bundle's files to the actors. (Connecting to Ray: ``pipeline.ray_session``.)"""
+the model bundle's files to the actors. (Connecting to Ray: ``pipeline.ray_session``.)
+
+Torch-free at import (the ingest and decoder actors import it): ``unpacked_bundle``, which
+loads the model, imports ``workers.bundle`` when called."""
 
 from __future__ import annotations
 
@@ -7,12 +10,13 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pipeline.config import StreamingConfig
-from workers.bundle import Bundle, load_bundle
+if TYPE_CHECKING:
+    from pipeline.config import StreamingConfig
+    from workers.bundle import Bundle
 
 ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back; the driver replays its streams there (session._recover)
 ACOUSTIC_MAX_CONCURRENCY = 10_000  # concurrent calls the batching actor accepts (held ones included)
@@ -25,13 +29,23 @@ def read_bundle_files(path: str | Path) -> dict[str, bytes]:
 
 
 @contextlib.contextmanager
-def unpacked_bundle(files: dict[str, bytes], device: str = "cpu", quantize: str = "none") -> Iterator[Bundle]:
-    """Write the files to a temporary directory and load them; the directory is removed on
-    exit, so build everything that reads bundle files (decoder LM, lexicon) inside."""
+def unpacked_files(files: dict[str, bytes], names: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """Write the files (those of ``names`` only, when given) to a temporary directory, removed
+    on exit, so build everything that reads them (decoder LM, lexicon) inside."""
     with tempfile.TemporaryDirectory(prefix="asr-bundle-") as tmp:
         for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
-        yield load_bundle(tmp, device, quantize)
+            if names is None or name in names:
+                (Path(tmp) / name).write_bytes(data)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def unpacked_bundle(files: dict[str, bytes], device: str = "cpu", quantize: str = "none") -> Iterator[Bundle]:
+    """``unpacked_files`` loaded as a bundle (model included: torch); see ``unpacked_files``."""
+    from workers.bundle import load_bundle  # here, not at the top: the torch-free actors import this module
+
+    with unpacked_files(files) as path:
+        yield load_bundle(path, device, quantize)
 
 
 def acoustic_num_gpus(streaming: StreamingConfig) -> float:

@@ -15,7 +15,8 @@ import ray
 
 from pipeline.config import AppConfig
 from pipeline.streaming.acoustic_actor import AcousticActor
-from pipeline.streaming.actors import DecoderActor, FeatureActor, IngestActor
+from pipeline.streaming.actors import DecoderActor, IngestActor
+from pipeline.streaming.feature_actor import FeatureActor
 from pipeline.streaming.placement import (
     ACOUSTIC_MAX_CONCURRENCY,
     ACTOR_START_TIMEOUT_S,

@@ -1,0 +1,95 @@
+"""A model bundle's settings and decoder files, read without torch.
+
+``workers.bundle.load_bundle`` loads the whole bundle (the model too, with torch); the
+decoder actors need only the frame duration and the lexicon / LM / token files, which
+``load_bundle_files`` gives from ``config.json`` and the directory listing. Both share the
+checks here, so a bad bundle fails the same way (``BundleError`` naming the file).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from workers.feature_config import FeatureConfig
+from workers.tokens import TOKENS
+
+BUNDLE_VERSION = 1
+
+
+class BundleError(Exception):
+    """A model bundle that is missing, corrupt or inconsistent."""
+
+
+def dataclass_from(cls: type, values: Any, where: str) -> Any:
+    """``cls(**values)`` for a JSON object; ``BundleError`` naming ``where`` for unknown keys or bad values."""
+    if not isinstance(values, dict):
+        raise BundleError(f"{where}: expected a JSON object, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise BundleError(f"{where}: unknown keys {sorted(unknown)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{where}: {exc}") from exc
+
+
+def read_bundle_config(path: Path, required: tuple[str, ...] = ("config.json", "tokens.txt")) -> dict:
+    """The checked ``config.json`` of the bundle directory ``path`` (a JSON object of this
+    ``BUNDLE_VERSION``); the files ``required`` must exist."""
+    if not path.is_dir():
+        raise BundleError(f"{path}: model bundle directory not found")
+    for name in required:
+        if not (path / name).is_file():
+            raise BundleError(f"{path / name}: missing from the model bundle")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise BundleError(f"{path / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+    if config.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{path / 'config.json'}: bundle version {config.get('version')!r}, expected {BUNDLE_VERSION}")
+    return config
+
+
+def check_tokens(path: Path, num_tokens: int = len(TOKENS)) -> None:
+    """``BundleError`` unless the bundle's ``tokens.txt`` lists ``workers.tokens.TOKENS`` and
+    the model's output (``num_tokens``) has one column per token."""
+    tokens = (path / "tokens.txt").read_text().split("\n")[:-1]
+    if tuple(tokens) != TOKENS or num_tokens != len(TOKENS):
+        raise BundleError(f"{path / 'tokens.txt'}: token list does not match this version's {len(TOKENS)} tokens")
+
+
+def optional_file(path: Path, name: str) -> Path | None:
+    """``path / name`` when that file exists, else None (the lexicon and LM are optional)."""
+    return path / name if (path / name).is_file() else None
+
+
+@dataclass(frozen=True)
+class BundleFiles:
+    """What a bundle holds besides its model: feature settings (``features.frame_ms`` is what
+    the decoders need), the decoder's files and the training info. Duck-types the fields of
+    ``workers.bundle.Bundle`` that ``workers.decoder.build_decoder`` reads."""
+
+    path: Path
+    features: FeatureConfig
+    lexicon_path: Path | None = None
+    lm_path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.path / "tokens.txt"
+
+
+def load_bundle_files(path: str | Path) -> BundleFiles:
+    """Read and check a bundle's ``config.json`` and ``tokens.txt``; no model, no torch."""
+    path = Path(path)
+    config = read_bundle_config(path)
+    features = dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
+    check_tokens(path)
+    return BundleFiles(path, features, optional_file(path, "lexicon.txt"), optional_file(path, "lm.arpa"), config.get("info", {}))
