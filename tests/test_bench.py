@@ -57,14 +57,15 @@ def test_bench_prints_every_figure(tmp_path: Path) -> None:
     assert 0 < memory["total_pss_mb"] < memory["summed_rss_mb"]  # torch's pages are shared by the actors
 
 
-def test_bench_rejects_a_missing_or_broken_corpus(tmp_path: Path) -> None:
+def test_bench_rejects_a_missing_or_broken_corpus(tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"broken\n')
     for data in (tmp_path / "nowhere", bad):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--data", str(data), "--streams", "1"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith("error: ") and str(data) in proc.stderr and "Traceback" not in proc.stderr
+        assert main(["bench", "--data", str(data), "--streams", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(data) in err and "Traceback" not in err
 
 
 def test_gpu_check_says_so_when_there_is_no_gpu(tmp_path) -> None:

@@ -2,7 +2,8 @@
 ``--verbose``, listening on loopback only, and gone when the command ends, however it ends.
 
 Each test runs ``python -m pipeline.cli`` on real AN4 recordings in a subprocess, with a
-fresh environment (no RAY_ADDRESS), as a user would. Processes are told apart from other
+fresh environment (no RAY_ADDRESS), as a user would. That a plain run prints only its summary
+is checked on the README's main job (tests/test_transcribe_cli.py). Processes are told apart from other
 Ray instances on the machine by being descendants of that subprocess."""
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,9 +20,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import NOISY
-
-from pipeline.ray_session import DRIVER_STDERR_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
@@ -40,22 +37,6 @@ def _an4_files(root: Path, n: int) -> list[str]:
 def _asr(*args: str, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=timeout_s)
-
-
-def _assert_quiet(output: str) -> None:
-    noisy = [pattern for pattern in NOISY if pattern in output]
-    assert not noisy, f"{noisy} in:\n{output}"
-
-
-def test_transcribe_prints_only_the_summary(an4_root, tmp_path):
-    done = _asr("transcribe", *_an4_files(an4_root, 3), "--out", str(tmp_path / "out"), "--ray")
-    assert done.returncode == 0, done.stderr
-    _assert_quiet(done.stdout + done.stderr)
-    assert done.stderr == ""  # the progress bar only shows on a terminal
-    assert done.stdout.startswith("3 files: 3 transcribed, 0 skipped (done earlier), 0 errors;")
-    logs = Path(re.search(r"Ray's logs: (\S+)$", done.stdout.strip()).group(1))
-    assert (logs / "raylet.out").is_file()
-    assert "core_worker.cc" in (logs / DRIVER_STDERR_NAME).read_text()  # what Ray's C++ core wrote to stderr
 
 
 def test_transcribe_verbose_shows_rays_output(verbose_ray_transcription):

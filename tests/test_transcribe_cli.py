@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import held_out_files
+from conftest import NOISY, held_out_files
 
 from pipeline.batch import LOCAL_MAX_AUDIO_S, choose_backend, transcribe_inputs
 from pipeline.cli import main
+from pipeline.ray_session import DRIVER_STDERR_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -119,7 +121,8 @@ def test_version_names_package_and_model(capsys):
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_readme_main_job_on_a_fresh_clone(tmp_path):
     """The committed HEAD cloned where no ../shared exists: the README's main-job command and a
-    one-file transcription work with this venv's python (nothing installed)."""
+    one-file transcription work with this venv's python (nothing installed), and the main job
+    prints only its summary (tests/test_ray_session.py has the rest of the quiet local Ray)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
     assert not (clone.parent / "shared").exists()
@@ -133,6 +136,15 @@ def test_readme_main_job_on_a_fresh_clone(tmp_path):
     done = asr("transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray")
     assert done.returncode == 0, done.stderr
     assert "8 files: 8 transcribed" in done.stdout and "ran: ray" in done.stdout
+    # Only the summary: nothing of Ray's (its logs go to its session directory, what its C++
+    # core wrote to stderr included), no progress bar off a terminal.
+    noisy = [pattern for pattern in NOISY if pattern in done.stdout + done.stderr]
+    assert not noisy, f"{noisy} in:\n{done.stdout}{done.stderr}"
+    assert done.stderr == ""
+    assert done.stdout.startswith("8 files: 8 transcribed, 0 skipped (done earlier), 0 errors;")
+    logs = Path(re.search(r"Ray's logs: (\S+)$", done.stdout.strip()).group(1))
+    assert (logs / "raylet.out").is_file()
+    assert "core_worker.cc" in (logs / DRIVER_STDERR_NAME).read_text()
     assert (clone / "transcripts" / "ex03_enter_one_two_three.txt").read_text() == "enter one two three\n"
     settings = json.loads((clone / "transcripts" / "transcripts.jsonl").read_text().splitlines()[0])["settings"]
     assert settings["model"] == str(clone / "models" / "default")  # the clone's code and model ran
