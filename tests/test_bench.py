@@ -18,7 +18,7 @@ AN4 = ROOT.parent / "shared" / "data" / "an4"
 @pytest.mark.skipif(not AN4.is_dir(), reason="needs ../shared/data/an4")
 def test_bench_prints_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--data", str(AN4), "--seconds", "20", "--streams", "1", "3",
+    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--data", str(AN4), "--seconds", "20", "--batch-actors", "1", "--streams", "1", "3",
            "--stream-seconds", "2", "--long-minutes", "0.2", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
@@ -50,24 +49,30 @@ def test_transcribe_verbose_shows_rays_output(verbose_ray_transcription):
 
 
 @contextlib.contextmanager
-def _running_transcribe(an4_root: Path, out: Path) -> Iterator[tuple[subprocess.Popen, list[psutil.Process]]]:
-    """``asr transcribe`` on 60 files, once Ray Data's actor process exists: (the driver, its
-    descendants then). The driver is ended on exit if the test left it running."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "transcribe", *_an4_files(an4_root, 60), "--out", str(out), "--ray"],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _running_transcribes(an4_root: Path, outs: list[Path]) -> Iterator[list[tuple[subprocess.Popen, list[psutil.Process]]]]:
+    """``asr transcribe`` on 60 files into each of ``outs``, all started at once; entered once
+    each one's Ray Data actor process exists: (its driver, the driver's descendants then) per
+    run. Drivers still running on exit are ended."""
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "transcribe", *_an4_files(an4_root, 60), "--out", str(out), "--ray"],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for out in outs]
     try:
-        driver = psutil.Process(proc.pid)
         deadline = time.monotonic() + ACTORS_TIMEOUT_S
-        while not any("MapWorker" in " ".join(_cmdline(p)) for p in driver.children(recursive=True)):
-            assert proc.poll() is None, f"ended before its actors were seen:\n{proc.stdout.read()}"
-            assert time.monotonic() < deadline, "Ray Data's actor did not start"
-            time.sleep(0.3)
-        yield proc, driver.children(recursive=True)
+        runs = []
+        for proc in procs:
+            driver = psutil.Process(proc.pid)
+            while not any("MapWorker" in " ".join(_cmdline(p)) for p in driver.children(recursive=True)):
+                assert proc.poll() is None, f"ended before its actors were seen:\n{proc.stdout.read()}"
+                assert time.monotonic() < deadline, "Ray Data's actor did not start"
+                time.sleep(0.3)
+            runs.append((proc, driver.children(recursive=True)))
+        yield runs
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(RUN_TIMEOUT_S)
-        proc.stdout.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            proc.wait(RUN_TIMEOUT_S)
+            proc.stdout.close()
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:
@@ -103,21 +108,22 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
     return alive
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_killed_transcribe_leaves_no_process(an4_root, tmp_path, sig):
-    """The local Ray of a running ``asr transcribe`` listens on loopback only (checked once,
-    in the SIGTERM run, to save a Ray start); when the command is killed its processes go."""
-    with _running_transcribe(an4_root, tmp_path / "out") as (proc, procs):
-        if sig == signal.SIGTERM:
-            _assert_listens_on_loopback_only(proc, procs)
-        assert any("raylet" in " ".join(_cmdline(p)) for p in procs)
-        assert any("Agent" in " ".join(_cmdline(p)) for p in procs)  # the ones that outlived a killed driver by a minute
-        proc.send_signal(sig)
-        code = proc.wait(RUN_TIMEOUT_S)
-        assert code == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
-        deadline = time.monotonic() + GONE_WITHIN_S
-        while _alive(procs) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _alive(procs)
-        if sig == signal.SIGTERM:
-            assert proc.stdout.read() == ""  # no stack dump of the signal, no traceback
+def test_killed_transcribes_leave_no_process(an4_root, tmp_path):
+    """Two runs of ``asr transcribe`` at once, one ended by SIGTERM and one by SIGKILL: when
+    each is killed, its processes go. The local Ray of a running ``asr transcribe`` listens on
+    loopback only (checked on the first)."""
+    with _running_transcribes(an4_root, [tmp_path / "term", tmp_path / "kill"]) as runs:
+        _assert_listens_on_loopback_only(*runs[0])
+        for (proc, procs), sig in zip(runs, (signal.SIGTERM, signal.SIGKILL)):
+            assert any("raylet" in " ".join(_cmdline(p)) for p in procs)
+            assert any("Agent" in " ".join(_cmdline(p)) for p in procs)  # the ones that outlived a killed driver by a minute
+            proc.send_signal(sig)
+        for (proc, procs), sig in zip(runs, (signal.SIGTERM, signal.SIGKILL)):
+            code = proc.wait(RUN_TIMEOUT_S)
+            assert code == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL), sig
+            deadline = time.monotonic() + GONE_WITHIN_S
+            while _alive(procs) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not _alive(procs), sig
+        term, _ = runs[0]
+        assert term.stdout.read() == ""  # no stack dump of the signal, no traceback
