@@ -17,7 +17,9 @@ All figures come from one run on the machine it runs on:
 - ``long_stream``: one stream of ``--long-minutes`` of speech pushed as fast as the pipeline
   takes it, with the RSS of the stage actors sampled along the way (flat = no leak).
 - ``idle_stream_memory``: PSS (and RSS) of the driver and every Ray process, by process, with one
-  stream open and idle (``pipeline.memory``); the long stream samples the same total.
+  stream open and idle (``pipeline.memory``), measured first (before the batch job starts its
+  processes; the streaming actors then stay up, idle, while it runs); the long stream samples
+  the same total.
 - ``peak_rss_mb``: the largest sum of RSS over the driver and Ray's worker processes seen.
 """
 
@@ -303,10 +305,11 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
     start_local_ray(num_cpus=os.cpu_count())
     try:
         with RssSampler() as sampler:
-            result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
+            # first, so that the figure is the streaming pipeline's alone (no batch job's processes yet)
             pipe = StreamingPipeline(config, args.model)
             result["idle_stream_memory"] = bench_idle_memory(pipe, waves[0], rate)
             print(json.dumps({k: v for k, v in result["idle_stream_memory"].items() if k != "by_process"}), flush=True)
+            result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
             result["streaming_settings"] = {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
                                             "push_ms": 100}
             runs = []
