@@ -240,6 +240,7 @@ def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: in
 
     pushed_s, samples_mb, pss_mb, finals, k, t0 = 0.0, [], [], 0, 0, time.perf_counter()
     next_sample_s = 0.0
+    first = last = None  # PSS by process at the first and the last sample
     while pushed_s < minutes * 60:
         wave = np.concatenate([waves[k % len(waves)], gap])
         k += 1
@@ -248,13 +249,23 @@ def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: in
         pushed_s += len(wave) / rate_hz
         if pushed_s >= next_sample_s:
             samples_mb.append((round(pushed_s / 60, 2), round(RssSampler.current_mb(STAGE_ACTORS, include_self=False), 1)))
-            pss_mb.append((round(pushed_s / 60, 2), memory_report(process_tree_memory())["total_pss_mb"]))
+            last = process_tree_memory()
+            first = first or last
+            pss_mb.append((round(pushed_s / 60, 2), memory_report(last)["total_pss_mb"]))
             next_sample_s += 60
     finals += sum(r.is_final for r in pipe.close(sid))
     wall = time.perf_counter() - t0
     return {"audio_min": round(pushed_s / 60, 2), "wall_s": round(wall, 1), "rtf": round(wall / pushed_s, 4),
             "utterances_sent": k, "finals": finals, "stage_actors_rss_mb_by_audio_minute": samples_mb,
-            "total_pss_mb_by_audio_minute": pss_mb}
+            "total_pss_mb_by_audio_minute": pss_mb, "pss_growth_mb_by_process": pss_growth(first or [], last or [])}
+
+
+def pss_growth(first: list, last: list, top: int = 6) -> dict[str, float]:
+    """PSS growth (MB) from ``first`` to ``last`` (``process_tree_memory`` lists) of the processes
+    in both, by "name pid", largest absolute change first, at most ``top``."""
+    before = {p.pid: p for p in first}
+    growth = {f"{p.name} {p.pid}": round(p.pss_mb - before[p.pid].pss_mb, 1) for p in last if p.pid in before}
+    return dict(sorted(growth.items(), key=lambda kv: -abs(kv[1]))[:top])
 
 
 def bench_idle_memory(pipe, wave: np.ndarray, rate_hz: int) -> dict:

@@ -47,6 +47,7 @@ def test_bench_prints_every_figure(tmp_path: Path) -> None:
     assert long_stream["audio_min"] >= 0.2 and long_stream["finals"] >= 1
     assert long_stream["stage_actors_rss_mb_by_audio_minute"]  # sampled at least once
     assert long_stream["total_pss_mb_by_audio_minute"] and all(mb > 100 for _, mb in long_stream["total_pss_mb_by_audio_minute"])
+    assert "pss_growth_mb_by_process" in long_stream
     assert result["peak_rss_mb"] > 100
 
     memory = result["idle_stream_memory"]  # the driver and every Ray process, one idle stream

@@ -39,3 +39,15 @@ def test_a_child_holding_private_memory_is_counted_once_by_pss():
         child.wait()
     time.sleep(0.1)
     assert all(p.pid != child.pid for p in process_tree_memory())  # a process that is gone is not read
+
+
+def test_pss_growth_names_the_processes_that_grew_most():
+    from pipeline.bench import pss_growth
+    from pipeline.memory import ProcessMemory
+
+    first = [ProcessMemory(1, "python", 100.0, 150.0, 90.0), ProcessMemory(2, "gcs_server", 30.0, 40.0, 20.0),
+             ProcessMemory(3, "raylet", 20.0, 25.0, 10.0)]
+    last = [ProcessMemory(1, "python", 160.0, 210.0, 150.0), ProcessMemory(2, "gcs_server", 25.0, 35.0, 15.0),
+            ProcessMemory(4, "ray::IngestActor", 70.0, 130.0, 60.0)]  # 3 exited, 4 started: neither compared
+    assert pss_growth(first, last) == {"python 1": 60.0, "gcs_server 2": -5.0}
+    assert pss_growth(first, last, top=1) == {"python 1": 60.0}

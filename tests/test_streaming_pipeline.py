@@ -154,14 +154,21 @@ def test_one_failing_stream_does_not_fail_the_others_in_its_chains(pipe: Pipe) -
         value): its stage raises on ``stream_key``'s pushes (None: stop)."""
         stage = actor.stage
         original = getattr(stage, "_original_push", stage.push)
-        stage._original_push = original
+        original_many = getattr(stage, "_original_push_many", stage.push_many)
+        stage._original_push, stage._original_push_many = original, original_many
 
         def push(stream_id, wave):
             if stream_id == stream_key:
                 raise RuntimeError("injected fault")
             return original(stream_id, wave)
 
+        def push_many(pushes):
+            if any(stream_id == stream_key for stream_id, _ in pushes):
+                raise RuntimeError("injected fault")
+            return original_many(pushes)
+
         stage.push = push if stream_key is not None else original
+        stage.push_many = push_many if stream_key is not None else original_many
 
     pipeline = pipe.pipeline
     rng = random.Random(6)

@@ -210,3 +210,46 @@ def test_decoder_stage_keeps_only_recent_flags_on_long_streams() -> None:
 def test_detector_refuses_other_rates() -> None:
     with pytest.raises(ValueError, match="16000 Hz"):
         SpeechDetector(VadConfig(), rate_hz=8000)
+
+
+def test_many_streams_at_once_get_what_each_gets_alone(detector: SpeechDetector, speech_waves: list[torch.Tensor]) -> None:
+    """``online_many`` (one model batch per window position, as the feature actor runs its
+    streams): real speech at three levels plus a stream too short for a window, cut at random
+    and interleaved, gives each stream the probabilities it gets alone (to 1e-6) and the same
+    flags; ``FeatureStage.push_many`` likewise gives each stream's own MFCC, exactly."""
+    from workers.feature_config import FeatureConfig
+    from workers.features import MfccExtractor
+    from workers.stages import FeatureStage
+
+    waves = [speech_waves[0], apply_gain(speech_waves[1], -30.0), apply_gain(speech_waves[2], 6.0), speech_waves[0][:300]]
+    alone = [detector.probabilities(w) for w in waves]
+    rng = np.random.default_rng(4)
+    states = [detector.initial_state() for _ in waves]
+    got: list[list[torch.Tensor]] = [[] for _ in waves]
+    stage, reference = (FeatureStage(MfccExtractor(FeatureConfig()), detector) for _ in range(2))
+    ids = [f"s{i}" for i in range(len(waves))]
+    staged: list[list[torch.Tensor]] = [[] for _ in waves]
+    expected: list[list[torch.Tensor]] = [[] for _ in waves]
+    position = [0] * len(waves)
+    while any(p < len(w) for p, w in zip(position, waves)):
+        chunks = []
+        for i, w in enumerate(waves):
+            n = int(rng.integers(0, 4000))
+            chunks.append(w[position[i] : position[i] + n])
+            position[i] += n
+        for i, (probs, state) in enumerate(detector.online_many(chunks, states)):
+            got[i].append(probs)
+            states[i] = state
+        for i, (feats, speech) in enumerate(stage.push_many(list(zip(ids, chunks)))):
+            staged[i].append(feats)
+            expected[i].append(reference.push(ids[i], chunks[i])[0])
+    for want, pieces in zip(alone, got):
+        probs = torch.cat(pieces)
+        assert probs.shape == want.shape
+        assert torch.allclose(probs, want, atol=1e-6, rtol=0)
+        assert torch.equal(probs > detector.config.threshold, want > detector.config.threshold)
+    for mine, theirs in zip(staged, expected):
+        assert torch.equal(torch.cat(mine), torch.cat(theirs))
+    assert len(alone[3]) == 0 and len(alone[0]) > 50
+    with pytest.raises(ValueError, match="one push per stream"):
+        stage.push_many([("s0", waves[0][:512]), ("s0", waves[0][:512])])

@@ -40,14 +40,24 @@ class FeatureStage:
 
     def push(self, stream_id: str, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(samples,) -> features (frames, feature_dim) and speech flags (windows,) bool (empty without a VAD)."""
-        state = self._states.get(stream_id) or self.streaming.initial_state()
-        feats, self._states[stream_id] = self.streaming.online_inference(wave, state)
-        speech = torch.zeros(0, dtype=torch.bool)
+        return self.push_many([(stream_id, wave)])[0]
+
+    def push_many(self, pushes: list[tuple[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``push`` for several streams (distinct ids) at once: MFCC stream by stream, the voice
+        activity of all of them in batches (``SpeechDetector.online_many``)."""
+        if len({sid for sid, _ in pushes}) != len(pushes):
+            raise ValueError("push_many takes one push per stream")
+        mfcc = [self.streaming.online_inference(wave, self._states.get(sid) or self.streaming.initial_state()) for sid, wave in pushes]
+        no_speech = torch.zeros(0, dtype=torch.bool)
+        vad = [(no_speech, None)] * len(pushes)
         if self.vad is not None:
-            vad_state = self._vad_states.get(stream_id) or self.vad.initial_state()
-            probs, self._vad_states[stream_id] = self.vad.online(wave, vad_state)
-            speech = probs > self.vad.config.threshold
-        return feats, speech
+            states = [self._vad_states.get(sid) or self.vad.initial_state() for sid, _ in pushes]
+            vad = [(probs > self.vad.config.threshold, state) for probs, state in self.vad.online_many([w for _, w in pushes], states)]
+        for (sid, _), (_, state), (_, vad_state) in zip(pushes, mfcc, vad):  # all computed: now the streams move on
+            self._states[sid] = state
+            if vad_state is not None:
+                self._vad_states[sid] = vad_state
+        return [(feats, speech) for (feats, _), (speech, _) in zip(mfcc, vad)]
 
     def finish(self, stream_id: str, wave: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.push(stream_id, wave if wave is not None else torch.zeros(0))

@@ -60,23 +60,39 @@ class SpeechDetector:
 
     def online(self, chunk: torch.Tensor, state: VadState) -> tuple[torch.Tensor, VadState]:
         """(samples,) at 16 kHz -> speech probabilities (windows,) of the windows this chunk completed."""
-        samples = torch.cat([state.pending, chunk.float()])
-        n = samples.numel() // WINDOW_SAMPLES
-        if n == 0:
-            return torch.zeros(0), VadState(samples, state.context, state.state, state.peak)
-        probs = torch.empty(n)
-        context, h, peak = state.context, state.state, state.peak
+        return self.online_many([chunk], [state])[0]
+
+    def online_many(self, chunks: list[torch.Tensor], states: list[VadState]) -> list[tuple[torch.Tensor, VadState]]:
+        """``online`` for several streams at once: chunk i (samples,) continues the stream of
+        ``states[i]``. The k-th windows of all the streams that have one go through the model
+        as one batch (its state is explicit, one row per stream), so a feature actor pays the
+        model's per-call cost once per window position rather than once per stream per
+        window. Each stream gets what ``online`` alone gives it, up to the float rounding of
+        batched matrix products (~1e-8 in a probability)."""
+        samples = [torch.cat([s.pending, c.float()]) for c, s in zip(chunks, states)]
+        counts = [x.numel() // WINDOW_SAMPLES for x in samples]
+        probs = [torch.empty(n) for n in counts]
+        contexts = [s.context for s in states]
+        hidden = [s.state for s in states]
+        peaks = [s.peak for s in states]
         max_gain = 10.0 ** (self.config.max_gain_db / 20.0)
         with torch.no_grad():
-            for i in range(n):
-                raw = samples[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
-                # causal level normalisation: the gain depends on this window and the ones before it only
-                peak = max(peak, float(raw.abs().max()))
-                window = raw * min(max_gain, self.config.target_peak / max(peak, 1e-9))
-                out, h = self.model(torch.cat([context, window])[None], h)
-                probs[i] = out[0, 0]
-                context = window[-self.context_samples :]
-        return probs, VadState(samples[n * WINDOW_SAMPLES :].clone(), context.clone(), h, peak)
+            for k in range(max(counts, default=0)):
+                rows = [i for i, n in enumerate(counts) if n > k]
+                windows = []
+                for i in rows:
+                    raw = samples[i][k * WINDOW_SAMPLES : (k + 1) * WINDOW_SAMPLES]
+                    # causal level normalisation: the gain depends on this window and the ones before it only
+                    peaks[i] = max(peaks[i], float(raw.abs().max()))
+                    windows.append(raw * min(max_gain, self.config.target_peak / max(peaks[i], 1e-9)))
+                out, h = self.model(torch.stack([torch.cat([contexts[i], w]) for i, w in zip(rows, windows)]),
+                                    torch.cat([hidden[i] for i in rows], dim=1))
+                for j, (i, w) in enumerate(zip(rows, windows)):
+                    probs[i][k] = out[j, 0]
+                    hidden[i] = h[:, j : j + 1]
+                    contexts[i] = w[-self.context_samples :]
+        return [(p, VadState(x[n * WINDOW_SAMPLES :].clone(), c.clone(), h.clone() if n else h, peak))
+                for p, x, n, c, h, peak in zip(probs, samples, counts, contexts, hidden, peaks)]
 
     def probabilities(self, wave: torch.Tensor) -> torch.Tensor:
         """(samples,) at 16 kHz -> (windows,) speech probabilities of the whole signal."""

@@ -3,12 +3,14 @@ silero-vad), in order like the torch-free actors in ``actors``, whose helpers it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 
 import numpy as np
 import torch
 
-from pipeline.streaming.actors import _each, _Introspection, _SequenceCheck
+from pipeline.streaming.actors import _Introspection, _SequenceCheck
 from pipeline.streaming.items import StageItem, _tensor
 from pipeline.streaming.placement import unpacked_bundle
 from workers.features import MfccExtractor
@@ -29,18 +31,56 @@ class FeatureActor(_Introspection):
     def push_many(self, items: list[StageItem], features: int = 0) -> list[StageItem]:
         """item.data: model-rate waves, each (samples,) -> their features (frames, feature_dim);
         item.speech: their voice activity flags (windows,); for the items of this feature
-        actor's streams (``item.features == features``)."""
-        out = _each([i for i in items if i.features == features], self._push, self.drop)
-        return [dataclasses.replace(i, data=i.data[0], speech=i.data[1]) if i.error is None else i for i in out]
+        actor's streams (``item.features == features``). The items' streams go through the
+        stage together (``FeatureStage.push_many``: one voice activity batch per window
+        position), in rounds of one item per stream; an item that fails fails alone."""
+        mine = [i for i in items if i.features == features]
+        t_in = time.time()
+        waves: dict[int, torch.Tensor] = {}
+        for k, item in enumerate(mine):
+            if item.error is not None:  # failed upstream: this stream's state here goes too
+                with contextlib.suppress(Exception):
+                    self.drop(item.stream_id)
+            else:
+                try:
+                    self.order.check(item.stream_id, item.seq, item.is_last)
+                    waves[k] = torch.cat([_tensor(c) for c in item.data]) if item.data else torch.zeros(0)
+                except Exception as exc:  # noqa: BLE001 - this stream's item only
+                    mine[k] = self._failed(item, exc)
+        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        pending = list(waves)
+        while pending:
+            streams: set[str] = set()
+            batch = [k for k in pending if not (mine[k].stream_id in streams or streams.add(mine[k].stream_id))]
+            pending = [k for k in pending if k not in batch]
+            try:
+                done = dict(zip(batch, self.stage.push_many([(mine[k].stream_id, waves[k]) for k in batch])))
+            except Exception:  # noqa: BLE001 - find the item that fails: each alone (nothing was applied)
+                done = {}
+                for k in batch:
+                    try:
+                        done[k] = self.stage.push(mine[k].stream_id, waves[k])
+                    except Exception as exc:  # noqa: BLE001
+                        mine[k] = self._failed(mine[k], exc)
+            for k, (feats, speech) in done.items():
+                if mine[k].is_last:
+                    try:
+                        more = self.stage.finish(mine[k].stream_id)
+                    except Exception as exc:  # noqa: BLE001 - this stream's item only
+                        mine[k] = self._failed(mine[k], exc)
+                        continue
+                    feats, speech = torch.cat([feats, more[0]]), torch.cat([speech, more[1]])
+                results[k] = (feats.numpy(), speech.numpy())
+        t_out = time.time()
+        return [dataclasses.replace(item, data=results[k][0], speech=results[k][1], stage_times=item.stage_times + (t_in, t_out))
+                if k in results else dataclasses.replace(item, stage_times=item.stage_times + (t_in, t_out))
+                for k, item in enumerate(mine)]
 
-    def _push(self, item: StageItem) -> tuple[np.ndarray, np.ndarray]:
-        self.order.check(item.stream_id, item.seq, item.is_last)
-        pieces = [self.stage.push(item.stream_id, _tensor(c)) for c in item.data]
-        if item.is_last:
-            pieces.append(self.stage.finish(item.stream_id))
-        feats = torch.cat([f for f, _ in pieces]) if pieces else torch.zeros(0, self.feature_dim)
-        speech = torch.cat([s for _, s in pieces]) if pieces else torch.zeros(0, dtype=torch.bool)
-        return feats.numpy(), speech.numpy()
+    def _failed(self, item: StageItem, exc: Exception) -> StageItem:
+        """The item carrying its error on; its stream's state here is dropped."""
+        with contextlib.suppress(Exception):
+            self.drop(item.stream_id)
+        return dataclasses.replace(item, data=None, error=f"{type(exc).__name__}: {exc}")
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)
