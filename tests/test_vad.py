@@ -216,7 +216,7 @@ def test_many_streams_at_once_get_what_each_gets_alone(detector: SpeechDetector,
     """``online_many`` (one model batch per window position, as the feature actor runs its
     streams): real speech at three levels plus a stream too short for a window, cut at random
     and interleaved, gives each stream the probabilities it gets alone (to 1e-6) and the same
-    flags; ``FeatureStage.push_many`` likewise gives each stream's own MFCC, exactly."""
+    flags; ``FeatureStage.push_many`` likewise gives each stream its own MFCC and flags, exactly."""
     from workers.feature_config import FeatureConfig
     from workers.features import MfccExtractor
     from workers.stages import FeatureStage
@@ -241,8 +241,9 @@ def test_many_streams_at_once_get_what_each_gets_alone(detector: SpeechDetector,
             got[i].append(probs)
             states[i] = state
         for i, (feats, speech) in enumerate(stage.push_many(list(zip(ids, chunks)))):
-            staged[i].append(feats)
-            expected[i].append(reference.push(ids[i], chunks[i])[0])
+            staged[i].append(torch.cat([feats.flatten(), speech.float()]))
+            want_feats, want_speech = reference.push(ids[i], chunks[i])
+            expected[i].append(torch.cat([want_feats.flatten(), want_speech.float()]))
     for want, pieces in zip(alone, got):
         probs = torch.cat(pieces)
         assert probs.shape == want.shape
