@@ -221,7 +221,22 @@ for a in list_actors(filters=[("state", "=", "ALIVE")]):
     if a.class_name.endswith("Actor"):
         placed.setdefault(a.class_name, set()).update(k for k in names[a.node_id] if k in ("head", "node2"))
 placed = {cls: sorted(nodes) for cls, nodes in placed.items()}
-print(json.dumps({"final": [r.text for r in results if r.is_final], "placed": placed}))
+# Ray's task events: none recorded for the stage actors' calls (enable_task_events=False; they
+# grew the GCS without bound on long streams), while a plain task's are (the probe works).
+import time
+from ray.util.state import list_tasks
+probe = ray.remote(lambda: 1)
+ray.get(probe.remote())
+deadline, recorded = time.time() + 20, {}
+while time.time() < deadline and not recorded.get("<lambda>"):
+    time.sleep(0.5)
+    recorded = {}
+    for t in list_tasks(limit=10000, raise_on_missing_output=False):
+        name = t.func_or_class_name.split(".")[-1] if t.func_or_class_name else ""
+        recorded[name] = recorded.get(name, 0) + 1
+calls = {k: v for k, v in recorded.items() if k in ("push_many", "process_many")}
+print(json.dumps({"final": [r.text for r in results if r.is_final], "placed": placed, "stage_calls_recorded": calls,
+                  "probe_recorded": recorded.get("<lambda>", 0)}))
 pipe.shutdown()
 """
 
@@ -243,6 +258,7 @@ def test_streaming_session_with_actors_on_both_nodes(two_node_cluster, tiny_bund
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["placed"]["AcousticActor"] == ["node2"], out
     assert out["placed"]["DecoderActor"] == ["head"], out
+    assert out["probe_recorded"] >= 1 and out["stage_calls_recorded"] == {}, out
     from pipeline.config import load_config
 
     streaming = load_config().streaming

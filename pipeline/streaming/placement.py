@@ -90,4 +90,8 @@ def _actor_options(resources: dict | None = None, **extra: Any) -> dict[str, Any
     # num_cpus=0: stage actors are long-lived services placed by custom resources; without
     # it Ray reserves a CPU for the lifetime of any actor that names a resource, and the
     # acoustic actor plus two decoders would not fit a 2-CPU node.
-    return {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": 0, "num_cpus": 0, "resources": dict(resources or {}), **extra}
+    # enable_task_events=False: Ray's GCS keeps an event record of every call (for the State API
+    # and dashboard); a stream makes ~10 calls a second per actor, which grew the GCS by 200 MB
+    # over a 30-minute stream (`asr bench`'s pss_growth_mb_by_process).
+    return {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": 0, "num_cpus": 0, "resources": dict(resources or {}),
+            "enable_task_events": False, **extra}
