@@ -18,14 +18,14 @@ AN4 = ROOT.parent / "shared" / "data" / "an4"
 @pytest.mark.skipif(not AN4.is_dir(), reason="needs ../shared/data/an4")
 def test_bench_prints_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--data", str(AN4), "--seconds", "20", "--batch-actors", "1", "--streams", "1", "3",
-           "--stream-seconds", "2", "--long-minutes", "0.2", "--json", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--data", str(AN4), "--seconds", "10", "--batch-actors", "1", "--streams", "1", "3",
+           "--stream-seconds", "2", "--long-minutes", "0.1", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
 
     batch = result["batch"]
-    assert batch["files"] >= 5 and batch["audio_s"] >= 20 and batch["ray_errors"] == 0
+    assert batch["files"] >= 3 and batch["audio_s"] >= 8 and batch["ray_errors"] == 0
     for key in ("in_process_rtf", "ray_rtf", "ray_vs_in_process_speed", "ray_first_row_s", "ray_vs_in_process_speed_after_first_row"):
         assert batch[key] > 0, key
 
@@ -44,7 +44,7 @@ def test_bench_prints_every_figure(tmp_path: Path) -> None:
     assert result["max_realtime_streams"]["streams"] == max([n for n, r in runs.items() if r["kept_real_time"]], default=0)
 
     long_stream = result["long_stream"]
-    assert long_stream["audio_min"] >= 0.2 and long_stream["finals"] >= 1
+    assert long_stream["audio_min"] >= 0.1 and long_stream["finals"] >= 1
     assert long_stream["stage_actors_rss_mb_by_audio_minute"]  # sampled at least once
     assert long_stream["total_pss_mb_by_audio_minute"] and all(mb > 100 for _, mb in long_stream["total_pss_mb_by_audio_minute"])
     assert "pss_growth_mb_by_process" in long_stream

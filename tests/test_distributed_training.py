@@ -119,12 +119,12 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     checkpoint of epoch 1, mid-epoch 2 (the workers pause after its first step until then): a new
     worker takes its place, the run resumes from the checkpoint and finishes. Equal steps on both workers, dev WER and chunked batches logged per
     epoch, no worker held more than the window (< its share of the corpus); the bundle's
-    normaliser is ``global_cmvn`` of the training set, its lexicon the training words, and
+    normaliser is the global CMVN of the training set, its lexicon the training words, and
     ``asr eval`` and ``asr transcribe`` load it."""
     from pipeline.cli import main
     from pipeline.training import build_split, run_training_distributed
-    from pipeline.training_data import feature_dataset, global_cmvn
-    from workers.epochs import plan_epoch, steps_per_worker, trainable
+    from workers.epochs import compute_raw_features, plan_epoch, steps_per_worker, trainable
+    from workers.features import Normalizer
 
     libri, folder, words = corpora
     sources = {"train_sources": [str(libri)], "dev_sources": [str(folder)]}
@@ -172,8 +172,11 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     assert sorted(records) == [1, 2]
     train, dev, _ = build_split(config, lambda _: None, **sources)
     assert len(train) == TRAIN_SPEAKERS * UTTS_PER_SPEAKER and len(dev) == 8
-    normalizer = global_cmvn(feature_dataset(train, config.features, 1.0, batch_size=8))
-    frames = [r["frames"] for r in sorted(feature_dataset(train, config.features, 1.0).take_all(), key=lambda r: r["index"])]
+    # the statistics and lengths of the training set, in memory (that Ray Data's pass gives the
+    # same is test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones)
+    raw = compute_raw_features(train, config.features, (1.0,), None, log=lambda _: None)[1.0]
+    normalizer = Normalizer.from_frames(raw)
+    frames = [r.shape[0] for r in raw]
     plan = plan_epoch(trainable(frames, [u.text for u in train], config.features.stack_frames)[1], config.train, 0)
     for r in records.values():
         assert 0 <= r["dev_wer_greedy"] and 0 <= r["dev_wer_greedy_streaming"] and r["workers"] == 2
