@@ -51,13 +51,15 @@ def test_the_clock_flags_every_frame_that_yields_log_probs(an4_root, rate_hz: in
 
 
 @pytest.mark.parametrize("rate_hz", [8000, 11025, 22050, 32000, 44100, 48000])
-def test_the_streamed_resampler_adds_under_10_ms(rate_hz: int) -> None:
-    """What a stream's resampler holds back (``workers.ingest.max_resample_lag_ms``, which the
-    clock allows for) is a few ms: streams at other rates are hardly later than 16 kHz ones."""
-    from workers.ingest import max_resample_lag_ms
+def test_the_streamed_resampler_holds_nothing_back(rate_hz: int) -> None:
+    """Each pushed chunk is resampled whole (``workers.ingest``): streams at other rates are no
+    later than 16 kHz ones, and the clock has no lag to allow for."""
+    from workers.ingest import StreamingIngest, max_resample_lag_ms
 
-    assert 0 < max_resample_lag_ms(rate_hz, 16000) < 10
-    assert max_resample_lag_ms(16000, 16000) == 0
+    assert max_resample_lag_ms(rate_hz, 16000) == 0
+    ingest = StreamingIngest(16000, 160)
+    out = ingest.push(np.zeros(rate_hz // 10, np.float32), rate_hz)  # 100 ms in: 100 ms out, at once
+    assert sum(len(c) for c in out) + len(ingest.flush()) == 1600
 
 
 def test_clock_without_audio_does_not_flag() -> None:
