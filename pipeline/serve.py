@@ -49,7 +49,7 @@ class AsrIngress:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="asr-conn")
         self._clock = functools.partial(ChunkClock, actors.chunk_ms, actors.lookahead_ms, actors.frame_ms, actors.feature_span_ms,
-                                        config.streaming.ingest_chunk_ms, actors.sample_rate_hz)
+                                        config.streaming.ingest_chunk_ms)
 
     @app.get("/healthz")
     def healthz(self) -> dict[str, Any]:

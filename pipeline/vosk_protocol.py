@@ -33,7 +33,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from workers.decoder import Alternative, normalize_phrases
-from workers.ingest import max_resample_lag_ms
 from workers.stages import MAX_ALTERNATIVES, RecognitionResult, StreamOptions
 
 MAX_FRAME_BYTES = 1 << 20  # a binary frame over 1 MB (33 s at 16 kHz) is refused
@@ -88,37 +87,27 @@ class ChunkClock:
     apart) needs the audio up to ``k * frame_ms + span_ms`` (the stacked MFCC window); the
     acoustic model emits log-probs for each ``chunk_ms`` of frames once ``lookahead_ms``
     more are there. A frame whose audio completes no model chunk gets no new log-probs, so
-    no new partial or final: its reply need not wait for the stages. Rounding can shift
+    no new partial or final: its reply need not wait for the stages. Resampling can shift
     the boundary a little, so a boundary within ``MARGIN_MS`` counts as reached (a needless
-    wait at worst). Audio at another rate than ``model_rate_hz`` reaches the features later,
-    by up to what the stream's resampler holds back (``workers.ingest.max_resample_lag_ms``):
-    a frame is then flagged when a chunk may complete anywhere within that lag.
-    ``tests/test_vosk_protocol.py`` checks every emitting frame is flagged."""
+    wait at worst). ``tests/test_vosk_protocol.py`` checks every emitting frame is flagged."""
 
     MARGIN_MS = 30.0
 
-    def __init__(
-        self, chunk_ms: float, lookahead_ms: float, frame_ms: float, span_ms: float, ingest_chunk_ms: float, model_rate_hz: int = 16000
-    ) -> None:
+    def __init__(self, chunk_ms: float, lookahead_ms: float, frame_ms: float, span_ms: float, ingest_chunk_ms: float) -> None:
         self.chunk_frames = max(1, round(chunk_ms / frame_ms))
         self.lookahead_frames = round(lookahead_ms / frame_ms)
         self.frame_ms, self.span_ms, self.ingest_chunk_ms = frame_ms, span_ms, ingest_chunk_ms
-        self.model_rate_hz = model_rate_hz
         self.audio_ms = 0.0
 
-    def _chunks(self, audio_ms: float, shift_ms: float, lag_ms: float = 0.0) -> int:
-        ingested = (max(0.0, audio_ms - lag_ms) // self.ingest_chunk_ms) * self.ingest_chunk_ms + shift_ms
+    def _chunks(self, audio_ms: float, shift_ms: float) -> int:
+        ingested = (audio_ms // self.ingest_chunk_ms) * self.ingest_chunk_ms + shift_ms
         frames = max(0, int((ingested - self.span_ms) // self.frame_ms) + 1) if ingested >= self.span_ms else 0
         return (frames - self.lookahead_frames) // self.chunk_frames
 
-    def advance(self, ms: float, rate_hz: int | None = None) -> bool:
-        """Add ``ms`` of audio at ``rate_hz`` (None: the model's); whether it may complete a model chunk."""
+    def advance(self, ms: float) -> bool:
+        """Add ``ms`` of audio; whether it may complete a model chunk."""
         before, self.audio_ms = self.audio_ms, self.audio_ms + ms
-        lag_ms = max_resample_lag_ms(rate_hz, self.model_rate_hz) if rate_hz else 0.0
-        if lag_ms == 0.0:
-            return any(self._chunks(self.audio_ms, shift) > self._chunks(before, shift) for shift in (-self.MARGIN_MS, self.MARGIN_MS))
-        # what reached the features lies between the audio less the longest lag, and all of it
-        return self._chunks(self.audio_ms, self.MARGIN_MS) > self._chunks(before, -self.MARGIN_MS, lag_ms)
+        return any(self._chunks(self.audio_ms, shift) > self._chunks(before, shift) for shift in (-self.MARGIN_MS, self.MARGIN_MS))
 
 
 class VoskConnection:
@@ -178,7 +167,7 @@ class VoskConnection:
             self.audio_seen = True
             self.audio_s += len(samples) / self.rate_hz
             results = self.session.push(self.stream_id, samples, self.rate_hz) if len(samples) else []
-            wait = self.clock is None or self.clock.advance(1000 * len(samples) / self.rate_hz, self.rate_hz)
+            wait = self.clock is None or self.clock.advance(1000 * len(samples) / self.rate_hz)
             results += self.session.results(self.stream_id, wait=wait)
         except ProtocolError as exc:
             return self._fail(exc)

@@ -59,13 +59,6 @@ def sinc_resample(wave: np.ndarray, rate_hz: int, target_rate_hz: int) -> np.nda
     return out[: math.ceil(new * len(wave) / orig)].astype(np.float32, copy=False)
 
 
-@lru_cache(maxsize=64)
-def max_resample_lag_ms(rate_hz: int, target_rate_hz: int) -> float:
-    """The most output a stream's resampler holds back, in ms: none, since every chunk is
-    resampled whole (``ChunkClock`` in ``pipeline.vosk_protocol`` allows for a lag)."""
-    return 0.0
-
-
 def as_samples(samples: Any, source: str) -> np.ndarray:
     """A pushed chunk as a numpy array of its own dtype: (samples,) or (samples, channels).
     Torch tensors are taken apart by duck typing (``detach().cpu().numpy()``), so this module
