@@ -30,7 +30,14 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
     args = parser.parse_args()
     config = load_config(None, args.overrides)
-    wave = load_audio(read_corpus(args.data).utterances[0].audio, config.features.sample_rate_hz).numpy()
+    try:
+        utterances = read_corpus(args.data).utterances
+        if not utterances:
+            raise ValueError(f"{args.data}: no utterances")
+        wave = load_audio(utterances[0].audio, config.features.sample_rate_hz).numpy()
+    except (OSError, ValueError) as exc:  # no such corpus, a broken manifest, unreadable audio: nothing started yet
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     start_local_ray(num_cpus=os.cpu_count())
     try:
         pipe = StreamingPipeline(config, args.model)
