@@ -19,7 +19,7 @@ from pipeline.bench import bench_idle_memory  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ray_session import shutdown_ray, start_local_ray  # noqa: E402
 from pipeline.streaming import StreamingPipeline  # noqa: E402
-from workers.audio import load_audio  # noqa: E402
+from workers.audio import AudioError, load_audio  # noqa: E402
 from workers.corpus import read_corpus  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main() -> int:
         if not utterances:
             raise ValueError(f"{args.data}: no utterances")
         wave = load_audio(utterances[0].audio, config.features.sample_rate_hz).numpy()
-    except (OSError, ValueError) as exc:  # no such corpus, a broken manifest, unreadable audio: nothing started yet
+    except (OSError, ValueError, AudioError) as exc:  # no such corpus, a broken manifest, unreadable audio: nothing started yet
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start_local_ray(num_cpus=os.cpu_count())
