@@ -320,7 +320,11 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
             pipe = StreamingPipeline(config, args.model)
             result["idle_stream_memory"] = bench_idle_memory(pipe, waves[0], rate)
             print(json.dumps({k: v for k, v in result["idle_stream_memory"].items() if k != "by_process"}), flush=True)
+            # The batch job runs alone: on a GPU host the streaming acoustic actor holds the GPU, and the Ray
+            # Data actors (which ask for a share of it) would wait for it forever.
+            pipe.shutdown()
             result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
+            pipe = StreamingPipeline(config, args.model)
             result["streaming_settings"] = {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
                                             "push_ms": 100}
             runs = []

@@ -311,6 +311,8 @@ class TrainLoop:
 
     def export(self, export_dir: Path, info: dict, export_extras: Callable[[], dict] | None) -> None:
         extras = export_extras() if export_extras else {}
+        precision = "bf16" if self.cfg.bf16 and self.device.type == "cuda" else "fp32"
+        info = {**info, "train_device": str(self.device), "train_precision": precision}
         save_bundle(export_dir, self.module, self.features, self.normalizer, info=info, **extras)
 
     def end_epoch(self, stats: EpochStats, t0: float, dev: list[Example], export_dir: Path,
