@@ -92,7 +92,7 @@ def _train_loop(loop_config: dict) -> None:
             plan = shard_plan(plan_epoch(examples.lengths, cfg, epoch), rank, world)[:max_steps]
             return (([examples[i] for i in b.indices], b.chunk_frames, b.right_context_frames) for b in plan), len(plan)
     else:
-        from pipeline.training_data import feature_dataset
+        from pipeline.training_data import augment_spec, feature_dataset
 
         utts, texts, k = data["utterances"], data["texts"], features.stack_frames
         trainable_sets = {float(s): trainable(frames, texts, k) for s, frames in data["frames"].items()}
@@ -105,8 +105,9 @@ def _train_loop(loop_config: dict) -> None:
             keep, lengths = trainable_sets[speed]
             plan = shard_plan(plan_epoch(lengths, cfg, epoch), rank, world)[:max_steps]
             order = [utts[i] for i in StreamedSteps.plan_utterances(plan, keep)]
+            augment = augment_spec(cfg, epoch, features.sample_rate_hz, data["rirs"]) if data["rirs"] is not None else None
             ds = feature_dataset(order, features, speed, batch_size=feed_batch, num_cpus=loop_config["feed_task_cpus"],
-                                 ordered=True)
+                                 ordered=True, augment=augment)
             rows = ds.iter_batches(batch_size=feed_batch, batch_format="numpy", prefetch_batches=1)
             streamed = StreamedSteps(plan, keep, texts, extractor, rows, prefetched_rows=feed_batch)
             return streamed, len(streamed)
@@ -156,9 +157,12 @@ def _train_loop(loop_config: dict) -> None:
         extra = {}
         if isinstance(feed, StreamedSteps):  # the most utterances' features any worker held at once
             held = torch.tensor([feed.max_held], dtype=torch.float64, device=device)
+            augmented = torch.tensor([feed.augmented], dtype=torch.float64, device=device)
             if world > 1:
                 torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
-            extra = {"feed_max_utterances_held": int(held.item()), "feed_window": 2 * feed_batch + cfg.max_batch_utterances}
+                torch.distributed.all_reduce(augmented)
+            extra = {"feed_max_utterances_held": int(held.item()), "feed_window": 2 * feed_batch + cfg.max_batch_utterances,
+                     "augmented_utterances": int(augmented.item())}
         record = loop.end_epoch(stats, t0, dev, work / "bundle", work / "epochs", extras, info, extra)
         report(record)
     if loop.averaging_pending():
@@ -200,7 +204,7 @@ def _ray_data_feed(train: list[Utterance], dev: list[Utterance], features: Featu
     """The ``ray_data`` feed's data: one Ray Data pass over the unperturbed training audio for the global
     statistics and each utterance's length (the frame counts at every speed follow from it, so every
     worker draws the same epoch plans), the utterance list, and dev's raw MFCC (rank 0 evaluates on it)."""
-    from pipeline.training_data import feature_dataset, training_stats
+    from pipeline.training_data import feature_dataset, room_pool, training_stats
     from workers.epochs import compute_raw_features, mfcc_frames, resampled_samples
 
     t0 = time.time()
@@ -211,8 +215,15 @@ def _ray_data_feed(train: list[Utterance], dev: list[Utterance], features: Featu
     frames.setdefault(1.0, [mfcc_frames(samples[i], features) for i in range(len(train))])
     log(f"ray data: global CMVN and lengths of {len(train)} training utterances in one pass ({time.time() - t0:.1f} s)")
     raw_dev = compute_raw_features(dev, features, (1.0,), cache_dir, log)[1.0] if dev else []
+    rirs = None
+    if cfg.augment_prob > 0:  # simulated once here, not in every feature task
+        t0 = time.time()
+        rirs = room_pool(cfg, rate)
+        log(f"waveform augmentation on {cfg.augment_prob:.0%} of the utterances per epoch: {len(rirs)} simulated rooms "
+            f"({time.time() - t0:.1f} s)")
     return {
         "feed": "ray_data",
+        "rirs": rirs,
         "utterances": list(train),
         "texts": [u.text for u in train],
         "frames": frames,
@@ -275,6 +286,9 @@ def train_distributed(
     if not resume and (storage / RUN_NAME).exists():
         shutil.rmtree(storage / RUN_NAME)
     dev = dev or []
+    if train.augment_prob > 0 and train.data_feed != "ray_data":
+        raise ValueError(f"train.augment_prob={train.augment_prob:g} (waveform augmentation) needs train.data_feed=ray_data, "
+                         f"got {train.data_feed!r}")
     cache = Path(cache_dir) if cache_dir else None
     feed = _ray_data_feed if train.data_feed == "ray_data" else _shared_data
     data = feed(utterances, dev, features, train, cache, log)

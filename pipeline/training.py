@@ -158,10 +158,10 @@ def run_training_cli(args, config: AppConfig) -> int:
     if dev_sources and not train_sources:
         print("error: --dev needs --train (without --train the AN4 + FSDD split of the config is used)", file=sys.stderr)
         return 2
-    if args.workers > 0 and config.train.augment_prob > 0:
-        print(f"error: train.augment_prob={config.train.augment_prob:g} (waveform augmentation) is not available with --workers "
-              "yet, and training without it would be another recipe; train without --workers, or add --set train.augment_prob=0",
-              file=sys.stderr)
+    if args.workers > 0 and config.train.augment_prob > 0 and config.train.data_feed != "ray_data":
+        print(f"error: train.augment_prob={config.train.augment_prob:g} (waveform augmentation) with --workers needs the "
+              f"ray_data feed (train.data_feed={config.train.data_feed}); add --set train.data_feed=ray_data or "
+              "--set train.augment_prob=0", file=sys.stderr)
         return 2
     try:
         if args.workers > 0:

@@ -82,9 +82,11 @@ def test_speakers_shared_by_train_and_dev_are_refused(corpora, tmp_path: Path, c
 
 
 def test_workers_refuse_a_recipe_they_cannot_follow(tmp_path: Path, capsys) -> None:
-    """Waveform augmentation is not in the distributed feeds: a clear error, not another recipe."""
-    assert _train_in_process(tmp_path / "run", "--workers", "2", "--set", "train.augment_prob=0.5") == 2
-    assert "augment_prob=0.5" in capsys.readouterr().err
+    """Waveform augmentation is only in the ray_data feed: with the shared feed, a clear error, not another recipe."""
+    assert _train_in_process(tmp_path / "run", "--workers", "2", "--set", "train.augment_prob=0.5",
+                             "--set", "train.data_feed=shared") == 2
+    err = capsys.readouterr().err
+    assert "augment_prob=0.5" in err and "ray_data" in err, err
     assert not (tmp_path / "run").exists()
 
 

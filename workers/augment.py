@@ -129,14 +129,26 @@ class AugmentConfig:
 class Augmenter:
     """Draws a random degradation chain per call: reverberation, then noise, then telephone band, then gain."""
 
-    def __init__(self, config: AugmentConfig, rate_hz: int, babble_pool: list[torch.Tensor], seed: int = 0) -> None:
+    def __init__(self, config: AugmentConfig, rate_hz: int, babble_pool: list[torch.Tensor], seed: int = 0,
+                 rirs: list[torch.Tensor] | None = None) -> None:
+        """``rirs``: the room pool, when already simulated (by an ``Augmenter`` of the same config and
+        seed: the pool is the first thing drawn from the seed); otherwise it is simulated here."""
         self.config = config
         self.rate_hz = rate_hz
         self.babble_pool = babble_pool
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         lo, hi = config.reverb_rt60_s_range
-        self.rirs = [simulate_rir(self.rng.uniform(lo, hi), rate_hz, self.rng) for _ in range(config.rir_pool_size)] if config.reverb_prob > 0 else []
+        if rirs is not None:
+            self.rirs = list(rirs)
+        else:
+            self.rirs = [simulate_rir(self.rng.uniform(lo, hi), rate_hz, self.rng) for _ in range(config.rir_pool_size)] if config.reverb_prob > 0 else []
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random draws from ``seed`` (the room pool stays): a draw that depends on the
+        utterance alone, wherever and in whatever order it is computed."""
+        self.rng.seed(seed)
+        self.generator.manual_seed(seed)
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
         """(samples,) -> (samples,): one random degradation chain."""

@@ -186,6 +186,7 @@ class StreamedSteps:
         self.row_batches = row_batches
         self.prefetched_rows = prefetched_rows
         self.max_held = 0
+        self.augmented = 0  # utterances whose rows say they were degraded (waveform augmentation)
 
     @staticmethod
     def plan_utterances(plan: list[PlannedBatch], keep: list[int]) -> list[int]:
@@ -210,6 +211,7 @@ class StreamedSteps:
                 if int(rows["index"][taken]) != n:
                     raise RuntimeError(f"feature stream out of order: row {int(rows['index'][taken])}, expected {n}")
                 raw = torch.as_tensor(rows["mfcc"][taken]).float()
+                self.augmented += bool(rows["augmented"][taken]) if "augmented" in rows else 0
                 examples.append(Example(self.extractor.features_from_raw(raw), torch.tensor(encode(self.texts[i]), dtype=torch.long),
                                         self.texts[i], i))
                 taken += 1

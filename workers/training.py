@@ -76,6 +76,7 @@ class TrainConfig:
     augment_babble_share: float = 0.5
     augment_reverb_prob: float = 0.3  # simulated room (pyroomacoustics)
     augment_reverb_rt60_s_range: tuple[float, float] = (0.2, 0.9)
+    augment_rir_pool_size: int = 48  # simulated rooms, drawn once per run from the seed
     # `asr train --workers N` only (pipeline/distributed.py): "ray_data" streams each worker's share of an
     # epoch through Ray Data (no process holds the corpus's features); "shared" puts the raw MFCC of the
     # whole corpus in the object store (every worker can read all of it; same batches as single-process).
@@ -115,6 +116,7 @@ class TrainConfig:
             babble_share=self.augment_babble_share,
             reverb_prob=self.augment_reverb_prob,
             reverb_rt60_s_range=self.augment_reverb_rt60_s_range,
+            rir_pool_size=self.augment_rir_pool_size,
         )
 
 
