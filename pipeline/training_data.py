@@ -55,7 +55,7 @@ def _augmenter(spec: dict, rate_hz: int, pool: list[torch.Tensor]):
     from workers.augment import AugmentConfig, Augmenter
 
     config = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
-    return Augmenter(config, rate_hz, pool, seed=spec["seed"], rirs=[torch.as_tensor(r) for r in spec["rirs"]])
+    return Augmenter(config, rate_hz, pool, seed=spec["seed"], rirs=[torch.tensor(r) for r in spec["rirs"]])  # a copy: Ray hands over read-only arrays
 
 
 def raw_mfcc_batch(batch: dict, features_json: str, speed: float, augment: dict | None = None) -> dict:
