@@ -16,10 +16,10 @@ All figures come from one run on the machine it runs on:
   ``--max-p95-ms`` and whose results kept pace with the audio.
 - ``long_stream``: one stream of ``--long-minutes`` of speech pushed as fast as the pipeline
   takes it, with the RSS of the stage actors sampled along the way (flat = no leak).
-- ``idle_stream_memory``: PSS (and RSS) of the driver and every Ray process, by process, with one
-  stream open and idle (``pipeline.memory``), measured first (before the batch job starts its
-  processes; the streaming actors then stay up, idle, while it runs); the long stream samples
-  the same total.
+- ``idle_stream_memory``: PSS (and RSS) of a stream driver and every Ray process it started, by
+  process, with one stream open and idle (``pipeline.stream_memory``, run first in a subprocess:
+  a torch-free driver like `asr stream`'s and `asr serve`'s, with its own Ray); the long stream
+  samples the total of this driver's tree (torch included).
 - ``peak_rss_mb``: the largest sum of RSS over the driver and Ray's worker processes seen.
 """
 
@@ -268,22 +268,6 @@ def pss_growth(first: list, last: list, top: int = 6) -> dict[str, float]:
     return dict(sorted(growth.items(), key=lambda kv: -abs(kv[1]))[:top])
 
 
-def bench_idle_memory(pipe, wave: np.ndarray, rate_hz: int) -> dict:
-    """The memory of the driver and every Ray process (``pipeline.memory``) with one stream open
-    and idle, after it recognised ``wave`` (so every stage has loaded what it needs)."""
-    from pipeline.memory import memory_report, process_tree_memory
-
-    sid = pipe.open_stream()
-    block = int(rate_hz * 0.1)
-    for start in range(0, len(wave), block):
-        pipe.push(sid, wave[start : start + block], rate_hz)
-    pipe.results(sid, wait=True)
-    time.sleep(1.0)  # let the pushes' objects be freed
-    report = memory_report(process_tree_memory())
-    pipe.close(sid)
-    return report
-
-
 def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
     import dataclasses
 
@@ -293,6 +277,7 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
         return run_bench_serve(args, config)
 
     from pipeline.ray_session import ray_log_dir, shutdown_ray, start_local_ray
+    from pipeline.stream_memory import run_in_subprocess
     from pipeline.streaming import StreamingPipeline
 
     try:
@@ -313,16 +298,16 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
     waves = [load_audio(f, rate).numpy() for f in files[:40]]
     result: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
                     "model": str(args.model or "models/default"), "decoder": dataclasses.asdict(config.decoder)}
+    # First, in a subprocess: the streaming pipeline's memory from a driver like `asr stream`'s and `asr
+    # serve`'s, which do not import torch (this one does, for the batch benchmark), with its own Ray.
+    result["idle_stream_memory"] = run_in_subprocess(args.data, args.model, getattr(args, "config", None),
+                                                     getattr(args, "overrides", []))
+    print(json.dumps({k: v for k, v in result["idle_stream_memory"].items() if k != "by_process"}), flush=True)
     start_local_ray(num_cpus=os.cpu_count())
     try:
         with RssSampler() as sampler:
-            # first, so that the figure is the streaming pipeline's alone (no batch job's processes yet)
-            pipe = StreamingPipeline(config, args.model)
-            result["idle_stream_memory"] = bench_idle_memory(pipe, waves[0], rate)
-            print(json.dumps({k: v for k, v in result["idle_stream_memory"].items() if k != "by_process"}), flush=True)
-            # The batch job runs alone: on a GPU host the streaming acoustic actor holds the GPU, and the Ray
-            # Data actors (which ask for a share of it) would wait for it forever.
-            pipe.shutdown()
+            # The batch job runs alone: on a GPU host the streaming acoustic actor holds the GPU, and the
+            # Ray Data actors (which ask for a share of it) would wait for it forever.
             result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
             pipe = StreamingPipeline(config, args.model)
             result["streaming_settings"] = {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,

@@ -99,7 +99,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
     from pipeline.serve_cli import deploy, take_down
     from pipeline.streaming.session import StreamingPipeline
     from workers.audio import load_audio
-    from workers.bundle import load_bundle
+    from workers.bundle_config import check_bundle
     from workers.corpus import read_corpus
 
     try:
@@ -127,7 +127,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
                 r.pop("latency_breakdown", None)
                 in_driver[n] = r
                 print(json.dumps({"in_driver": r}), flush=True)
-        bundle = load_bundle(args.model)
+        bundle = check_bundle(args.model)
         max_streams = max(args.streams)
         serve_config = _with_max_streams(config, max_streams)
         deployment = deploy(serve_config, bundle, serve_config.decoder, port=args.serve_port)

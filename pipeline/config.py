@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from workers.decoder import DecoderConfig
-from workers.features import FeatureConfig
-from workers.model import QUANTIZE_MODES, ModelConfig
-from workers.training import TrainConfig
-from workers.vad import VadConfig
+from workers.feature_config import FeatureConfig
+from workers.model_config import QUANTIZE_MODES, ModelConfig
+from workers.train_config import TrainConfig
+from workers.vad_gate import VadConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -91,7 +91,7 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
     Ctrl-C / SIGTERM (or ``stop``); then take everything down. Exit codes: 0 stopped by a
     signal, 1 bad model or the actors did not start, 2 bad options."""
     from pipeline.ray_session import VERBOSE, connect_ray, shutdown_ray
-    from workers.bundle import BundleError, load_bundle
+    from workers.bundle_config import BundleError, check_bundle
 
     problems = [f"--port must be in 1-65535, got {args.port}"] * (not 1 <= args.port <= 65535)
     problems += [f"--replicas must be >= 1, got {args.replicas}"] * (args.replicas < 1)
@@ -99,7 +99,7 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
     try:
-        bundle = load_bundle(args.model)
+        bundle = check_bundle(args.model)  # torch-free: the weights load in the acoustic actors
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import ClientConnection, connect
 
 from workers.decoder import WordTiming
-from workers.stages import RecognitionResult
+from workers.decoder_stage import RecognitionResult
 
 OPEN_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 120.0  # a reply waits for recognition; a server that says nothing this long is gone

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from workers.decoder import Alternative, normalize_phrases
-from workers.stages import MAX_ALTERNATIVES, RecognitionResult, StreamOptions
+from workers.decoder_stage import MAX_ALTERNATIVES, RecognitionResult, StreamOptions
 
 MAX_FRAME_BYTES = 1 << 20  # a binary frame over 1 MB (33 s at 16 kHz) is refused
 MIN_RATE_HZ, MAX_RATE_HZ = 8000, 48000

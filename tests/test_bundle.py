@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from workers.bundle import BundleError, load_bundle, save_bundle
+from workers.bundle_config import check_bundle
 from workers.features import FeatureConfig, MfccExtractor, Normalizer
 from workers.model import BiLSTMCTC, ModelConfig
 from workers.tokens import TOKENS
@@ -221,3 +222,16 @@ def test_missing_or_misshapen_normalizer(bundle_dir: Path) -> None:
     del state["normalizer.std"]
     torch.save(state, bundle_dir / "weights.pt")
     expect_refusal(bundle_dir, "weights.pt")
+
+
+def test_check_bundle_sees_without_torch_what_the_stream_driver_needs(bundle_dir: Path) -> None:
+    """``check_bundle`` (torch-free: the stream drivers use it) reads the features, files and info,
+    and refuses what it can see without loading the weights, naming the file."""
+    files = check_bundle(bundle_dir)
+    assert files.features == FEATURES and files.info == {"epochs": 3} and files.lexicon_path is None
+    edit_config(bundle_dir, lambda c: c["features"].update(stack_frames=2))
+    with pytest.raises(BundleError, match="input_dim"):
+        check_bundle(bundle_dir)
+    (bundle_dir / "weights.pt").unlink()
+    with pytest.raises(BundleError, match=str(bundle_dir / "weights.pt")):
+        check_bundle(bundle_dir)

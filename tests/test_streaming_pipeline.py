@@ -378,3 +378,24 @@ def test_voice_activity_gating_through_the_actors(local_ray) -> None:
     spoken = [w for r in got["speech"] if r.is_final for w in r.words]
     assert len(spoken) >= 4
     assert all(r.text == "" and not r.words for r in got["noise"])
+
+
+def test_the_stream_driver_does_not_import_torch_and_names_a_bundle_whose_weights_do_not_load(local_ray, tiny_bundle, tmp_path) -> None:
+    """The stream drivers (`asr stream`, `asr serve`, the Vosk client) check the bundle without torch
+    (``check_bundle``) and leave the weights to the actors: a fresh interpreter that imports them has
+    no torch; weights that do not load stop the pipeline's start with the bundle's own error, naming
+    the file as the user gave it (not the actors' unpacked copy)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from workers.bundle_config import BundleError
+
+    modules = "pipeline.streaming.session, pipeline.streaming.cli, pipeline.serve_cli, pipeline.serve, pipeline.vosk_client, pipeline.stream_memory"
+    probe = f"import sys, {modules}; sys.exit(3 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], timeout=120).returncode == 0
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "weights.pt").write_bytes(b"not a torch zip")
+    with pytest.raises(BundleError, match=f"{bad / 'weights.pt'}: cannot be loaded"):
+        StreamingPipeline(AppConfig(), bad)

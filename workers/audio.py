@@ -2,7 +2,7 @@
 
 Every failure raises ``AudioError`` naming the file and the reason, so a pipeline can
 record the bad input and go on. Whole files are resampled with torchaudio here; streams
-go through ``workers.ingest`` (soxr, torch-free), whose ``StreamingIngest`` is re-exported.
+go through ``workers.ingest`` (numpy, torch-free), whose ``StreamingIngest`` is re-exported.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
 
 from workers.audio_checks import MAX_STREAM_PEAK, AudioError, validate_samples
 from workers.ingest import StreamingIngest
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [  # AudioError, the sample checks and StreamingIngest are torch-free modules' (re-exported)
     "MAX_STREAM_PEAK", "RAW_SUFFIXES", "AudioError", "AudioReader", "RawFormat", "StreamingIngest", "decode_raw_pcm", "load_audio",
@@ -125,6 +127,9 @@ def wav_declared_frames(path: Path) -> int | None:
 
 def to_model_rate(samples: np.ndarray, rate_hz: int, target_rate_hz: int) -> torch.Tensor:
     """(samples, channels) or (samples,) float array -> mono float32 tensor (samples,) at target rate."""
+    import torch  # here, not at the top: reading a file (``read_audio``) needs no torch
+    import torchaudio.functional as AF
+
     x = torch.as_tensor(np.ascontiguousarray(samples), dtype=torch.float32)
     if x.dim() == 2:
         x = x.mean(dim=1)
@@ -265,6 +270,8 @@ class AudioReader:
         """Model-rate samples ``[start, stop)`` (clipped to the file) -> float32 (samples,)."""
         start, stop = max(0, start), min(stop, self.num_samples)
         if stop <= start:
+            import torch
+
             return torch.zeros(0)
         if self._orig == self._new:
             first, offset = start, start

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
 import torch
 import torchaudio.functional as AF
+
+from workers.train_config import AugmentConfig  # noqa: F401  (re-exported)
 
 #: Telephone audio (what phone lines and Asterisk deliver) is sampled at 8 kHz.
 TELEPHONE_RATE_HZ = 8000
@@ -109,21 +110,6 @@ def reverberate(wave: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
     wet = AF.fftconvolve(wave, rir[direct:])[: wave.numel()]
     scale = wave.pow(2).mean().sqrt() / wet.pow(2).mean().sqrt().clamp_min(1e-12)
     return wet * scale
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """How often and how strongly each degradation is drawn for a training utterance."""
-
-    gain_db_range: tuple[float, float] = (-40.0, 10.0)  # input level, clipped to [-1, 1] after
-    band_limit_prob: float = 0.25  # telephone band (8 kHz sampling)
-    noise_prob: float = 0.5
-    noise_snr_db_range: tuple[float, float] = (0.0, 30.0)
-    babble_share: float = 0.5  # of the noisy utterances, the share with babble rather than coloured noise
-    babble_talkers: tuple[int, int] = (3, 7)
-    reverb_prob: float = 0.3
-    reverb_rt60_s_range: tuple[float, float] = (0.2, 0.9)
-    rir_pool_size: int = 48  # simulated rooms, drawn once per run
 
 
 class Augmenter:

@@ -23,12 +23,19 @@ from pathlib import Path
 
 import torch
 
-from workers.bundle_config import BUNDLE_VERSION, BundleError, check_tokens, dataclass_from, optional_file, read_bundle_config
+from workers.bundle_config import (  # noqa: F401  (DEFAULT_BUNDLE re-exported)
+    BUNDLE_VERSION,
+    DEFAULT_BUNDLE,
+    BundleError,
+    check_bundle,
+    check_tokens,
+    dataclass_from,
+    optional_file,
+    read_bundle_config,
+)
 from workers.features import FeatureConfig, Normalizer
 from workers.model import QUANTIZE_MODES, BiLSTMCTC, ModelConfig, quantize_model
 from workers.tokens import TOKENS
-
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 @dataclass
@@ -91,15 +98,9 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     a CUDA device it is ignored with a warning and the float model is used."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
-    path = Path(path) if path is not None else DEFAULT_BUNDLE
-    config = read_bundle_config(path, ("config.json", "weights.pt", "tokens.txt"))
-    features = dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
+    checked = check_bundle(path)
+    path, features, config = checked.path, checked.features, read_bundle_config(checked.path)
     model_config = dataclass_from(ModelConfig, config.get("model", {}), f"{path / 'config.json'} [model]")
-    check_tokens(path, model_config.num_tokens)
-    if model_config.input_dim != features.feature_dim:
-        raise BundleError(
-            f"{path / 'config.json'}: model.input_dim {model_config.input_dim} != feature dim {features.feature_dim}"
-        )
     try:
         state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, pickle refused, truncated file...

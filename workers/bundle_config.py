@@ -17,6 +17,7 @@ from workers.feature_config import FeatureConfig
 from workers.tokens import TOKENS
 
 BUNDLE_VERSION = 1
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 class BundleError(Exception):
@@ -92,4 +93,21 @@ def load_bundle_files(path: str | Path) -> BundleFiles:
     config = read_bundle_config(path)
     features = dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
     check_tokens(path)
+    return BundleFiles(path, features, optional_file(path, "lexicon.txt"), optional_file(path, "lm.arpa"), config.get("info", {}))
+
+
+def check_bundle(path: str | Path | None = None) -> BundleFiles:
+    """What can be checked of a whole bundle (default: the shipped ``models/default``) without
+    torch: ``config.json`` (features, model shape), ``tokens.txt`` against the model's output, and
+    that ``weights.pt`` exists. The weights themselves are checked where the model is loaded
+    (``workers.bundle.load_bundle``): a stream driver that starts stage actors stays torch-free."""
+    from workers.model_config import ModelConfig
+
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    config = read_bundle_config(path, ("config.json", "weights.pt", "tokens.txt"))
+    features = dataclass_from(FeatureConfig, config.get("features", {}), f"{path / 'config.json'} [features]")
+    model_config = dataclass_from(ModelConfig, config.get("model", {}), f"{path / 'config.json'} [model]")
+    check_tokens(path, model_config.num_tokens)
+    if model_config.input_dim != features.feature_dim:
+        raise BundleError(f"{path / 'config.json'}: model.input_dim {model_config.input_dim} != feature dim {features.feature_dim}")
     return BundleFiles(path, features, optional_file(path, "lexicon.txt"), optional_file(path, "lm.arpa"), config.get("info", {}))

@@ -56,3 +56,8 @@ class FeatureConfig:
     def min_samples(self) -> int:
         """Shortest signal that yields one model frame."""
         return self.window_samples + (self.stack_frames - 1) * self.hop_samples
+
+
+def frames_for_ms(ms: float, frame_ms: float) -> int:
+    """Milliseconds -> whole model frames (rounded)."""
+    return int(round(ms / frame_ms))

@@ -18,6 +18,7 @@ from workers.audio import AudioReader, RawFormat, load_audio
 from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.decoder_stage import build_decoder, phrase_decoder_factory
+from workers.feature_config import frames_for_ms  # noqa: F401  (re-exported)
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult, StreamOptions
 from workers.vad import (
@@ -59,11 +60,6 @@ def _piece_batches(pieces: list[Piece], batch_size: int, batch_samples: float) -
             batches.append([piece])
             longest = size
     return batches
-
-
-def frames_for_ms(ms: float, frame_ms: float) -> int:
-    """Milliseconds -> whole model frames (rounded)."""
-    return int(round(ms / frame_ms))
 
 
 def phrase_decoder(bundle: Bundle, config: DecoderConfig, phrases: Sequence[str]) -> CtcDecoder:

@@ -1,4 +1,7 @@
-"""The acoustic actor: batches the waiting chunks of all streams into one model call."""
+"""The acoustic actor: batches the waiting chunks of all streams into one model call.
+
+torch is imported inside the actor (``_torch``), not at the top: the stream driver imports this
+module to start the actor and stays torch-free."""
 
 from __future__ import annotations
 
@@ -9,14 +12,20 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.streaming.actors import process_rss_mb
 from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError, _tensor
 from pipeline.streaming.placement import unpacked_bundle
-from workers.stages import AcousticStage
+
+if TYPE_CHECKING:
+    import torch
+
+def _torch():
+    import torch
+
+    return torch
+
 
 TURN_TIMEOUT_S = 30.0  # a call whose predecessor never arrives fails after this (a restart is caught sooner, by the epoch)
 
@@ -52,6 +61,9 @@ class AcousticActor:
         num_threads: int = 0,
         quantize: str = "none",
     ) -> None:
+        from workers.stages import AcousticStage
+
+        torch = _torch()
         with unpacked_bundle(bundle_files, device, quantize) as bundle:
             self.stage = AcousticStage(bundle.model, chunk_frames, right_context_frames, device)
             self.num_tokens = bundle.model_config.num_tokens
@@ -116,7 +128,7 @@ class AcousticActor:
         waiting = list(self._held.pop(stream_id, {}).values()) + self._ready.pop(stream_id, [])
         _answer(waiting, exception=StreamOrderError(f"stream {stream_id} was dropped"))
         if self._next_seq.pop(stream_id, None) is not None:
-            end = [(stream_id, torch.zeros(0, self.stage.model.config.input_dim), True)]
+            end = [(stream_id, _torch().zeros(0, self.stage.model.config.input_dim), True)]
             await asyncio.get_running_loop().run_in_executor(self._executor, self.stage.process, end)
 
     def held_streams(self) -> int:

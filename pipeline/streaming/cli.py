@@ -18,10 +18,10 @@ from pipeline.ray_session import ray_log_dir
 from pipeline.streaming.items import StreamError
 from pipeline.streaming.session import StreamingPipeline
 from pipeline.streaming.sources import MicError, _audio_source, _list_devices
-from workers.audio import AudioError
-from workers.bundle import BundleError
+from workers.audio_checks import AudioError
+from workers.bundle_config import BundleError
 from workers.decoder import DecoderConfig
-from workers.stages import RecognitionResult
+from workers.decoder_stage import RecognitionResult
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser, config_options: bool = False) -> argparse.ArgumentParser:

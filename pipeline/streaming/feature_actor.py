@@ -1,27 +1,34 @@
 """The feature actor: model-rate audio -> MFCC and voice activity flags (torch: MFCC and
-silero-vad), in order like the torch-free actors in ``actors``, whose helpers it shares."""
+silero-vad), in order like the torch-free actors in ``actors``, whose helpers it shares.
+torch is imported inside the actor, not at the top: the stream driver imports this module to
+start the actor and stays torch-free."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.streaming.actors import _Introspection, _SequenceCheck
 from pipeline.streaming.items import StageItem, _tensor
 from pipeline.streaming.placement import unpacked_bundle
-from workers.features import MfccExtractor
-from workers.stages import FeatureStage
-from workers.vad import VadConfig, speech_detector
+from workers.vad_gate import VadConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FeatureActor(_Introspection):
     """Wraps ``FeatureStage``: model-rate chunks -> normalised stacked MFCC (frames, feature_dim)."""
 
     def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None) -> None:
+        from workers.features import MfccExtractor
+        from workers.stages import FeatureStage
+        from workers.vad import speech_detector
+
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
             self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), speech_detector(vad, bundle.features.sample_rate_hz))
@@ -34,6 +41,8 @@ class FeatureActor(_Introspection):
         actor's streams (``item.features == features``). The items' streams go through the
         stage together (``FeatureStage.push_many``: one voice activity batch per window
         position), in rounds of one item per stream; an item that fails fails alone."""
+        import torch
+
         mine = [i for i in items if i.features == features]
         t_in = time.time()
         waves: dict[int, torch.Tensor] = {}

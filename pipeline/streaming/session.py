@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from pipeline.config import AppConfig
 from pipeline.ray_session import connect_ray, shutdown_ray
@@ -23,10 +22,10 @@ from pipeline.streaming.items import StageItem, StateLostError, StreamError, Str
 from pipeline.streaming.placement import ACTOR_START_TIMEOUT_S
 from pipeline.streaming.replay import ReplayBuffer
 from pipeline.streaming.stage_actors import StageActors, start_stage_actors
-from workers.audio import validate_samples
-from workers.bundle import load_bundle
+from workers.audio_checks import validate_samples
+from workers.bundle_config import check_bundle
 from workers.decoder import DecoderConfig
-from workers.stages import RecognitionResult
+from workers.decoder_stage import RecognitionResult
 
 MAX_RECOVERIES_PER_STREAM = 5  # replays of one stream before it is given up (a crash loop)
 # Errors (as the stage actors report them, "Name: message") that mean a stage actor lost the
@@ -163,7 +162,7 @@ class StreamingPipeline:
         self.streaming = self.config.streaming  # range-checked by StreamingConfig itself
         # actors given: attach to a running set (a server's replicas share one); it is not
         # ours to stop. Otherwise start our own and stop it on shutdown.
-        bundle = None if actors is not None else load_bundle(bundle_path)  # validated here, before any actor starts
+        bundle = None if actors is not None else check_bundle(bundle_path)  # checked here (torch-free), before any actor starts
         self._owns_ray = connect_ray(address)
         self._owns_actors = actors is None
         self.stats = PipelineStats()
@@ -231,12 +230,12 @@ class StreamingPipeline:
         self._epochs = ray.get([a.epoch.remote() for a in self._acoustics], timeout=max(0.0, deadline - time.monotonic()))
         self._recovering = False
 
-    def push(self, stream_id: str, samples: np.ndarray | torch.Tensor, rate_hz: int) -> list[RecognitionResult]:
+    def push(self, stream_id: str, samples: np.ndarray | Any, rate_hz: int) -> list[RecognitionResult]:
         """Send audio (samples,) or (samples, channels), float in [-1, 1] or integer PCM, at
         ``rate_hz``. Returns the results completed so far, in order (partials, endpoint
         finals). Blocks while the stream has ``max_inflight_chunks`` pushes in flight."""
         stream = self._stream(stream_id)
-        audio = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+        audio = samples.detach().cpu().numpy() if hasattr(samples, "detach") else np.asarray(samples)  # a torch tensor too
         if audio.size == 0:
             return self._collect(stream_id, stream, block=False)
         if rate_hz <= 0:

@@ -8,7 +8,9 @@ separately, and every connection shares the batched acoustic model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -26,9 +28,9 @@ from pipeline.streaming.placement import (
     feature_actor_count,
     read_bundle_files,
 )
-from workers.bundle import Bundle
+from workers.bundle_config import BundleError, BundleFiles
 from workers.decoder import DecoderConfig
-from workers.recognizer import frames_for_ms
+from workers.feature_config import frames_for_ms
 
 
 @dataclass
@@ -75,7 +77,7 @@ class StageActors:
                 ray.kill(actor, no_restart=True)
 
 
-def start_stage_actors(config: AppConfig, bundle: Bundle, decoder_config: DecoderConfig | None = None) -> StageActors:
+def start_stage_actors(config: AppConfig, bundle: BundleFiles, decoder_config: DecoderConfig | None = None) -> StageActors:
     """Start the stage actors for ``bundle`` with ``config.streaming``'s placement and wait
     until they answer (model loading included). Raises ``RuntimeError`` naming the resources
     when they do not start within ``ACTOR_START_TIMEOUT_S``."""
@@ -116,7 +118,18 @@ def start_stage_actors(config: AppConfig, bundle: Bundle, decoder_config: Decode
             f"stage actors did not start in {ACTOR_START_TIMEOUT_S:.0f} s: does the cluster offer "
             f"acoustic_resources={s.acoustic_resources}, decoder_resources={s.decoder_resources}, GPUs={num_gpus}?"
         ) from None
+    except ray.exceptions.RayActorError as exc:
+        actors.kill()
+        raise _bundle_error(bundle.path, exc) or exc from None
     except BaseException:
         actors.kill()
         raise
     return actors
+
+
+def _bundle_error(path: Path, exc: Exception) -> BundleError | None:
+    """The model bundle's own error when a stage actor failed to load ``path`` (the driver checks the
+    bundle without torch; the weights are read in the actors, from an unpacked copy): the file named
+    as the user gave it. None for other failures."""
+    found = re.search(r"BundleError: \S*/([^/\s:]+): (.*)", str(exc))
+    return BundleError(f"{Path(path) / found.group(1)}: {found.group(2)}") if found else None
