@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="bundle directory to export the best model to (default RUN_DIR/bundle)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="for smoke tests")
     p.add_argument("--workers", type=int, default=0, help="train data-parallel with this many Ray Train workers (0: in-process)")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="with --workers: one GPU per worker, waiting for GPU nodes (an autoscaling cluster starts them); "
+                        "default: GPUs when the cluster has one per worker now")
     p.add_argument("--train", nargs="+", default=None, metavar="DATA",
                    help="training data: corpus roots (AN4, FSDD, LibriSpeech layouts), folders of audio + .txt, .jsonl manifests "
                         "(default: the AN4 + FSDD split of the config)")

@@ -176,7 +176,7 @@ def _run_training(args, config: AppConfig, train_sources: list[str] | None, dev_
     if args.workers > 0:
         path = run_training_distributed(config, args.run_dir, args.workers, resume=args.resume, export_dir=args.export,
                                         max_steps_per_epoch=args.max_steps_per_epoch, train_sources=train_sources,
-                                        dev_sources=dev_sources)
+                                        dev_sources=dev_sources, use_gpu=True if getattr(args, "use_gpu", False) else None)
         print(f"exported {path}")
         return 0
     progress = run_training(config, args.run_dir, resume=args.resume, export_dir=args.export,

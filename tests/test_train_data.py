@@ -93,3 +93,20 @@ def test_workers_refuse_a_recipe_they_cannot_follow(tmp_path: Path, capsys) -> N
 def test_unreadable_train_data_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert _train_in_process(tmp_path / "run", "--train", str(tmp_path / "nowhere")) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], None), (["--use-gpu"], True)])
+def test_use_gpu_asks_every_worker_for_a_gpu(tmp_path: Path, monkeypatch, flag: list[str], expected) -> None:
+    """`asr train --workers N --use-gpu` reaches Ray Train as use_gpu=True (the workers wait for GPU
+    nodes); without it the choice is left to the cluster's GPUs at the start (None)."""
+    import pipeline.training as training
+
+    seen = {}
+
+    def fake(config, run_dir, workers, **kwargs):
+        seen.update(kwargs, workers=workers)
+        return Path(run_dir) / "bundle"
+
+    monkeypatch.setattr(training, "run_training_distributed", fake)
+    assert _train_in_process(tmp_path / "run", "--workers", "2", "--set", "train.augment_prob=0", *flag) == 0
+    assert seen["workers"] == 2 and seen["use_gpu"] is expected
