@@ -44,6 +44,9 @@ START_TIMEOUT_S = 240
 FRAME_S = 0.2  # what Vosk's test clients send
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DIGITS = ["zero one two three four five", "six seven eight nine oh"]
+#: One acoustic and one decoder actor (2 CPUs: two of each by default): every stage still has an
+#: actor, and the server starts 2 fewer (each imports torch and loads the model or the LM).
+STAGE_ACTORS = ("--set", "streaming.acoustic_actors=1", "--set", "streaming.decoder_actors=1")
 
 
 # ---- the server ------------------------------------------------------------------------------
@@ -54,7 +57,8 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"ws://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}"],
+            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}",
+             *STAGE_ACTORS],
             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.stdout: list[str] = []
