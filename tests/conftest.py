@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,6 +117,73 @@ def verbose_ray_transcription(an4_root, tmp_path_factory) -> tuple[subprocess.Co
                            "--format", "txt,srt", "--verbose", "--ray"],
                           cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=600)
     return done, out
+
+
+# --------------------------------------------------------------------------- virtual microphone
+
+MIC_PA = """\
+load-module module-native-protocol-unix auth-anonymous=1 socket={run}/pulse.sock
+load-module module-null-sink sink_name=vmic_sink rate=16000 channels=1
+load-module module-remap-source source_name=vmic master=vmic_sink.monitor
+set-default-sink vmic_sink
+set-default-source vmic
+"""
+
+
+def _stop_pid(pid: int, timeout_s: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def virtual_mic() -> Iterator[dict[str, str]]:
+    """A PulseAudio daemon with a null sink and a source on its monitor (the default input),
+    plus the silence keepalive; yields the environment that reaches it. Stopped by pid. One for the
+    session (the mic tests of tests/test_stream_mic.py and tests/test_serve.py): each start took
+    ~2 s and its stop ~2 s."""
+    missing = [tool for tool in ("pulseaudio", "pacat", "paplay") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"PulseAudio not installed ({', '.join(missing)} missing: apt-get install pulseaudio pulseaudio-utils)")
+    if ctypes.util.find_library("portaudio") is None:
+        pytest.skip("PortAudio not installed (apt-get install libportaudio2)")
+    run = Path(tempfile.mkdtemp(prefix="vmic-"))  # short: the socket path must fit in 108 bytes
+    (run / "home").mkdir()
+    (run / "mic.pa").write_text(MIC_PA.format(run=run))
+    env = {
+        **os.environ, "XDG_RUNTIME_DIR": str(run), "PULSE_RUNTIME_PATH": str(run / "pulse"),
+        "PULSE_SERVER": f"unix:{run}/pulse.sock", "HOME": str(run / "home"),
+    }  # fmt: skip
+    keepalive = None
+    try:
+        subprocess.run(
+            ["pulseaudio", "--daemonize=yes", "--system=false", "--exit-idle-time=-1", "--disallow-exit=yes",
+             "-n", "-F", str(run / "mic.pa"), "--use-pid-file=yes", f"--log-target=file:{run}/pulse.log"],
+            env=env, check=True, timeout=30,
+        )  # fmt: skip
+        keepalive = subprocess.Popen(
+            ["pacat", "--playback", "--raw", "--format=s16le", "--rate=16000", "--channels=1", "--latency-msec=20", "/dev/zero"],
+            env=env,
+        )  # fmt: skip
+        time.sleep(2)  # the keepalive makes the monitor deliver on time; give it a moment
+        yield env
+    finally:
+        if keepalive is not None:
+            keepalive.terminate()
+            keepalive.wait(timeout=5)
+        pid_file = run / "pulse" / "pid"
+        if pid_file.is_file():
+            _stop_pid(int(pid_file.read_text().split()[0]))
+        shutil.rmtree(run, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- one local Ray

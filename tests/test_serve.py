@@ -28,7 +28,7 @@ import pytest
 import torch
 import torchaudio
 from conftest import REPO
-from test_stream_mic import an4_wav, virtual_mic  # noqa: F401  (fixtures: the AN4 WAV and the PulseAudio virtual microphone)
+from test_stream_mic import an4_wav  # noqa: F401  (fixture: the AN4 WAV; the PulseAudio virtual microphone is conftest's)
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
