@@ -105,18 +105,66 @@ def held_out_files(an4_root: Path) -> list[str]:
     return [str(sorted((an4_root / "wav" / "an4_clstk" / s).glob("*.raw"))[0]) for s in HELD_OUT]
 
 
+def _run_at_once(commands: dict[str, tuple[list[str], Path]], logs: Path, timeout_s: float = 600.0) -> dict[str, subprocess.CompletedProcess]:
+    """Run the commands (name -> (argv, cwd), environment ``CLI_ENV``) side by side, their output to
+    files under ``logs``; wait for all of them."""
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, (args, cwd) in commands.items():
+            with (logs / f"{name}.out").open("w") as out, (logs / f"{name}.err").open("w") as err:
+                procs[name] = subprocess.Popen(args, cwd=cwd, env=CLI_ENV, stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout_s
+        for proc in procs.values():
+            proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {name: subprocess.CompletedProcess(proc.args, proc.returncode, (logs / f"{name}.out").read_text(),
+                                              (logs / f"{name}.err").read_text()) for name, proc in procs.items()}
+
+
 @pytest.fixture(scope="session")
-def verbose_ray_transcription(an4_root, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def ray_cli_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The ``asr transcribe`` runs in a subprocess, as a user runs them, that tests check afterwards;
+    all started at once: most of each one's time is importing torch and starting a local Ray and Ray
+    Data's actor, and side by side on 2 CPUs they overlap. Name -> (the finished command, a folder):
+
+    - ``verbose`` (when AN4 is there): ``asr transcribe --ray --verbose`` on ``held_out_files``
+      (shipped model, beam + LM) with .txt and .srt files; the folder is its --out
+      (``verbose_ray_transcription``);
+    - ``readme`` and ``readme_one_file`` (when git is there): in a clone of the committed HEAD where
+      no ../shared exists, with this venv's python, the README's main job and a one-file
+      transcription; the folder is the clone (tests/test_transcribe_cli.py).
+
+    Tests must not write to the folders (copy them first)."""
+    root = tmp_path_factory.mktemp("ray_cli_runs")
+    asr = [sys.executable, "-m", "pipeline.cli"]
+    commands: dict[str, tuple[list[str], Path]] = {}
+    folders: dict[str, Path] = {}
+    if AN4.is_dir():
+        folders["verbose"] = root / "verbose_out"
+        commands["verbose"] = ([*asr, "transcribe", *held_out_files(AN4), "--out", str(folders["verbose"]), "--format", "txt,srt",
+                                "--verbose", "--ray"], REPO)
+    if shutil.which("git") is not None:
+        clone = folders["readme"] = folders["readme_one_file"] = root / "clone"
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+        commands["readme"] = ([*asr, "transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray"], clone)
+        commands["readme_one_file"] = ([*asr, "transcribe", "examples/ex01_yes.wav"], clone)
+    (root / "logs").mkdir()
+    done = _run_at_once(commands, root / "logs")
+    return {name: (done[name], folders[name]) for name in commands}
+
+
+@pytest.fixture(scope="session")
+def verbose_ray_transcription(an4_root, ray_cli_runs) -> tuple[subprocess.CompletedProcess, Path]:
     """``asr transcribe --ray --verbose`` in a subprocess, as a user runs it, on ``held_out_files``
     (shipped model, beam + LM) with .txt and .srt files: (the finished command, its --out folder).
     One run for two tests, so that its local Ray and Ray Data actor start once: what --verbose
     shows (tests/test_ray_session.py) and the in-process run against the Ray run
     (tests/test_transcribe_cli.py). Tests must not write to the folder (copy it first)."""
-    out = tmp_path_factory.mktemp("verbose_ray") / "out"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "transcribe", *held_out_files(an4_root), "--out", str(out),
-                           "--format", "txt,srt", "--verbose", "--ray"],
-                          cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=600)
-    return done, out
+    return ray_cli_runs["verbose"]
 
 
 # --------------------------------------------------------------------------- virtual microphone
