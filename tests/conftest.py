@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,18 +105,133 @@ def held_out_files(an4_root: Path) -> list[str]:
     return [str(sorted((an4_root / "wav" / "an4_clstk" / s).glob("*.raw"))[0]) for s in HELD_OUT]
 
 
+def _run_at_once(commands: dict[str, tuple[list[str], Path]], logs: Path, timeout_s: float = 600.0) -> dict[str, subprocess.CompletedProcess]:
+    """Run the commands (name -> (argv, cwd), environment ``CLI_ENV``) side by side, their output to
+    files under ``logs``; wait for all of them."""
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, (args, cwd) in commands.items():
+            with (logs / f"{name}.out").open("w") as out, (logs / f"{name}.err").open("w") as err:
+                procs[name] = subprocess.Popen(args, cwd=cwd, env=CLI_ENV, stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout_s
+        for proc in procs.values():
+            proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {name: subprocess.CompletedProcess(proc.args, proc.returncode, (logs / f"{name}.out").read_text(),
+                                              (logs / f"{name}.err").read_text()) for name, proc in procs.items()}
+
+
 @pytest.fixture(scope="session")
-def verbose_ray_transcription(an4_root, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def ray_cli_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The ``asr transcribe`` runs in a subprocess, as a user runs them, that tests check afterwards;
+    all started at once: most of each one's time is importing torch and starting a local Ray and Ray
+    Data's actor, and side by side on 2 CPUs they overlap. Name -> (the finished command, a folder):
+
+    - ``verbose`` (when AN4 is there): ``asr transcribe --ray --verbose`` on ``held_out_files``
+      (shipped model, beam + LM) with .txt and .srt files; the folder is its --out
+      (``verbose_ray_transcription``);
+    - ``readme`` and ``readme_one_file`` (when git is there): in a clone of the committed HEAD where
+      no ../shared exists, with this venv's python, the README's main job and a one-file
+      transcription; the folder is the clone (tests/test_transcribe_cli.py).
+
+    Tests must not write to the folders (copy them first)."""
+    root = tmp_path_factory.mktemp("ray_cli_runs")
+    asr = [sys.executable, "-m", "pipeline.cli"]
+    commands: dict[str, tuple[list[str], Path]] = {}
+    folders: dict[str, Path] = {}
+    if AN4.is_dir():
+        folders["verbose"] = root / "verbose_out"
+        commands["verbose"] = ([*asr, "transcribe", *held_out_files(AN4), "--out", str(folders["verbose"]), "--format", "txt,srt",
+                                "--verbose", "--ray"], REPO)
+    if shutil.which("git") is not None:
+        clone = folders["readme"] = folders["readme_one_file"] = root / "clone"
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+        commands["readme"] = ([*asr, "transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray"], clone)
+        commands["readme_one_file"] = ([*asr, "transcribe", "examples/ex01_yes.wav"], clone)
+    (root / "logs").mkdir()
+    done = _run_at_once(commands, root / "logs")
+    return {name: (done[name], folders[name]) for name in commands}
+
+
+@pytest.fixture(scope="session")
+def verbose_ray_transcription(an4_root, ray_cli_runs) -> tuple[subprocess.CompletedProcess, Path]:
     """``asr transcribe --ray --verbose`` in a subprocess, as a user runs it, on ``held_out_files``
     (shipped model, beam + LM) with .txt and .srt files: (the finished command, its --out folder).
     One run for two tests, so that its local Ray and Ray Data actor start once: what --verbose
     shows (tests/test_ray_session.py) and the in-process run against the Ray run
     (tests/test_transcribe_cli.py). Tests must not write to the folder (copy it first)."""
-    out = tmp_path_factory.mktemp("verbose_ray") / "out"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "transcribe", *held_out_files(an4_root), "--out", str(out),
-                           "--format", "txt,srt", "--verbose", "--ray"],
-                          cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=600)
-    return done, out
+    return ray_cli_runs["verbose"]
+
+
+# --------------------------------------------------------------------------- virtual microphone
+
+MIC_PA = """\
+load-module module-native-protocol-unix auth-anonymous=1 socket={run}/pulse.sock
+load-module module-null-sink sink_name=vmic_sink rate=16000 channels=1
+load-module module-remap-source source_name=vmic master=vmic_sink.monitor
+set-default-sink vmic_sink
+set-default-source vmic
+"""
+
+
+def _stop_pid(pid: int, timeout_s: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def virtual_mic() -> Iterator[dict[str, str]]:
+    """A PulseAudio daemon with a null sink and a source on its monitor (the default input),
+    plus the silence keepalive; yields the environment that reaches it. Stopped by pid. One for the
+    session (the mic tests of tests/test_stream_mic.py and tests/test_serve.py): each start took
+    ~2 s and its stop ~2 s."""
+    missing = [tool for tool in ("pulseaudio", "pacat", "paplay") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"PulseAudio not installed ({', '.join(missing)} missing: apt-get install pulseaudio pulseaudio-utils)")
+    if ctypes.util.find_library("portaudio") is None:
+        pytest.skip("PortAudio not installed (apt-get install libportaudio2)")
+    run = Path(tempfile.mkdtemp(prefix="vmic-"))  # short: the socket path must fit in 108 bytes
+    (run / "home").mkdir()
+    (run / "mic.pa").write_text(MIC_PA.format(run=run))
+    env = {
+        **os.environ, "XDG_RUNTIME_DIR": str(run), "PULSE_RUNTIME_PATH": str(run / "pulse"),
+        "PULSE_SERVER": f"unix:{run}/pulse.sock", "HOME": str(run / "home"),
+    }  # fmt: skip
+    keepalive = None
+    try:
+        subprocess.run(
+            ["pulseaudio", "--daemonize=yes", "--system=false", "--exit-idle-time=-1", "--disallow-exit=yes",
+             "-n", "-F", str(run / "mic.pa"), "--use-pid-file=yes", f"--log-target=file:{run}/pulse.log"],
+            env=env, check=True, timeout=30,
+        )  # fmt: skip
+        keepalive = subprocess.Popen(
+            ["pacat", "--playback", "--raw", "--format=s16le", "--rate=16000", "--channels=1", "--latency-msec=20", "/dev/zero"],
+            env=env,
+        )  # fmt: skip
+        time.sleep(2)  # the keepalive makes the monitor deliver on time; give it a moment
+        yield env
+    finally:
+        if keepalive is not None:
+            keepalive.terminate()
+            keepalive.wait(timeout=5)
+        pid_file = run / "pulse" / "pid"
+        if pid_file.is_file():
+            _stop_pid(int(pid_file.read_text().split()[0]))
+        shutil.rmtree(run, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- one local Ray

@@ -206,7 +206,7 @@ from ray.util.state import list_actors
 from pipeline.config import load_config
 from pipeline.streaming import StreamingPipeline
 config = load_config(None, ["streaming.acoustic_resources={node2: 0.5}", "streaming.decoder_resources={head: 0.5}",
-                            "decoder.kind=greedy", "vad.enabled=false"])
+                            "streaming.acoustic_actors=1", "streaming.decoder_actors=1", "decoder.kind=greedy", "vad.enabled=false"])
 ray.init(address=sys.argv[1])
 pipe = StreamingPipeline(config, sys.argv[2])
 wave, rate = sf.read(sys.argv[3], dtype="float32")
@@ -216,8 +216,9 @@ for start in range(0, len(wave), 1234):
     results += pipe.push(sid, wave[start : start + 1234], rate)
 results += pipe.close(sid)
 names = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-placed = {}  # actor class -> the nodes its actors (e.g. both acoustic actors) are on
-for a in list_actors(filters=[("state", "=", "ALIVE")]):
+placed = {}  # actor class -> the nodes its actors are on (one acoustic and one decoder actor: fewer to start)
+# address: this cluster's (the state API otherwise looks for a Ray on the machine, and fails when there are several)
+for a in list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")]):
     if a.class_name.endswith("Actor"):
         placed.setdefault(a.class_name, set()).update(k for k in names[a.node_id] if k in ("head", "node2"))
 placed = {cls: sorted(nodes) for cls, nodes in placed.items()}
@@ -231,7 +232,7 @@ deadline, recorded = time.time() + 20, {}
 while time.time() < deadline and not recorded.get("<lambda>"):
     time.sleep(0.5)
     recorded = {}
-    for t in list_tasks(limit=10000, raise_on_missing_output=False):
+    for t in list_tasks(address=sys.argv[1], limit=10000, raise_on_missing_output=False):
         name = t.func_or_class_name.split(".")[-1] if t.func_or_class_name else ""
         recorded[name] = recorded.get(name, 0) + 1
 calls = {k: v for k, v in recorded.items() if k in ("push_many", "process_many")}

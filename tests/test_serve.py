@@ -9,6 +9,7 @@ the same 16-bit samples in the same blocks, at the server's settings.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -28,7 +29,7 @@ import pytest
 import torch
 import torchaudio
 from conftest import REPO
-from test_stream_mic import an4_wav, virtual_mic  # noqa: F401  (fixtures: the AN4 WAV and the PulseAudio virtual microphone)
+from test_stream_mic import an4_wav  # noqa: F401  (fixture: the AN4 WAV; the PulseAudio virtual microphone is conftest's)
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -44,6 +45,9 @@ START_TIMEOUT_S = 240
 FRAME_S = 0.2  # what Vosk's test clients send
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DIGITS = ["zero one two three four five", "six seven eight nine oh"]
+#: One acoustic and one decoder actor (2 CPUs: two of each by default): every stage still has an
+#: actor, and the server starts 2 fewer (each imports torch and loads the model or the LM).
+STAGE_ACTORS = ("--set", "streaming.acoustic_actors=1", "--set", "streaming.decoder_actors=1")
 
 
 # ---- the server ------------------------------------------------------------------------------
@@ -54,7 +58,8 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"ws://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}"],
+            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}",
+             *STAGE_ACTORS],
             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.stdout: list[str] = []
@@ -316,7 +321,8 @@ def test_a_connection_beyond_max_streams_is_refused(server: Server) -> None:
 
 
 def _drop_connections(url: str, pcm: np.ndarray, count: int, concurrency: int = 8) -> None:
-    """Open ``count`` connections, send each some audio and vanish without eof."""
+    """Open ``count`` connections, at most ``concurrency`` at a time (a new one as soon as one has
+    gone, not in waves that wait for their slowest), send each some audio and vanish without eof."""
     frames = blocks(pcm, 16000)
 
     def one(k: int) -> None:
@@ -326,12 +332,8 @@ def _drop_connections(url: str, pcm: np.ndarray, count: int, concurrency: int = 
                 json.loads(ws.recv(timeout=120))
             ws.socket.shutdown(socket.SHUT_RDWR)  # no eof, no close handshake: the client just disappears
 
-    for start in range(0, count, concurrency):
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(start, min(count, start + concurrency))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(count)))  # (an error other than the connection's end is raised here)
 
 
 def _settled_stats(server: Server, timeout_s: float = 60.0) -> dict:

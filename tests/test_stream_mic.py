@@ -10,18 +10,12 @@ checked only with a trained bundle.
 
 from __future__ import annotations
 
-import ctypes.util
 import io
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +42,9 @@ WORDS = ("enter", "nine", "eighty")
 SETTINGS = {"chunk_ms": 300.0, "lookahead_ms": 150.0, "endpoint_ms": 600.0}
 FINAL_LINE = re.compile(r"^\[(\d+\.\d+) - (\d+\.\d+)\](?: (.*))?$")
 SCRIPT_TIMEOUT_S = 180
+#: One acoustic and one decoder actor (2 CPUs: two of each by default): every stage still has an
+#: actor, and each run of the script starts 2 fewer processes that import torch and load the model or the LM.
+STAGE_ACTORS = ("--set", "streaming.acoustic_actors=1", "--set", "streaming.decoder_actors=1")
 
 
 
@@ -98,7 +95,7 @@ def script_args(bundle: Path, decoder: str, *extra: str) -> list[str]:
     return [
         sys.executable, str(SCRIPT), "--model", str(bundle), "--decoder", decoder,
         "--chunk-ms", str(SETTINGS["chunk_ms"]), "--lookahead-ms", str(SETTINGS["lookahead_ms"]),
-        "--endpoint-ms", str(SETTINGS["endpoint_ms"]), *extra,
+        "--endpoint-ms", str(SETTINGS["endpoint_ms"]), *STAGE_ACTORS, *extra,
     ]  # fmt: skip
 
 
@@ -145,14 +142,21 @@ def test_file_fast_matches_in_process(bundle: Path, trained: bool, an4_wav: Path
         assert set(WORDS) <= set(final_text(printed).split())
 
 
-def test_missing_input_device_exits_2() -> None:
-    """No such device (or no PortAudio at all): a one-line error and exit code 2, before Ray starts."""
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--mic", "--device", "no-such-input-device-xyz"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+def test_missing_input_device_exits_2(capsys) -> None:
+    """No such device (or no PortAudio at all): a one-line error and exit code 2, before Ray starts.
+    The script's ``main`` in this process (no second python + torch import for an argument error)."""
+    import importlib.util
+
+    import ray
+
+    spec = importlib.util.spec_from_file_location("stream_mic_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code = script.main(["--mic", "--device", "no-such-input-device-xyz"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error:" in err and "Traceback" not in err
+    assert not ray.is_initialized()
 
 
 class _FakePipeline:
@@ -224,68 +228,7 @@ def test_a_lost_stream_is_one_line_and_exit_1(capsys) -> None:
 
 
 # --------------------------------------------------------------------------- virtual microphone
-
-MIC_PA = """\
-load-module module-native-protocol-unix auth-anonymous=1 socket={run}/pulse.sock
-load-module module-null-sink sink_name=vmic_sink rate=16000 channels=1
-load-module module-remap-source source_name=vmic master=vmic_sink.monitor
-set-default-sink vmic_sink
-set-default-source vmic
-"""
-
-
-def _stop_pid(pid: int, timeout_s: float = 5.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def virtual_mic() -> Iterator[dict[str, str]]:
-    """A PulseAudio daemon with a null sink and a source on its monitor (the default input),
-    plus the silence keepalive; yields the environment that reaches it. Stopped by pid."""
-    missing = [tool for tool in ("pulseaudio", "pacat", "paplay") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"PulseAudio not installed ({', '.join(missing)} missing: apt-get install pulseaudio pulseaudio-utils)")
-    if ctypes.util.find_library("portaudio") is None:
-        pytest.skip("PortAudio not installed (apt-get install libportaudio2)")
-    run = Path(tempfile.mkdtemp(prefix="vmic-"))  # short: the socket path must fit in 108 bytes
-    (run / "home").mkdir()
-    (run / "mic.pa").write_text(MIC_PA.format(run=run))
-    env = {
-        **os.environ, "XDG_RUNTIME_DIR": str(run), "PULSE_RUNTIME_PATH": str(run / "pulse"),
-        "PULSE_SERVER": f"unix:{run}/pulse.sock", "HOME": str(run / "home"),
-    }  # fmt: skip
-    keepalive = None
-    try:
-        subprocess.run(
-            ["pulseaudio", "--daemonize=yes", "--system=false", "--exit-idle-time=-1", "--disallow-exit=yes",
-             "-n", "-F", str(run / "mic.pa"), "--use-pid-file=yes", f"--log-target=file:{run}/pulse.log"],
-            env=env, check=True, timeout=30,
-        )  # fmt: skip
-        keepalive = subprocess.Popen(
-            ["pacat", "--playback", "--raw", "--format=s16le", "--rate=16000", "--channels=1", "--latency-msec=20", "/dev/zero"],
-            env=env,
-        )  # fmt: skip
-        time.sleep(2)  # the keepalive makes the monitor deliver on time; give it a moment
-        yield env
-    finally:
-        if keepalive is not None:
-            keepalive.terminate()
-            keepalive.wait(timeout=5)
-        pid_file = run / "pulse" / "pid"
-        if pid_file.is_file():
-            _stop_pid(int(pid_file.read_text().split()[0]))
-        shutil.rmtree(run, ignore_errors=True)
+# The fixture ``virtual_mic`` is in conftest.py (one PulseAudio daemon for this module and tests/test_serve.py).
 
 
 class _Running:

@@ -25,7 +25,10 @@ from workers.recognizer import StreamingRecognizer
 
 RATE_HZ = 16000
 PIECE = 1600  # 100 ms pushes
-STREAMING = StreamingConfig(endpoint_silence_ms=300.0, max_inflight_chunks=4, replay_buffer_s=12.0, recovery_timeout_s=60.0)
+# One acoustic and one decoder actor (2 CPUs: two of each by default): every stage still has its
+# actor to kill, every stream is then hit by each crash, and 2 fewer actors start with the pipeline.
+STREAMING = StreamingConfig(endpoint_silence_ms=300.0, max_inflight_chunks=4, replay_buffer_s=12.0, recovery_timeout_s=60.0,
+                            acoustic_actors=1, decoder_actors=1)
 CONFIG = AppConfig(streaming=STREAMING)
 GREEDY = DecoderConfig(kind="greedy")
 CALL_BOUND_S = 45.0  # no push or close may take longer (an actor restart included)

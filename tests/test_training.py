@@ -31,19 +31,23 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_train_kill_resume_matches_uninterrupted_run(tmp_path):
-    # Reference: an uninterrupted run, beside the run to interrupt (one thread each, two cores).
-    ref_dir = tmp_path / "ref"
+def test_train_kill_resume_matches_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    # Reference: an uninterrupted run, beside the run to interrupt (one thread each, two cores). In a
+    # folder of its own: a run caches features in RUN_DIR/../feature_cache, and two runs writing the
+    # same cache file at once race on its .tmp (the second one's rename failed: FileNotFoundError).
+    ref_dir = tmp_path / "reference" / "ref"
     ref = subprocess.Popen(_train_cmd(ref_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     # Interrupted: SIGKILL as soon as the first checkpoint exists, then --resume.
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with (tmp_path / "run.err").open("w") as err:
+        proc = subprocess.Popen(_train_cmd(run_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 240
     while not (run_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (run_dir / "last.pt").is_file(), (tmp_path / "run.err").read_text()[-3000:]  # it was killed, it did not fail
     _, ref_err = ref.communicate(timeout=300)
     assert ref.returncode == 0, ref_err[-3000:]
     ref_history = json.loads((ref_dir / "history.json").read_text())
@@ -52,8 +56,14 @@ def test_train_kill_resume_matches_uninterrupted_run(tmp_path):
     assert not (run_dir / "history.json").exists(), "the run finished before it could be interrupted"
     epochs_done = torch.load(run_dir / "last.pt", weights_only=True)["progress"]["epoch"]
     assert 1 <= epochs_done < 4
-    out = subprocess.run(_train_cmd(run_dir, "--resume"), cwd=REPO, env=_env(), check=True, capture_output=True, text=True, timeout=300)
-    assert f"resumed from {run_dir / 'last.pt'} after epoch {epochs_done}" in out.stdout + out.stderr
+    # The resume in this process (what is checked is the resumed run, not its process; no second torch import).
+    from pipeline.cli import main
+
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    assert main(_train_cmd(run_dir, "--resume")[3:]) == 0
+    out = capsys.readouterr()
+    assert f"resumed from {run_dir / 'last.pt'} after epoch {epochs_done}" in out.out + out.err
     history = json.loads((run_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     # Same data order, augmentation and dropout draws: the resumed run ends where the uninterrupted one did.

@@ -5,11 +5,8 @@ the README's main-job command on a fresh clone (``examples/``, no ``../shared`` 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 YES = EXAMPLES / "ex01_yes.wav"
 ENTER = EXAMPLES / "ex03_enter_one_two_three.wav"
-ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -119,21 +115,16 @@ def test_version_names_package_and_model(capsys):
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_readme_main_job_on_a_fresh_clone(tmp_path):
+def test_readme_main_job_on_a_fresh_clone(ray_cli_runs):
     """The committed HEAD cloned where no ../shared exists: the README's main-job command and a
     one-file transcription work with this venv's python (nothing installed), and the main job
-    prints only its summary (tests/test_ray_session.py has the rest of the quiet local Ray)."""
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    prints only its summary (tests/test_ray_session.py has the rest of the quiet local Ray). Both
+    ran in conftest.ray_cli_runs, beside the --verbose run."""
+    (done, clone), (one_file, _) = ray_cli_runs["readme"], ray_cli_runs["readme_one_file"]
     assert not (clone.parent / "shared").exists()
     readme = (clone / "README.md").read_text()
     assert "asr transcribe examples/ --out transcripts/ --format txt --ray" in readme
-
-    def asr(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=clone, env=ENV, capture_output=True,
-                              text=True, timeout=300)
-
-    done = asr("transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray")
+    assert done.args[3:] == ["transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray"]
     assert done.returncode == 0, done.stderr
     assert "8 files: 8 transcribed" in done.stdout and "ran: ray" in done.stdout
     # Only the summary: nothing of Ray's (its logs go to its session directory, what its C++
@@ -148,6 +139,6 @@ def test_readme_main_job_on_a_fresh_clone(tmp_path):
     assert (clone / "transcripts" / "ex03_enter_one_two_three.txt").read_text() == "enter one two three\n"
     settings = json.loads((clone / "transcripts" / "transcripts.jsonl").read_text().splitlines()[0])["settings"]
     assert settings["model"] == str(clone / "models" / "default")  # the clone's code and model ran
-    done = asr("transcribe", "examples/ex01_yes.wav")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "examples/ex01_yes.wav: yes\n"
+    assert one_file.args[3:] == ["transcribe", "examples/ex01_yes.wav"]
+    assert one_file.returncode == 0, one_file.stderr
+    assert one_file.stdout == "examples/ex01_yes.wav: yes\n"
