@@ -61,6 +61,7 @@ def test_bench_prints_every_figure(tmp_path: Path, capsys) -> None:
         assert actor in names, names
     assert memory["processes"] == len(names) and memory["total_pss_mb"] == pytest.approx(sum(p["pss_mb"] for p in memory["by_process"]), abs=1)
     assert 0 < memory["total_pss_mb"] < memory["summed_rss_mb"]  # torch's pages are shared by the actors
+    assert memory["driver_imports_torch"] is False  # measured from a driver like asr stream's and asr serve's
 
 
 def test_bench_rejects_a_missing_or_broken_corpus(tmp_path: Path, capsys) -> None:

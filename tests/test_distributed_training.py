@@ -125,7 +125,7 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     features streamed per worker through Ray Data. Rank 1 is SIGKILLed once Ray Train has a
     checkpoint of epoch 1, mid-epoch 2 (the workers pause after its first step until then): a new
     worker takes its place, the run resumes from the checkpoint and finishes. Equal steps on both workers, dev WER and chunked batches logged per
-    epoch, no worker held more than the window (< its share of the corpus); the bundle's
+    epoch, waveform augmentation (``train.augment_prob``) in the feed's tasks, no worker held more than the window (< its share of the corpus); the bundle's
     normaliser is the global CMVN of the training set, its lexicon the training words, and
     ``asr eval`` and ``asr transcribe`` load it."""
     from pipeline.cli import main
@@ -135,7 +135,8 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
 
     libri, folder, words = corpora
     sources = {"train_sources": [str(libri)], "dev_sources": [str(folder)]}
-    config = _config("train.epochs=2", "train.speed_factors=[1.0, 1.1]", "train.max_batch_utterances=3", "train.feed_batch_utterances=2")
+    config = _config("train.epochs=2", "train.speed_factors=[1.0, 1.1]", "train.max_batch_utterances=3", "train.feed_batch_utterances=2",
+                     "train.augment_prob=0.5", "train.augment_rir_pool_size=2")
     assert config.train.data_feed == "ray_data"
     lines: list[str] = []
     errors: list[BaseException] = []
@@ -189,6 +190,7 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
         assert 0 <= r["dev_wer_greedy"] and 0 <= r["dev_wer_greedy_streaming"] and r["workers"] == 2
         assert r["chunked_batches"] + r["whole_batches"] == r["steps"] == 2 * steps_per_worker(len(plan), 2)
         assert 0 < r["feed_max_utterances_held"] <= r["feed_window"] == 2 * 2 + 3 < len(train) // 2
+        assert 0 < r["augmented_utterances"] < 3 * r["steps"]  # waveform augmentation in the feed: some, not all
     assert sum(r["chunked_batches"] for r in records.values()) > 0
     bundle = load_bundle(out)
     assert torch.allclose(bundle.normalizer.mean, normalizer.mean, atol=1e-4)
