@@ -4,6 +4,8 @@ on an input: tests/test_batch.py (it needs the Ray started there)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -243,13 +245,26 @@ def test_long_recording_is_within_1_1x_of_separate_files(shipped, tmp_path):
     assert len(dev) == 105
     waves = [load_audio(u.audio).numpy() for u in dev]
     reference = " ".join(u.text for u in dev)
-    separate = jiwer.wer(reference, " ".join(shipped.transcribe_wave(torch.from_numpy(w)).text for w in waves))
-    assert 0.05 < separate < 0.2  # the model works on these speakers
-    ratios = []
+    joined_files = []
     for seed in range(3):
         rng = np.random.default_rng(seed)
         joined = np.concatenate([part for w in waves for part in (w, np.zeros(int(RATE * rng.uniform(0.3, 0.8)), np.float32))])
         path = tmp_path / f"dev_joined_{seed}.raw"
         path.write_bytes((np.clip(joined, -1, 1 - 2**-15) * 32768).astype(">i2").tobytes())
-        ratios.append(jiwer.wer(reference, shipped.transcribe_file(path).text) / separate)
+        joined_files.append(str(path))
+    # Two of the joined files are recognised in a second process, beside this one (same model and
+    # settings, one torch thread): the test is ~40 s of one core's work, and the other core was idle.
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as helper:
+        others = helper.submit(_shipped_texts, joined_files[1:])
+        separate = jiwer.wer(reference, " ".join(shipped.transcribe_wave(torch.from_numpy(w)).text for w in waves))
+        assert 0.05 < separate < 0.2  # the model works on these speakers
+        texts = [shipped.transcribe_file(joined_files[0]).text, *others.result(timeout=600)]
+    ratios = [jiwer.wer(reference, text) / separate for text in texts]
     assert np.mean(ratios) <= 1.1 and max(ratios) <= 1.15, ratios
+
+
+def _shipped_texts(paths: list[str]) -> list[str]:
+    """In a spawned helper process: what ``shipped`` (the shipped model, beam search) recognises in each file."""
+    torch.set_num_threads(1)
+    rec = Recognizer(None, DecoderConfig(kind="beam"))
+    return [rec.transcribe_file(path).text for path in paths]
