@@ -157,14 +157,57 @@ def _make_inputs(root: Path) -> list[Path]:
     return files
 
 
+def _stream_wave() -> np.ndarray:
+    """1.7 s of a rising chirp plus noise at 16 kHz (the streaming session's input)."""
+    rng = np.random.default_rng(1)
+    t = np.arange(int(1.7 * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cluster_runs(two_node_cluster, tiny_bundle, tmp_path_factory) -> dict[str, tuple]:
+    """The two drivers the slow tests check, started at once on the cluster (each is mostly
+    python and torch imports in its driver and in its actors, which overlap on 2 CPUs; the stage
+    actors ask for no CPU, the batch job's actor for one, of the cluster's two):
+
+    - ``job``: ``asr submit`` of a batch transcription of ``_make_inputs`` through the Jobs API:
+      (the finished command, its folder with ``audio/`` and ``out/``, the inputs);
+    - ``stream``: ``STREAM_DRIVER``, a streaming session with actors on both nodes, on
+      ``_stream_wave``: (the finished command, the wave)."""
+    root = tmp_path_factory.mktemp("cluster_runs")
+    inputs = _make_inputs(root / "audio")
+    wave = _stream_wave()
+    sf.write(root / "s.wav", wave, 16000)
+    commands = {
+        "job": ([sys.executable, "-m", "pipeline.cli", "submit", "--address", two_node_cluster.dashboard_url, "--",
+                 "transcribe", str(root / "audio"), "--out", str(root / "out"), "--model", str(tiny_bundle), "--format", "txt",
+                 "--set", "vad.enabled=false"],  # generated tones: see conftest.NO_VAD
+                two_node_cluster.env),
+        "stream": ([sys.executable, "-c", STREAM_DRIVER, two_node_cluster.gcs_address, str(tiny_bundle), str(root / "s.wav")],
+                   {**two_node_cluster.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}),
+    }
+    procs = {}
+    try:
+        for name, (args, env) in commands.items():
+            with (root / f"{name}.out").open("w") as out, (root / f"{name}.err").open("w") as err:
+                procs[name] = subprocess.Popen(args, env=env, stdout=out, stderr=err)
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        for proc in procs.values():
+            proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    done = {name: subprocess.CompletedProcess(proc.args, proc.returncode, (root / f"{name}.out").read_text(),
+                                              (root / f"{name}.err").read_text()) for name, proc in procs.items()}
+    return {"job": (done["job"], root, inputs), "stream": (done["stream"], wave)}
+
+
 @pytest.mark.slow
-def test_submit_batch_transcription_job(two_node_cluster, tiny_bundle, tmp_path):
-    inputs = _make_inputs(tmp_path / "audio")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--address", two_node_cluster.dashboard_url, "--",
-           "transcribe", str(tmp_path / "audio"), "--out", str(out), "--model", str(tiny_bundle), "--format", "txt",
-           "--set", "vad.enabled=false"]  # generated tones: see conftest.NO_VAD
-    proc = subprocess.run(cmd, env=two_node_cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+def test_submit_batch_transcription_job(cluster_runs, tiny_bundle):
+    proc, root, inputs = cluster_runs["job"]
+    out = root / "out"
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "SUCCEEDED" in log and "3 files: 3 transcribed" in log, log
@@ -174,7 +217,7 @@ def test_submit_batch_transcription_job(two_node_cluster, tiny_bundle, tmp_path)
     for row in rows:
         assert row["error"] is None
         assert row["text"] == reference.transcribe_file(row["path"]).text
-        assert (out / Path(row["path"]).relative_to(tmp_path / "audio")).with_suffix(".txt").read_text() == row["text"] + "\n"
+        assert (out / Path(row["path"]).relative_to(root / "audio")).with_suffix(".txt").read_text() == row["text"] + "\n"
 
 
 def test_entrypoint_quotes_each_argument():
@@ -243,18 +286,11 @@ pipe.shutdown()
 
 
 @pytest.mark.slow
-def test_streaming_session_with_actors_on_both_nodes(two_node_cluster, tiny_bundle, tmp_path):
+def test_streaming_session_with_actors_on_both_nodes(cluster_runs, tiny_bundle):
     from workers.decoder import DecoderConfig
     from workers.recognizer import StreamingRecognizer
 
-    rng = np.random.default_rng(1)
-    t = np.arange(int(1.7 * 16000)) / 16000
-    wave = (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-    path = tmp_path / "s.wav"
-    sf.write(path, wave, 16000)
-    env = {**two_node_cluster.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", STREAM_DRIVER, two_node_cluster.gcs_address, str(tiny_bundle), str(path)],
-                          env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    proc, wave = cluster_runs["stream"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["placed"]["AcousticActor"] == ["node2"], out
