@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -64,8 +65,9 @@ def compute_raw_features(
             log(f"features: {i + 1}/{len(utts)} utterances ({time.time() - t0:.0f} s)")
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # per process: runs sharing a cache folder never collide
+        torch.save(out, tmp)
+        tmp.replace(cache)
     return out
 
 
