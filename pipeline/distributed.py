@@ -24,8 +24,12 @@ state) is ``workers.training.TrainLoop``, the same code the single-process ``Tra
     read all of it) and normalise the batches they train on only. Same features and statistics as
     the single-process ``Trainer`` (tests/test_distributed_training.py compares the weights);
 
-- each worker runs its shard of the epoch's plan (``shard_plan``: every worker the same number of
-  steps, so the LR schedule spans ``steps_per_worker * epochs`` steps);
+- every worker runs every step of the epoch's plan on its share of the step's batch
+  (``shard_plan``: every ``world``-th utterance, losses weighted so that DDP's mean gradient is the
+  whole batch's): N workers take the single-process trainer's steps (same batch size, learning
+  rate and schedule), each computing 1/N of every batch. ``train.max_batch_frames`` and
+  ``train.max_batch_utterances`` are the global batch: raise them with the worker count to give
+  each GPU more work (and scale the learning rate as for any larger batch);
 - rank 0 evaluates on dev, exports the best bundle (with lexicon and LM) into its work dir and
   reports that dir as a Ray Train checkpoint every epoch (``state.pt``: model, optimiser,
   scheduler, progress; ``bundle/``; ``epochs/`` snapshots for averaging);
@@ -62,7 +66,7 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from workers.epochs import LazyExamples, StreamedSteps, epoch_speed, plan_epoch, shard_plan, steps_per_worker, trainable
+    from workers.epochs import LazyExamples, StreamedSteps, epoch_speed, plan_epoch, shard_plan, trainable
     from workers.training import TrainLoop, new_model
 
     features = FeatureConfig(**loop_config["features"])
@@ -90,7 +94,7 @@ def _train_loop(loop_config: dict) -> None:
         def epoch_steps(epoch: int):
             examples = train_sets[epoch_speed(cfg, epoch)]
             plan = shard_plan(plan_epoch(examples.lengths, cfg, epoch), rank, world)[:max_steps]
-            return (([examples[i] for i in b.indices], b.chunk_frames, b.right_context_frames) for b in plan), len(plan)
+            return (([examples[i] for i in b.indices], b.chunk_frames, b.right_context_frames, b.loss_weights) for b in plan), len(plan)
     else:
         from pipeline.training_data import augment_spec, feature_dataset
 
@@ -115,7 +119,7 @@ def _train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     module = new_model(ModelConfig(**loop_config["model"]), cfg.seed)
     model = ray.train.torch.prepare_model(module)
-    steps = steps_per_worker(len(plan_epoch(lengths_1, cfg, 0)), world)
+    steps = len(plan_epoch(lengths_1, cfg, 0))  # every worker runs every step (on its share of the batch)
     loop = TrainLoop(model, cfg, features, normalizer, device, steps, rank, world, log)
 
     work = Path(tempfile.mkdtemp(prefix=f"asr_train_rank{rank}_"))

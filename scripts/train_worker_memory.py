@@ -91,7 +91,7 @@ def main() -> int:
     info = json.loads((tmp / "run" / "bundle" / "config.json").read_text())["info"]
     history = json.loads((tmp / "run" / "history.json").read_text())
     print(json.dumps({"feed": args.feed, "train_audio_h": info.get("train_audio_h"), "train_utterances": info.get("train_utterances"),
-                      "fsdd": args.fsdd, "steps_per_worker": [h["steps"] // args.workers for h in history],
+                      "fsdd": args.fsdd, "steps_per_worker": [h["steps"] for h in history],
                       "feed_max_utterances_held": [h.get("feed_max_utterances_held") for h in history],
                       "wall_s": round(time.time() - t0, 1),
                       "peak_mib": {r: {k: round(v, 1) for k, v in m.items()} for r, m in sorted(peak.items())}}))

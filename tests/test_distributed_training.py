@@ -93,6 +93,56 @@ def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cp
     assert max((got[n] - v).abs().max().item() for n, v in start.items()) > 1e-3
 
 
+def test_two_ray_train_workers_take_the_single_process_trainers_steps(tmp_path, ray_cpus):
+    """Data parallelism keeps the recipe: 2 workers run every step of the plan on half of each batch
+    (batches of 1 to 3 utterances, so shares of 2, 1 and an empty share filled at weight 0), and
+    after 2 x 4 steps with chunk draws and speed perturbation their weights equal the single-process
+    trainer's to 1e-5 (max abs difference; gloo sums in another order). Dropout and SpecAugment are
+    off: their draws depend on which worker holds an utterance."""
+    from pipeline.distributed import train_distributed
+    from pipeline.training import build_split
+    from workers.training import Trainer
+
+    config = _config("data.max_train_utterances=10", "data.max_dev_utterances=3", "train.epochs=2",
+                     "train.speed_factors=[1.0, 1.1]", "train.full_utterance_prob=0.3", "train.max_batch_utterances=3",
+                     "train.data_feed=shared", "model.dropout=0.0", "train.freq_mask_param=0", "train.num_time_masks=0")
+    train, dev, _ = build_split(config)
+    trainer = Trainer(tmp_path / "single", train, dev, config.features, config.model, config.train, log=lambda _: None)
+    assert sorted(len(b.indices) for b in trainer.epoch_plan(4)[1]) == [1, 3, 3, 3]  # shares of 2 + 1, and 1 + empty
+    single = trainer.run(max_steps_per_epoch=4, show_progress=False)
+    train_distributed(train, config.features, config.model, config.train, 2, tmp_path / "ray" / "bundle", use_gpu=False,
+                      storage_path=tmp_path / "ray" / "ray_train", dev=dev, max_steps_per_epoch=4, log=lambda _: None)
+    history = json.loads((tmp_path / "ray" / "history.json").read_text())
+    assert [h["steps"] for h in history] == [h["steps"] for h in single.history] == [4, 4]
+    for key in ("chunked_batches", "whole_batches"):
+        assert [h[key] for h in history] == [h[key] for h in single.history], key
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single.history], abs=1e-4)
+    last = sorted((tmp_path / "ray" / "ray_train" / "asr_train").glob("checkpoint_2*"))[-1] / "state.pt"
+    got = torch.load(last, weights_only=True)["model"]
+    expected = trainer.module.state_dict()
+    assert max((got[n] - v).abs().max().item() for n, v in expected.items()) < 1e-5
+
+
+def test_shard_plan_splits_every_batch_and_weights_the_shares_to_the_batch_mean():
+    """Every worker gets every step; the shares partition the batch; the weights of a batch's
+    utterances sum to ``world`` over the workers (DDP divides by it); an empty share is a weight-0 repeat."""
+    from workers.epochs import PlannedBatch, shard_plan
+
+    plan = [PlannedBatch((0, 1, 2, 3, 4), 4, 2), PlannedBatch((5,), None, 0), PlannedBatch((6, 7), 6, 3)]
+    assert shard_plan(plan, 0, 1) == plan
+    for world in (2, 3):
+        shards = [shard_plan(plan, rank, world) for rank in range(world)]
+        assert all(len(s) == len(plan) for s in shards)
+        for step, batch in enumerate(plan):
+            shares = [s[step] for s in shards]
+            assert {(b.chunk_frames, b.right_context_frames) for b in shares} == {(batch.chunk_frames, batch.right_context_frames)}
+            weighted = sorted(i for b in shares for i, w in zip(b.indices, b.loss_weights) if w > 0)
+            assert weighted == sorted(batch.indices)
+            assert sum(sum(b.loss_weights) for b in shares) == pytest.approx(world)
+            assert all(len(b.indices) >= 1 for b in shares)
+    assert shard_plan(plan, 1, 2)[1] == PlannedBatch((5,), None, 0, (0.0,))
+
+
 def test_ray_data_features_and_global_cmvn_equal_the_in_memory_ones(ray_cpus):
     from pipeline.training import build_split
     from pipeline.training_data import feature_dataset, global_cmvn
@@ -130,7 +180,7 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     ``asr eval`` and ``asr transcribe`` load it."""
     from pipeline.cli import main
     from pipeline.training import build_split, run_training_distributed
-    from workers.epochs import compute_raw_features, plan_epoch, steps_per_worker, trainable
+    from workers.epochs import compute_raw_features, plan_epoch, trainable
     from workers.features import Normalizer
 
     libri, folder, words = corpora
@@ -188,7 +238,7 @@ def test_two_workers_train_other_layouts_through_ray_data_survive_a_killed_worke
     plan = plan_epoch(trainable(frames, [u.text for u in train], config.features.stack_frames)[1], config.train, 0)
     for r in records.values():
         assert 0 <= r["dev_wer_greedy"] and 0 <= r["dev_wer_greedy_streaming"] and r["workers"] == 2
-        assert r["chunked_batches"] + r["whole_batches"] == r["steps"] == 2 * steps_per_worker(len(plan), 2)
+        assert r["chunked_batches"] + r["whole_batches"] == r["steps"] == len(plan)  # each worker ran every step, on its share
         assert 0 < r["feed_max_utterances_held"] <= r["feed_window"] == 2 * 2 + 3 < len(train) // 2
         assert 0 < r["augmented_utterances"] < 3 * r["steps"]  # waveform augmentation in the feed: some, not all
     assert sum(r["chunked_batches"] for r in records.values()) > 0
@@ -245,8 +295,8 @@ def test_streamed_steps_form_the_plan_batches_in_order_within_the_window():
             for n in range(0, 5, 2)]
     streamed = StreamedSteps(plan, keep, texts, extractor, rows, prefetched_rows=2)
     steps = list(streamed)
-    assert len(streamed) == 3 and [(c, rc) for _, c, rc in steps] == [(4, 2), (None, 0), (6, 3)]
-    assert [[e.index for e in ex] for ex, _, _ in steps] == [[0, 1], [4], [2, 0]]
+    assert len(streamed) == 3 and [(c, rc) for _, c, rc, _ in steps] == [(4, 2), (None, 0), (6, 3)]
+    assert [[e.index for e in ex] for ex, _, _, _ in steps] == [[0, 1], [4], [2, 0]]
     assert torch.equal(steps[2][0][0].features, extractor.features_from_raw(raw[2]))
     assert streamed.max_held == 4  # row batch [0, 1] + the 2 rows the stream may have fetched ahead
     long_plan = plan * 4

@@ -112,6 +112,11 @@ class PlannedBatch:
     indices: tuple[int, ...]
     chunk_frames: int | None
     right_context_frames: int
+    #: Per-utterance weights of the CTC loss (each utterance's loss is first divided by its label
+    #: count, as ``nn.CTCLoss(reduction="mean")`` does). None: the mean over ``indices``. A worker's
+    #: share of a batch (``shard_plan``) carries ``world / batch size`` so that DDP's gradient mean
+    #: over the workers equals the whole batch's mean; a repeat that fills an empty share carries 0.
+    loss_weights: tuple[float, ...] | None = None
 
 
 def epoch_speed(cfg: TrainConfig, epoch: int) -> float:
@@ -137,17 +142,26 @@ def plan_epoch(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[Planned
     return [PlannedBatch(tuple(b), *draw_chunking(rng, cfg)) for b in batches]
 
 
-def steps_per_worker(num_batches: int, world: int) -> int:
-    """Steps every worker runs in an epoch of ``num_batches`` batches (all run the same number: DDP
-    all-reduces each step; the last round repeats batches from the start of the plan)."""
-    return max(1, math.ceil(num_batches / world))
-
-
 def shard_plan(plan: list[PlannedBatch], rank: int, world: int) -> list[PlannedBatch]:
-    """Worker ``rank``'s batches of an epoch plan: every ``world``-th, padded to ``steps_per_worker``."""
+    """Worker ``rank``'s share of every batch of an epoch plan (data parallelism that keeps the recipe).
+
+    Every worker runs every step of the plan on every ``world``-th utterance of its batch (the
+    batches are length-sorted, so the shares have similar lengths) with the batch's chunk draw, and
+    weights its utterances' losses by ``world / batch size``: the gradient DDP averages over the
+    workers is the whole batch's, so N workers take the single-process trainer's steps, with its
+    batch size, learning rate and schedule. A batch with fewer utterances than workers gives the
+    workers left without one a repeat of its first utterance at weight 0 (DDP needs every worker
+    in every step's all-reduce)."""
     if world == 1:
         return list(plan)
-    return [plan[(rank + world * i) % len(plan)] for i in range(steps_per_worker(len(plan), world))]
+    shards = []
+    for b in plan:
+        share = b.indices[rank::world]
+        weights = (world / len(b.indices),) * len(share)
+        if not share:
+            share, weights = b.indices[:1], (0.0,)
+        shards.append(PlannedBatch(share, b.chunk_frames, b.right_context_frames, weights))
+    return shards
 
 
 def resampled_samples(samples: int, rate_hz: int, speed: float) -> int:
@@ -221,7 +235,7 @@ class StreamedSteps:
                 ahead = min(self.prefetched_rows, total - received)  # what the stream may have fetched ahead
                 earlier = len(examples) - min(taken, len(examples))  # this step's examples from earlier row batches
                 self.max_held = max(self.max_held, len(rows["index"]) + earlier + ahead)
-            yield examples, b.chunk_frames, b.right_context_frames
+            yield examples, b.chunk_frames, b.right_context_frames, b.loss_weights
 
 
 class LazyExamples:

@@ -137,8 +137,9 @@ class EpochStats:
     whole_batches: int
 
 
-#: One step's input: the batch's examples, chunk frames (None: whole utterances), lookahead frames.
-StepInput = tuple[list[Example], int | None, int]
+#: One step's input: the batch's examples, chunk frames (None: whole utterances), lookahead frames,
+#: and the utterances' loss weights (None: the batch mean; ``PlannedBatch.loss_weights``).
+StepInput = tuple[list[Example], int | None, int, tuple[float, ...] | None]
 
 
 class TrainLoop:
@@ -149,7 +150,8 @@ class TrainLoop:
     their epochs through it. ``model`` may be wrapped (DDP): ``module`` is the bare model used for
     evaluation, export and state. ``rank``/``world`` describe data parallelism: only rank 0
     evaluates, exports and writes files; ``steps_per_epoch`` is this worker's number of steps per
-    epoch (the LR schedule spans ``steps_per_epoch * epochs`` steps).
+    epoch (the LR schedule spans ``steps_per_epoch * epochs`` steps). With ``world`` > 1 every worker
+    runs every step of the plan on its share of the batch (``workers.epochs.shard_plan``).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, features: FeatureConfig, normalizer: Normalizer,
@@ -166,7 +168,7 @@ class TrainLoop:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.ctc = nn.CTCLoss(blank=BLANK_ID, zero_infinity=True)
+        self.ctc = nn.CTCLoss(blank=BLANK_ID, zero_infinity=True, reduction="none")
         self.augment = SpecAugment(features.stack_frames, cfg.freq_mask_param, cfg.time_mask_param, cfg.num_time_masks)
         self.progress = Progress()
 
@@ -192,13 +194,20 @@ class TrainLoop:
         random.seed(seed)
 
     # ---- training steps ---------------------------------------------------------------
-    def train_step(self, examples: list[Example], chunk: int | None, rc: int) -> float:
+    def train_step(self, examples: list[Example], chunk: int | None, rc: int,
+                   loss_weights: tuple[float, ...] | None = None) -> float:
+        """One optimiser step on ``examples``. The loss is the sum of each utterance's CTC loss per label
+        times its weight (None: 1 / batch size, ``nn.CTCLoss``'s "mean"); returns it."""
         x, lengths, targets, target_lengths = collate(examples)
         x = self.augment(x.to(self.device))
         use_bf16 = self.cfg.bf16 and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             log_probs = self.model(x, lengths, chunk, rc)
-        loss = self.ctc(log_probs.float().transpose(0, 1), targets.to(self.device), lengths, target_lengths)
+        per_label = self.ctc(log_probs.float().transpose(0, 1), targets.to(self.device), lengths, target_lengths)
+        per_label = per_label / target_lengths.to(self.device).clamp(min=1)
+        weights = (torch.tensor(loss_weights, dtype=per_label.dtype, device=self.device) if loss_weights is not None
+                   else torch.full_like(per_label, 1.0 / len(examples)))
+        loss = (per_label * weights).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -208,22 +217,24 @@ class TrainLoop:
         return loss.item()
 
     def train_steps(self, steps: Iterable[StepInput], total: int | None = None, show_progress: bool = False) -> EpochStats:
-        """Run the steps of one epoch (this worker's share); loss and batch counts summed over workers."""
+        """Run the steps of one epoch (this worker's share of each); the mean loss and the step counts of
+        the epoch (with several workers: each step's loss summed over its shares, then averaged)."""
         from tqdm import tqdm
 
         self.model.train()
         loss_sum, count, chunked = 0.0, 0, 0
         bar = tqdm(steps, total=total, desc=f"epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
                    disable=not show_progress, mininterval=5)
-        for examples, chunk, rc in bar:
-            loss_sum += self.train_step(examples, chunk, rc)
+        for examples, chunk, rc, weights in bar:
+            loss_sum += self.train_step(examples, chunk, rc, weights)
             count += 1
             chunked += chunk is not None
             bar.set_postfix(loss=f"{loss_sum / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             sums = torch.tensor([loss_sum, count, chunked], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(sums)
-            loss_sum, count, chunked = sums[0].item(), int(sums[1].item()), int(sums[2].item())
+            # every worker ran every step: the step counts are one worker's, the shares' losses add up
+            loss_sum, count, chunked = sums[0].item() / self.world, int(sums[1].item()) // self.world, int(sums[2].item()) // self.world
         return EpochStats(loss_sum / max(count, 1), count, chunked, count - chunked)
 
     # ---- evaluation, export, snapshots ------------------------------------------------
@@ -431,7 +442,8 @@ class Trainer(TrainLoop):
         self.seed_epoch()
         speed, plan = self.epoch_plan(max_steps)
         examples = self.train_sets[speed]
-        steps = ((self._batch_examples(examples, b.indices, speed), b.chunk_frames, b.right_context_frames) for b in plan)
+        steps = ((self._batch_examples(examples, b.indices, speed), b.chunk_frames, b.right_context_frames, b.loss_weights)
+                 for b in plan)
         return self.train_steps(steps, len(plan), show_progress)
 
     def run(self, resume: bool = False, export_dir: Path | None = None, max_steps_per_epoch: int | None = None,
