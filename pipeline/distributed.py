@@ -238,6 +238,20 @@ def _ray_data_feed(train: list[Utterance], dev: list[Utterance], features: Featu
     }
 
 
+def keep_idle_workers(num_workers: int, cpus: int | None = None) -> dict[str, int]:
+    """Ray system config for a local Ray that trains: keep idle worker processes for 10 minutes.
+
+    Ray keeps at most ``num_workers_soft_limit`` (default: the node's CPU count) worker processes
+    and kills idle ones beyond it after a second; on a small machine the Ray Train actors alone
+    fill that, so every Ray Data feature task started a new process that imported torch,
+    torchaudio and the augmentation libraries again (a new process every 4-9 s on 2 cores, about
+    half the CPU; the epoch took 212 s where the in-process trainer takes ~40 s). A cluster
+    started with ``ray start`` has its own setting (``--system-config``); with a few CPUs per
+    training worker the default already keeps them."""
+    cpus = cpus if cpus is not None else os.cpu_count() or 1
+    return {"num_workers_soft_limit": cpus + num_workers + 4, "idle_worker_killing_time_threshold_ms": 600_000}
+
+
 def _resources(num_workers: int, use_gpu: bool, feed: str, cluster_cpus: float) -> tuple[dict, float]:
     """(resources of a Ray Train worker, CPUs of a Ray Data feature task). With the ray_data feed the
     workers leave at least one CPU of the cluster to the feature tasks (each asks for half a CPU):
@@ -283,7 +297,9 @@ def train_distributed(
 
     from pipeline.ray_session import connect_ray
 
-    connect_ray(verbose=True)  # Ray Train reports progress through Ray's logs: keep them
+    # Ray Train reports progress through Ray's logs: keep them. A local Ray keeps the feed's idle
+    # worker processes (see keep_idle_workers).
+    connect_ray(verbose=True, _system_config=keep_idle_workers(num_workers))
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
     storage = Path(storage_path or tempfile.mkdtemp(prefix="asr_ray_train_")).resolve()

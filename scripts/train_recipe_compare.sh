@@ -4,7 +4,7 @@
 # 300 + 150 ms chunks, the 8 held-out AN4 speakers) after each epoch and the wall time of each run.
 #
 # Usage:  scripts/train_recipe_compare.sh [AN4_ROOT] [FSDD_ROOT]     (defaults ../shared/data/an4, ../shared/data/fsdd)
-# Env:    EPOCHS (20)  OUT (runs/recipe_compare)  PYTHON (python3)
+# Env:    EPOCHS (20)  OUT (runs/recipe_compare)  PYTHON (python3)  MODES ("single workers2": the runs, in this order)
 # A run that was cut off resumes (`--resume`) when the script is started again; its wall time is
 # then the sum of its parts (each part's seconds are appended to OUT/MODE.wall_s).
 set -euo pipefail
@@ -17,7 +17,7 @@ EPOCHS=${EPOCHS:-20}
 OUT=${OUT:-runs/recipe_compare}
 mkdir -p "$OUT"
 
-for mode in single workers2; do
+for mode in ${MODES:-single workers2}; do
     run="$OUT/$mode"
     if [ -f "$OUT/$mode.done" ]; then
         echo "$mode: already finished"

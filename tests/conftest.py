@@ -105,14 +105,15 @@ def held_out_files(an4_root: Path) -> list[str]:
     return [str(sorted((an4_root / "wav" / "an4_clstk" / s).glob("*.raw"))[0]) for s in HELD_OUT]
 
 
-def _run_at_once(commands: dict[str, tuple[list[str], Path]], logs: Path, timeout_s: float = 600.0) -> dict[str, subprocess.CompletedProcess]:
-    """Run the commands (name -> (argv, cwd), environment ``CLI_ENV``) side by side, their output to
-    files under ``logs``; wait for all of them."""
+def run_at_once(commands: dict[str, tuple[list[str], dict]], logs: Path, timeout_s: float = 600.0) -> dict[str, subprocess.CompletedProcess]:
+    """Run the commands (name -> (argv, ``subprocess.Popen`` keywords such as cwd and env; env
+    ``CLI_ENV`` unless given)) side by side, their output to files under ``logs``; wait for all of
+    them (killing what is left at ``timeout_s``)."""
     procs: dict[str, subprocess.Popen] = {}
     try:
-        for name, (args, cwd) in commands.items():
+        for name, (args, options) in commands.items():
             with (logs / f"{name}.out").open("w") as out, (logs / f"{name}.err").open("w") as err:
-                procs[name] = subprocess.Popen(args, cwd=cwd, env=CLI_ENV, stdout=out, stderr=err)
+                procs[name] = subprocess.Popen(args, **{"env": CLI_ENV, **options}, stdout=out, stderr=err)
         deadline = time.monotonic() + timeout_s
         for proc in procs.values():
             proc.wait(max(1.0, deadline - time.monotonic()))
@@ -141,19 +142,19 @@ def ray_cli_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProces
     Tests must not write to the folders (copy them first)."""
     root = tmp_path_factory.mktemp("ray_cli_runs")
     asr = [sys.executable, "-m", "pipeline.cli"]
-    commands: dict[str, tuple[list[str], Path]] = {}
+    commands: dict[str, tuple[list[str], dict]] = {}
     folders: dict[str, Path] = {}
     if AN4.is_dir():
         folders["verbose"] = root / "verbose_out"
         commands["verbose"] = ([*asr, "transcribe", *held_out_files(AN4), "--out", str(folders["verbose"]), "--format", "txt,srt",
-                                "--verbose", "--ray"], REPO)
+                                "--verbose", "--ray"], {"cwd": REPO})
     if shutil.which("git") is not None:
         clone = folders["readme"] = folders["readme_one_file"] = root / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
-        commands["readme"] = ([*asr, "transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray"], clone)
-        commands["readme_one_file"] = ([*asr, "transcribe", "examples/ex01_yes.wav"], clone)
+        commands["readme"] = ([*asr, "transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray"], {"cwd": clone})
+        commands["readme_one_file"] = ([*asr, "transcribe", "examples/ex01_yes.wav"], {"cwd": clone})
     (root / "logs").mkdir()
-    done = _run_at_once(commands, root / "logs")
+    done = run_at_once(commands, root / "logs")
     return {name: (done[name], folders[name]) for name in commands}
 
 

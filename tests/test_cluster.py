@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import NO_VAD
+from conftest import NO_VAD, run_at_once
 
 from pipeline.batch import TRANSCRIPTS_NAME
 from pipeline.cluster import WORKING_DIR_EXCLUDES, add_submit_arguments, build_runtime_env, job_entrypoint, run_submit
@@ -182,25 +182,11 @@ def cluster_runs(two_node_cluster, tiny_bundle, tmp_path_factory) -> dict[str, t
         "job": ([sys.executable, "-m", "pipeline.cli", "submit", "--address", two_node_cluster.dashboard_url, "--",
                  "transcribe", str(root / "audio"), "--out", str(root / "out"), "--model", str(tiny_bundle), "--format", "txt",
                  "--set", "vad.enabled=false"],  # generated tones: see conftest.NO_VAD
-                two_node_cluster.env),
+                {"env": two_node_cluster.env}),
         "stream": ([sys.executable, "-c", STREAM_DRIVER, two_node_cluster.gcs_address, str(tiny_bundle), str(root / "s.wav")],
-                   {**two_node_cluster.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}),
+                   {"env": {**two_node_cluster.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}}),
     }
-    procs = {}
-    try:
-        for name, (args, env) in commands.items():
-            with (root / f"{name}.out").open("w") as out, (root / f"{name}.err").open("w") as err:
-                procs[name] = subprocess.Popen(args, env=env, stdout=out, stderr=err)
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        for proc in procs.values():
-            proc.wait(max(1.0, deadline - time.monotonic()))
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    done = {name: subprocess.CompletedProcess(proc.args, proc.returncode, (root / f"{name}.out").read_text(),
-                                              (root / f"{name}.err").read_text()) for name, proc in procs.items()}
+    done = run_at_once(commands, root, JOB_TIMEOUT_S)
     return {"job": (done["job"], root, inputs), "stream": (done["stream"], wave)}
 
 
