@@ -14,8 +14,8 @@ Measured (2 CPU workers, configs/tiny.yaml, 1 epoch of at most 20 steps; peak Mi
 
 | feed | training set | RSS | USS | utterances held |
 |---|---|---|---|---|
-| ray_data | 48 AN4 utterances (0.033 h) | 894 / 896 | 490 / 496 | 24 |
-| ray_data | all AN4 + FSDD (2843 utterances, 0.854 h) | 891 / 878 | 487 / 478 | 32 |
+| ray_data | 48 AN4 utterances (0.033 h) | 895 / 888 | 495 / 487 | 24 |
+| ray_data | all AN4 + FSDD (2843 utterances, 0.854 h) | 886 / 874 | 486 / 474 | 32 |
 | shared | 48 AN4 utterances | 885 / 885 | 486 / 490 | - |
 | shared | all AN4 + FSDD | 884 / 871 | 483 / 472 | - |
 
