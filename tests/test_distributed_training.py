@@ -55,42 +55,50 @@ def _weights(bundle) -> dict[str, torch.Tensor]:
     return bundle.model.state_dict()
 
 
-def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cpus):
-    """Same seed, same epoch plans (batches and chunk draws), speed perturbation in epoch 2:
-    the weights after 2 x 3 steps agree to 1e-5 (max abs difference). The ``shared`` feed: the same
-    features and statistics as the single-process trainer (the ray_data feed's CMVN is summed in
-    another order, ~1e-7 apart)."""
+def _max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[n] - v).abs().max().item() for n, v in b.items())
+
+
+def _train_both_ways(tmp_path: Path, workers: int, steps: int, *overrides: str):
+    """The same config (10 AN4 utterances, batches of up to 3, 2 epochs of ``steps`` steps, speed
+    perturbation in epoch 2, the ``shared`` feed) trained in-process and on ``workers`` Ray Train
+    workers. Returns (config, the in-process Trainer, its Progress, the Ray run's history, the
+    exported Ray bundle's path, the weights of the Ray run's last checkpoint)."""
     from pipeline.distributed import train_distributed
     from pipeline.training import build_split
     from workers.training import Trainer
 
     config = _config("data.max_train_utterances=10", "data.max_dev_utterances=3", "train.epochs=2",
                      "train.speed_factors=[1.0, 1.1]", "train.full_utterance_prob=0.3",
-                     "train.max_batch_utterances=3", "train.data_feed=shared")
+                     "train.max_batch_utterances=3", "train.data_feed=shared", *overrides)
     train, dev, _ = build_split(config)
     trainer = Trainer(tmp_path / "single", train, dev, config.features, config.model, config.train, log=lambda _: None)
-    single = trainer.run(max_steps_per_epoch=3, show_progress=False)
-    lines: list[str] = []
-    out = train_distributed(train, config.features, config.model, config.train, 1, tmp_path / "ray" / "bundle", use_gpu=False,
-                            storage_path=tmp_path / "ray" / "ray_train", dev=dev, max_steps_per_epoch=3, log=lines.append)
+    single = trainer.run(max_steps_per_epoch=steps, show_progress=False)
+    out = train_distributed(train, config.features, config.model, config.train, workers, tmp_path / "ray" / "bundle", use_gpu=False,
+                            storage_path=tmp_path / "ray" / "ray_train", dev=dev, max_steps_per_epoch=steps, log=lambda _: None)
     history = json.loads((tmp_path / "ray" / "history.json").read_text())
+    last = sorted((tmp_path / "ray" / "ray_train" / "asr_train").glob("checkpoint_2*"))[-1] / "state.pt"
+    return config, trainer, single, history, out, torch.load(last, weights_only=True)["model"]
+
+
+def test_one_ray_train_worker_equals_the_single_process_trainer(tmp_path, ray_cpus):
+    """Same seed, same epoch plans (batches and chunk draws), speed perturbation in epoch 2:
+    the weights after 2 x 3 steps agree to 1e-5 (max abs difference). The ``shared`` feed: the same
+    features and statistics as the single-process trainer (the ray_data feed's CMVN is summed in
+    another order, ~1e-7 apart)."""
+    from workers.training import new_model
+
+    config, trainer, single, history, out, got = _train_both_ways(tmp_path, 1, 3)
     assert [h["steps"] for h in history] == [h["steps"] for h in single.history] == [3, 3]
     for key in ("chunked_batches", "whole_batches", "dev_wer_greedy", "dev_wer_greedy_streaming"):
         assert [h[key] for h in history] == [h[key] for h in single.history], key
     assert sum(h["chunked_batches"] for h in history) > 0  # chunk-aware batches on both paths
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single.history], abs=1e-4)
     # the last epoch's weights (the last checkpoints) and the exported best epoch's (the bundles)
-    last = sorted((tmp_path / "ray" / "ray_train" / "asr_train").glob("checkpoint_2*"))[-1] / "state.pt"
-    got = torch.load(last, weights_only=True)["model"]
-    expected = trainer.module.state_dict()
-    assert max((got[n] - v).abs().max().item() for n, v in expected.items()) < 1e-5
-    best, best_single = _weights(load_bundle(out)), _weights(load_bundle(tmp_path / "single" / "bundle"))
-    assert max((best[n] - v).abs().max().item() for n, v in best_single.items()) < 1e-5
+    assert _max_abs_difference(got, trainer.module.state_dict()) < 1e-5
+    assert _max_abs_difference(_weights(load_bundle(out)), _weights(load_bundle(tmp_path / "single" / "bundle"))) < 1e-5
     # and the model did move away from its initial weights
-    from workers.training import new_model
-
-    start = new_model(config.model, config.train.seed).state_dict()
-    assert max((got[n] - v).abs().max().item() for n, v in start.items()) > 1e-3
+    assert _max_abs_difference(got, new_model(config.model, config.train.seed).state_dict()) > 1e-3
 
 
 def test_two_ray_train_workers_take_the_single_process_trainers_steps(tmp_path, ray_cpus):
@@ -99,28 +107,17 @@ def test_two_ray_train_workers_take_the_single_process_trainers_steps(tmp_path, 
     after 2 x 4 steps with chunk draws and speed perturbation their weights equal the single-process
     trainer's to 1e-5 (max abs difference; gloo sums in another order). Dropout and SpecAugment are
     off: their draws depend on which worker holds an utterance."""
-    from pipeline.distributed import train_distributed
-    from pipeline.training import build_split
-    from workers.training import Trainer
+    from workers.epochs import plan_epoch
 
-    config = _config("data.max_train_utterances=10", "data.max_dev_utterances=3", "train.epochs=2",
-                     "train.speed_factors=[1.0, 1.1]", "train.full_utterance_prob=0.3", "train.max_batch_utterances=3",
-                     "train.data_feed=shared", "model.dropout=0.0", "train.freq_mask_param=0", "train.num_time_masks=0")
-    train, dev, _ = build_split(config)
-    trainer = Trainer(tmp_path / "single", train, dev, config.features, config.model, config.train, log=lambda _: None)
-    assert sorted(len(b.indices) for b in trainer.epoch_plan(4)[1]) == [1, 3, 3, 3]  # shares of 2 + 1, and 1 + empty
-    single = trainer.run(max_steps_per_epoch=4, show_progress=False)
-    train_distributed(train, config.features, config.model, config.train, 2, tmp_path / "ray" / "bundle", use_gpu=False,
-                      storage_path=tmp_path / "ray" / "ray_train", dev=dev, max_steps_per_epoch=4, log=lambda _: None)
-    history = json.loads((tmp_path / "ray" / "history.json").read_text())
+    config, trainer, single, history, _, got = _train_both_ways(tmp_path, 2, 4, "model.dropout=0.0", "train.freq_mask_param=0",
+                                                                "train.num_time_masks=0")
+    first = plan_epoch([e.features.shape[0] for e in trainer.train_sets[1.0]], config.train, 0)[:4]
+    assert sorted(len(b.indices) for b in first) == [1, 3, 3, 3]  # shares of 2 + 1, and 1 + empty
     assert [h["steps"] for h in history] == [h["steps"] for h in single.history] == [4, 4]
     for key in ("chunked_batches", "whole_batches"):
         assert [h[key] for h in history] == [h[key] for h in single.history], key
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in single.history], abs=1e-4)
-    last = sorted((tmp_path / "ray" / "ray_train" / "asr_train").glob("checkpoint_2*"))[-1] / "state.pt"
-    got = torch.load(last, weights_only=True)["model"]
-    expected = trainer.module.state_dict()
-    assert max((got[n] - v).abs().max().item() for n, v in expected.items()) < 1e-5
+    assert _max_abs_difference(got, trainer.module.state_dict()) < 1e-5
 
 
 def test_shard_plan_splits_every_batch_and_weights_the_shares_to_the_batch_mean():
