@@ -84,7 +84,7 @@ class InferenceConfig:
     """How the bundle's model runs at inference (eval, transcribe, stream, bench). Not in
     ``model``: that section is the training recipe; a bundle's architecture is its own."""
 
-    quantize: str = "none"  # "int8": dynamic int8 LSTMs + output layer on the CPU (ignored, with a warning, on CUDA)
+    quantize: str = "none"  # "int8": dynamic int8 LSTMs + output layer; "bf16": bfloat16 autocast; CPU only (ignored, with a warning, on CUDA)
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:

@@ -48,7 +48,7 @@ class Bundle:
     lexicon_path: Path | None = None
     lm_path: Path | None = None
     info: dict = field(default_factory=dict)
-    quantize: str = "none"  # what ``load_bundle`` applied to ``model``: "none" or "int8"
+    quantize: str = "none"  # what ``load_bundle`` applied to ``model``: "none", "int8" or "bf16"
 
     @property
     def tokens_path(self) -> Path:
@@ -93,9 +93,10 @@ def save_bundle(
 def load_bundle(path: str | Path | None = None, device: str | torch.device = "cpu", quantize: str = "none") -> Bundle:
     """Load and validate a bundle (default: the shipped ``models/default``).
 
-    ``quantize="int8"``: dynamic int8 quantisation of the LSTMs and the output layer
-    (``workers.model.quantize_model``), for CPU inference. It exists only on the CPU, so on
-    a CUDA device it is ignored with a warning and the float model is used."""
+    ``quantize="int8"``: dynamic int8 quantisation of the LSTMs and the output layer;
+    ``"bf16"``: bfloat16 autocast (``workers.model.quantize_model``), for CPU inference.
+    Both exist only on the CPU, so on a CUDA device they are ignored with a warning and the
+    float model is used."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     checked = check_bundle(path)
@@ -118,7 +119,7 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
         raise BundleError(f"{path / 'weights.pt'}: weights do not match the config ({exc})") from exc
     model.to(device).eval()
     if quantize != "none" and torch.device(device).type != "cpu":
-        warnings.warn(f"quantize={quantize!r} ignored on {device}: dynamic int8 quantisation runs on the CPU only", stacklevel=2)
+        warnings.warn(f"quantize={quantize!r} ignored on {device}: it runs on the CPU only", stacklevel=2)
         quantize = "none"
     model = quantize_model(model, quantize)
     return Bundle(

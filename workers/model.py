@@ -53,6 +53,9 @@ class BiLSTMCTC(nn.Module):
         # True after ``quantize_model(..., "int8")``: windows then run one stream at a time
         # over their valid frames only (see ``forward_window``).
         self.row_wise = False
+        # bfloat16 after ``quantize_model(..., "bf16")``: windows and utterances run under
+        # autocast with bfloat16 weights (float32 in and out).
+        self.autocast_dtype: torch.dtype | None = None
 
     # ---- state ---------------------------------------------------------------------
     def initial_state(self, batch: int, device: torch.device | str = "cpu") -> LstmState:
@@ -100,6 +103,10 @@ class BiLSTMCTC(nn.Module):
         it; ``row_wise`` models therefore run each stream alone over its valid frames, which
         keeps streaming output equal to offline chunked output.
         """
+        if self.autocast_dtype is not None:
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                out, (h, c) = self._forward_window_batch(x, chunk_frames, window_lengths, state)
+            return out.float(), (h.float(), c.float())
         if self.row_wise:
             return self._forward_window_rows(x, window_lengths, chunk_frames, state)
         return self._forward_window_batch(x, chunk_frames, window_lengths, state)
@@ -172,6 +179,9 @@ class BiLSTMCTC(nn.Module):
             return self.forward_window(x, lengths.to(x.device).clamp(max=frames), frames, self.initial_state(batch, x.device))[0]
         if self.row_wise:  # batched windows would share quantisation ranges: one window at a time
             return self.forward_windows_sequential(x, lengths, chunk_frames, right_context_frames)
+        if self.autocast_dtype is not None:
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                return self._forward_chunked(x, lengths.to(x.device), chunk_frames, right_context_frames).float()
         return self._forward_chunked(x, lengths.to(x.device), chunk_frames, right_context_frames)
 
     def forward_windows_sequential(
@@ -244,13 +254,21 @@ class BiLSTMCTC(nn.Module):
 def quantize_model(model: BiLSTMCTC, mode: str = "none") -> BiLSTMCTC:
     """``mode`` "int8": a copy with dynamically quantised int8 LSTMs and output layer (CPU
     only: weights int8, activations quantised per call by their range), run ``row_wise``;
+    "bf16": a copy with bfloat16 weights whose forward passes run under CPU autocast
+    (float32 inputs, outputs and state; fast where the CPU has native bfloat16, AVX512-BF16
+    or AMX);
     "none": ``model`` itself."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if mode == "none":
         return model
     if next(model.parameters()).device.type != "cpu":
-        raise ValueError(f"int8 quantisation runs on the CPU only; the model is on {next(model.parameters()).device}")
+        raise ValueError(f"{mode} inference runs on the CPU only; the model is on {next(model.parameters()).device}")
+    if mode == "bf16":
+        copy = BiLSTMCTC(model.config)
+        copy.load_state_dict(model.state_dict())
+        copy.to(torch.bfloat16).eval().autocast_dtype = torch.bfloat16
+        return copy
     import warnings
 
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, not installed here

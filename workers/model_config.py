@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COMBINE_MODES = ("concat", "sum", "mean", "product")
-QUANTIZE_MODES = ("none", "int8")  # inference-time weight formats (``quantize_model``)
+QUANTIZE_MODES = ("none", "int8", "bf16")  # inference-time number formats (``quantize_model``)
 
 
 @dataclass(frozen=True)

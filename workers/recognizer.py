@@ -87,7 +87,7 @@ class Recognizer:
     ``chunk_ms=None`` runs the BiLSTM over the whole utterance; otherwise latency-controlled
     chunks of ``chunk_ms`` with ``lookahead_ms`` of right context, as streaming does. With
     voice activity detection on (``vad``, the default) only words where the detector hears
-    speech are kept. ``quantize`` ("none", "int8"): see ``load_bundle`` (a ``Bundle`` passed
+    speech are kept. ``quantize`` ("none", "int8", "bf16"): see ``load_bundle`` (a ``Bundle`` passed
     in is used as it was loaded).
     """
 
