@@ -1,4 +1,4 @@
-"""Acoustic-model speed, float vs int8 (``inference.quantize``), on the held-out AN4 features.
+"""Acoustic-model speed, float vs int8 vs bfloat16 (``inference.quantize``), on the held-out AN4 features.
 
 Times only the model's forward pass (no features, no decoding), one torch thread by default:
 
@@ -55,7 +55,7 @@ def main() -> None:
     audio_s = frames * frame_ms / 1000
     chunk, rc = frames_for_ms(300, frame_ms), frames_for_ms(150, frame_ms)
     report = {"utterances": len(feats), "frames": frames, "audio_s": round(audio_s, 1), "threads": args.threads}
-    for mode in ("none", "int8"):
+    for mode in ("none", "int8", "bf16"):
         model = load_bundle(quantize=mode).model
 
         def offline(model=model):
