@@ -191,3 +191,35 @@ def test_capped_mean_streams_exactly_past_the_cap() -> None:
     online = stream(extractor, wave, [1234, 80, 4000, 333])
     assert offline.shape == online.shape and offline.shape[0] > 3 * 200 // 3
     assert float((online - offline).abs().max()) <= 1e-4
+
+
+def test_many_streams_at_once_get_exactly_what_each_gets_alone() -> None:
+    """``StreamingFeatures.online_many`` (the feature actor's batches: the MFCC of equal-length
+    pieces and the running means of equal frame counts as one batch each) gives every stream
+    the very numbers ``online_inference`` gives it alone: streams at several levels, one with
+    digital silence, crossing the cap of the running mean (``cmn_max_frames``) at different
+    times, with pushes of random and equal sizes, some empty, one shorter than a window."""
+    speech = torch.cat([an4_wave(u) for u in UTTERANCES])
+    waves = [speech, apply_gain(speech, -30.0), torch.cat([torch.zeros(9000), apply_gain(torch.flip(speech, [0]), 8.0)]),
+             speech[20000:], speech[:300]]
+    extractor = MfccExtractor(FeatureConfig(cmn_prior_frames=50, cmn_max_frames=120, log_floor=1e-10), NORMALIZER)
+    streamer = StreamingFeatures(extractor)
+    together = [streamer.initial_state() for _ in waves]
+    alone = [streamer.initial_state() for _ in waves]
+    rng = np.random.default_rng(7)
+    position = [0] * len(waves)
+    pushes = 0
+    while any(p < len(w) for p, w in zip(position, waves)):
+        sizes = [1600] * len(waves) if pushes % 2 else [int(n) for n in rng.integers(0, 4000, len(waves))]
+        chunks = [w[p : p + n] for w, p, n in zip(waves, position, sizes)]
+        position = [p + n for p, n in zip(position, sizes)]
+        batch = streamer.online_many(chunks, together)
+        for i, chunk in enumerate(chunks):
+            want, alone[i] = streamer.online_inference(chunk, alone[i])
+            got, together[i] = batch[i]
+            assert torch.equal(got, want), (pushes, i)
+            a, b = together[i].cmn, alone[i].cmn
+            assert a.count == b.count and (a.mean is b.mean is None or torch.equal(a.mean, b.mean)), (pushes, i)
+        pushes += 1
+    assert all(s.cmn.count == 120 for s in together[:4])  # every long stream went past the cap
+    assert pushes > 20

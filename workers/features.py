@@ -81,6 +81,56 @@ class Normalizer:
         out = ((x - running) / self.std.double()).float()
         return out, CmnState(mean, count)
 
+    def causal_many(
+        self, frames: list[torch.Tensor], states: list[CmnState], prior_frames: float, max_frames: float = math.inf,
+        silence_std: float = 0.0,
+    ) -> list[tuple[torch.Tensor, CmnState]]:
+        """``causal`` for several streams at once (frames[i] (frames, n_mfcc) continues the stream
+        of ``states[i]``), each getting exactly what ``causal`` gives it: streams with the same
+        number of frames share one batch of tensor operations, so a feature actor does not pay
+        Python's per-operation cost once per stream."""
+        results: list[tuple[torch.Tensor, CmnState] | None] = [None] * len(frames)
+        by_length: dict[int, list[int]] = {}
+        for i, f in enumerate(frames):
+            if f.shape[0] == 0:
+                results[i] = (f.clone(), states[i])
+            else:
+                by_length.setdefault(f.shape[0], []).append(i)
+        for rows in by_length.values():
+            group = self._causal_batch(torch.stack([frames[i] for i in rows]), [states[i] for i in rows],
+                                       prior_frames, max_frames, silence_std)
+            for i, result in zip(rows, group):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _causal_batch(
+        self, frames: torch.Tensor, states: list[CmnState], prior_frames: float, max_frames: float, silence_std: float
+    ) -> list[tuple[torch.Tensor, CmnState]]:
+        """``causal`` of (streams, frames, n_mfcc): the same operations, one row per stream."""
+        x = frames.double()
+        means = torch.stack([s.mean if s.mean is not None else self.mean.double() for s in states])  # (streams, n_mfcc)
+        count0 = torch.tensor([s.count if s.mean is not None else float(prior_frames) for s in states], dtype=torch.float64)
+        use = torch.ones(x.shape[:2], dtype=torch.bool)
+        if silence_std > 0:
+            use = x[:, :, 0] >= float(self.mean[0]) - silence_std * float(self.std[0])
+        counts = count0[:, None] + torch.cumsum(use.double(), dim=1)  # (streams, frames)
+        cumulative = counts <= max_frames  # a prefix of each row
+        k = cumulative.sum(dim=1)
+        total = means[:, None, :] * count0[:, None, None] + torch.cumsum(x * use[:, :, None], dim=1)
+        running = total / counts[:, :, None]
+        rows = torch.arange(x.shape[0])
+        last = (k - 1).clamp_min(0)
+        mean = torch.where((k > 0)[:, None], running[rows, last], means)
+        count = torch.where(k > 0, counts[rows, last], count0)
+        for t in range(int(k.min()), x.shape[1]):  # the capped regime (streams longer than max_frames)
+            capped = t >= k
+            update = capped & use[:, t]
+            count = torch.where(update, (count + 1.0).clamp_max(max_frames), count)
+            mean = torch.where(update[:, None], mean + (x[:, t] - mean) / count[:, None], mean)
+            running[:, t] = torch.where(capped[:, None], mean, running[:, t])
+        out = ((x - running) / self.std.double()).float()
+        return [(out[i], CmnState(mean[i].clone(), float(count[i]))) for i in range(x.shape[0])]
+
     @classmethod
     def identity(cls, n_mfcc: int) -> Normalizer:
         return cls(torch.zeros(n_mfcc), torch.ones(n_mfcc))
@@ -119,6 +169,30 @@ class MfccExtractor:
             # torchaudio's MFCC with log_mels=True, but with our floor inside the log
             mel = self._mfcc.MelSpectrogram(wave.float())
             return torch.matmul((mel + self.config.log_floor).log().transpose(0, 1), self._mfcc.dct_mat).contiguous()
+
+    def raw_mfcc_many(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``raw_mfcc`` of several waveforms: those of the same length go through the transforms
+        as one batch (the same numbers as one by one)."""
+        out = [torch.zeros(0, self.config.n_mfcc)] * len(waves)
+        by_length: dict[int, list[int]] = {}
+        for i, w in enumerate(waves):
+            if w.numel() >= self.config.window_samples:
+                by_length.setdefault(w.numel(), []).append(i)
+        with torch.no_grad():
+            for rows in by_length.values():
+                mel = self._mfcc.MelSpectrogram(torch.stack([waves[i].float() for i in rows]))  # (rows, n_mels, frames)
+                mfcc = torch.matmul((mel + self.config.log_floor).log().transpose(1, 2), self._mfcc.dct_mat)
+                for j, i in enumerate(rows):
+                    out[i] = mfcc[j].contiguous()
+        return out
+
+    def normalize_many(self, frames: list[torch.Tensor], states: list[CmnState | None]) -> list[tuple[torch.Tensor, CmnState]]:
+        """``normalize`` for several streams at once (the same results)."""
+        states = [s if s is not None else self.normalizer.initial_state() for s in states]
+        if self.config.cmn_prior_frames > 0:
+            cfg = self.config
+            return self.normalizer.causal_many(frames, states, cfg.cmn_prior_frames, cfg.cmn_max_frames, cfg.cmn_silence_std)
+        return [(self.normalizer(f), s) for f, s in zip(frames, states)]
 
     def stack(self, frames: torch.Tensor) -> torch.Tensor:
         """(frames_10ms, n_mfcc) -> (frames_10ms // stack, n_mfcc * stack); a partial group is dropped."""
@@ -167,17 +241,23 @@ class StreamingFeatures:
         return FeatureState(pending_frames=torch.zeros(0, self.config.n_mfcc), cmn=self.extractor.normalizer.initial_state())
 
     def online_inference(self, chunk: torch.Tensor, state: FeatureState) -> tuple[torch.Tensor, FeatureState]:
+        return self.online_many([chunk], [state])[0]
+
+    def online_many(self, chunks: list[torch.Tensor], states: list[FeatureState]) -> list[tuple[torch.Tensor, FeatureState]]:
+        """``online_inference`` for several streams at once (chunk i continues the stream of
+        ``states[i]``): the MFCC and the running mean of all of them in batches, each stream
+        getting exactly what it gets alone."""
         cfg = self.config
-        samples = torch.cat([state.pending_samples, chunk.float()])
-        n_frames = 0 if samples.numel() < cfg.window_samples else 1 + (samples.numel() - cfg.window_samples) // cfg.hop_samples
-        used = n_frames * cfg.hop_samples
-        raw = self.extractor.raw_mfcc(samples[: used - cfg.hop_samples + cfg.window_samples]) if n_frames else torch.zeros(0, cfg.n_mfcc)
-        pending = state.pending_frames if state.pending_frames is not None else torch.zeros(0, cfg.n_mfcc)
-        normalized, cmn = self.extractor.normalize(raw, state.cmn)
-        frames = torch.cat([pending, normalized])
-        n_stacked = frames.shape[0] // cfg.stack_frames
-        out = self.extractor.stack(frames)
-        new_state = FeatureState(
-            pending_samples=samples[used:].clone(), pending_frames=frames[n_stacked * cfg.stack_frames :].clone(), cmn=cmn
-        )
-        return out, new_state
+        samples = [torch.cat([state.pending_samples, chunk.float()]) for chunk, state in zip(chunks, states)]
+        n_frames = [0 if x.numel() < cfg.window_samples else 1 + (x.numel() - cfg.window_samples) // cfg.hop_samples for x in samples]
+        raw = self.extractor.raw_mfcc_many([x[: n * cfg.hop_samples - cfg.hop_samples + cfg.window_samples] if n else x[:0]
+                                            for x, n in zip(samples, n_frames)])
+        normalized = self.extractor.normalize_many(raw, [state.cmn for state in states])
+        results = []
+        for x, n, state, (norm, cmn) in zip(samples, n_frames, states, normalized):
+            pending = state.pending_frames if state.pending_frames is not None else torch.zeros(0, cfg.n_mfcc)
+            frames = torch.cat([pending, norm])
+            n_stacked = frames.shape[0] // cfg.stack_frames
+            results.append((self.extractor.stack(frames), FeatureState(
+                pending_samples=x[n * cfg.hop_samples :].clone(), pending_frames=frames[n_stacked * cfg.stack_frames :].clone(), cmn=cmn)))
+        return results

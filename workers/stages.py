@@ -43,11 +43,12 @@ class FeatureStage:
         return self.push_many([(stream_id, wave)])[0]
 
     def push_many(self, pushes: list[tuple[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``push`` for several streams (distinct ids) at once: MFCC stream by stream, the voice
-        activity of all of them in batches (``SpeechDetector.online_many``)."""
+        """``push`` for several streams (distinct ids) at once: the MFCC and the voice activity of
+        all of them in batches (``StreamingFeatures.online_many``, ``SpeechDetector.online_many``)."""
         if len({sid for sid, _ in pushes}) != len(pushes):
             raise ValueError("push_many takes one push per stream")
-        mfcc = [self.streaming.online_inference(wave, self._states.get(sid) or self.streaming.initial_state()) for sid, wave in pushes]
+        mfcc = self.streaming.online_many([wave for _, wave in pushes],
+                                          [self._states.get(sid) or self.streaming.initial_state() for sid, _ in pushes])
         no_speech = torch.zeros(0, dtype=torch.bool)
         vad = [(no_speech, None)] * len(pushes)
         if self.vad is not None:
