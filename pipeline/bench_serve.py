@@ -5,15 +5,20 @@ For each N of ``--streams``, on one local Ray and the same stage-actor settings:
 - ``in_driver``: N real-time streams pushed by this process straight into a
   ``StreamingPipeline`` (``pipeline.bench.bench_streams``: latency from a push to its chain's
   results, over the pushes that completed a model chunk);
-- ``websocket``: N real-time clients of ``asr serve`` (deployed here, on loopback), each on
-  its own thread sending a ``--frame-ms`` frame (default 200 ms, as Vosk's clients send)
-  every ``--frame-ms`` and waiting for the reply (the server waits for the stages when the
-  frame completes a model chunk); latency from sending a frame to its reply, over every
-  frame and over the chunk-completing ones (``chunk_frames``); a frame sent more than a frame
-  period after its due time is late. The in-driver streams push the same frame size.
+- ``websocket``: N real-time clients of ``asr serve`` as the command deploys it on its own
+  Ray (deployed here, on loopback, the ingress replica serving its port itself: Serve's
+  direct ingress), each on its own thread sending a ``--frame-ms`` frame (default 200 ms, as
+  Vosk's clients send) every ``--frame-ms`` and waiting for the reply (the server waits for
+  the stages when the frame completes a model chunk); latency from sending a frame to its
+  reply, over every frame and over the chunk-completing ones (``chunk_frames``); a frame sent
+  more than a frame period after its due time is late. The in-driver streams push the same
+  frame size.
+- ``websocket_via_proxy``: the same clients through the Serve proxy (how ``asr serve``
+  reaches the ingress on a cluster or with several replicas): every message and reply is
+  relayed as a Ray call.
 
 A configuration keeps real time when its p95 latency is within ``--max-p95-ms`` and no
-push or frame was late. ``capacity``: the largest N kept by each, and their ratio (the
+push or frame was late. ``capacity``: the largest N kept by each, and the ratios (the
 front door's cost). ``server_rss_mb``: the peak summed RSS of Ray's processes (stage actors,
 Serve controller, proxy and ingress) during the websocket runs.
 """
@@ -96,7 +101,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
 
     from pipeline.bench import RssSampler, bench_streams, print_result, stream_kept_real_time
     from pipeline.ray_session import ray_log_dir, shutdown_ray, start_local_ray
-    from pipeline.serve_cli import deploy, take_down
+    from pipeline.serve_cli import deploy, direct_ingress_environment, take_down
     from pipeline.streaming.session import StreamingPipeline
     from workers.audio import load_audio
     from workers.bundle_config import check_bundle
@@ -116,7 +121,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
                     "settings": {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
                                  "frame_ms": args.frame_ms, "decoder": config.decoder.kind, "max_p95_ms": args.max_p95_ms},
                     "runs": []}
-    start_local_ray(num_cpus=os.cpu_count())
+    start_local_ray(num_cpus=os.cpu_count(), environment=direct_ingress_environment(args.serve_port))
     deployment = None
     try:
         in_driver = {}
@@ -130,25 +135,41 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
         bundle = check_bundle(args.model)
         max_streams = max(args.streams)
         serve_config = _with_max_streams(config, max_streams)
-        deployment = deploy(serve_config, bundle, serve_config.decoder, port=args.serve_port)
+        deployment = deploy(serve_config, bundle, serve_config.decoder, port=args.serve_port, direct=True)
         a = deployment.actors
         clock = functools.partial(ChunkClock, a.chunk_ms, a.lookahead_ms, a.frame_ms, a.feature_span_ms, config.streaming.ingest_chunk_ms)
         with RssSampler() as sampler:
             for n in args.streams:
-                r = websocket_clients(deployment.url, waves, n, args.stream_seconds, rate, args.max_p95_ms, args.frame_ms, clock)
-                print(json.dumps({"websocket": r}), flush=True)
-                result["runs"].append({"streams": n, "in_driver": in_driver[n], "websocket": r})
+                run = {"streams": n, "in_driver": in_driver[n]}
+                for key, url in (("websocket", deployment.url), ("websocket_via_proxy", deployment.proxy_url)):
+                    _wait_until_no_connections(args.serve_port)  # the last run's connections are closed
+                    run[key] = websocket_clients(url, waves, n, args.stream_seconds, rate, args.max_p95_ms, args.frame_ms, clock)
+                    print(json.dumps({key: run[key]}), flush=True)
+                result["runs"].append(run)
         result["server_rss_mb"] = round(sampler.peak_mb, 1)
     finally:
         take_down(deployment)
         shutdown_ray()
     kept_driver = max([run["streams"] for run in result["runs"] if run["in_driver"]["kept_real_time"]], default=0)
-    kept_ws = max([run["streams"] for run in result["runs"] if run["websocket"]["kept_real_time"]], default=0)
-    result["capacity"] = {"in_driver_streams": kept_driver, "websocket_streams": kept_ws,
-                          "websocket_over_in_driver": round(kept_ws / kept_driver, 3) if kept_driver else None,
-                          "criterion": f"p95 <= {args.max_p95_ms:g} ms, nothing late, over the N tried"}
+    result["capacity"] = {"in_driver_streams": kept_driver, "criterion": f"p95 <= {args.max_p95_ms:g} ms, nothing late, over the N tried"}
+    for key in ("websocket", "websocket_via_proxy"):
+        kept = max([run["streams"] for run in result["runs"] if run[key]["kept_real_time"]], default=0)
+        result["capacity"][f"{key}_streams"] = kept
+        result["capacity"][f"{key}_over_in_driver"] = round(kept / kept_driver, 3) if kept_driver else None
     result["ray_logs"] = ray_log_dir()
     return print_result(result, args.json_path)
+
+
+def _wait_until_no_connections(port: int, timeout_s: float = 30.0) -> None:
+    """Until the ingress counts no open connection (a client's close reaches it a little later)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            if json.loads(reply.read())["connections"] == 0:
+                return
+        time.sleep(0.2)
 
 
 def _with_max_streams(config: AppConfig, max_streams: int) -> AppConfig:

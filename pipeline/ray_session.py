@@ -81,17 +81,18 @@ _local: _LocalRay | None = None  # the local Ray this process started and has no
 _last_log_dir: str | None = None
 
 
-def connect_ray(address: str | None = None, verbose: bool | None = None, **init_kwargs: Any) -> bool:
+def connect_ray(address: str | None = None, verbose: bool | None = None, environment: dict[str, str] | None = None,
+                **init_kwargs: Any) -> bool:
     """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray, unless Ray is already
     initialised. Returns True when this call initialised Ray (the caller ends it with
-    ``shutdown_ray``). ``init_kwargs`` (``num_cpus``, ...) go to ``ray.init`` for a local Ray.
-    ``verbose``: default ``VERBOSE``."""
+    ``shutdown_ray``). ``environment`` and ``init_kwargs`` (``num_cpus``, ...) are for a local
+    Ray (see ``start_local_ray``). ``verbose``: default ``VERBOSE``."""
     global _owned
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        start_local_ray(verbose, **init_kwargs)
+        start_local_ray(verbose, environment, **init_kwargs)
         return True
     verbose = VERBOSE if verbose is None else verbose
     ray.init(address=address, logging_level=_logging_level(verbose), log_to_driver=verbose)
@@ -100,15 +101,17 @@ def connect_ray(address: str | None = None, verbose: bool | None = None, **init_
     return True
 
 
-def start_local_ray(verbose: bool | None = None, **init_kwargs: Any) -> None:
-    """Start a Ray for this process only: loopback, no metrics, no dashboard, watched (see the module docstring)."""
+def start_local_ray(verbose: bool | None = None, environment: dict[str, str] | None = None, **init_kwargs: Any) -> None:
+    """Start a Ray for this process only: loopback, no metrics, no dashboard, watched (see the
+    module docstring). ``environment``: variables that Ray's processes (and so every worker and
+    actor) start with, this process's own environment left as it was."""
     global _owned, _local, _last_log_dir
     verbose = VERBOSE if verbose is None else verbose
     reaper = subprocess.Popen([sys.executable, str(REAPER)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     no_metrics = {} if METRICS_VARIABLE in os.environ else {METRICS_VARIABLE: "0"}
     try:
-        with _loopback_node(), _environment(no_metrics):
+        with _loopback_node(), _environment({**no_metrics, **(environment or {})}):
             # address="local": a new Ray even when a `ray start` cluster runs on this machine (ray.init would join it)
             ray.init(address="local", include_dashboard=False, logging_level=_logging_level(verbose), log_to_driver=verbose, **init_kwargs)
     except BaseException:

@@ -1,9 +1,14 @@
 """``asr serve``: the streaming pipeline behind a websocket, on Ray Serve, speaking the Vosk
 protocol (``pipeline.vosk_protocol``).
 
-    client ─ws─► Serve proxy ─► AsrIngress replica ─► StreamingPipeline session ─► stage actors
-                 (HTTP port)    (websocket, JSON,      (chains, backpressure,      (shared, batched;
-                                 one thread per conn)   recovery)                   started once)
+    client ─ws─► AsrIngress replica ─► StreamingPipeline session ─► stage actors
+                 (websocket, JSON,      (chains, backpressure,      (shared, batched;
+                  one thread per conn)   recovery)                   started once)
+
+On a Ray that ``asr serve`` starts, the one ingress replica listens on the port itself (Serve's
+direct ingress, ``serve_cli.direct_ingress_environment``); on a cluster (``--address``) or with
+``--replicas N``, clients reach the replicas through the Serve proxy on the port, which relays
+every message and reply as a Ray call.
 
 The driver (``asr serve``) starts one set of stage actors (``StageActors``) and deploys the
 ingress with their handles, so ingress replicas only translate the protocol while
@@ -38,9 +43,10 @@ class AsrIngress:
     attaches to the shared stage actors. Each connection's blocking calls run on a thread of
     a pool sized for ``max_streams`` connections; a connection beyond that is refused."""
 
-    def __init__(self, config: AppConfig, actors: Any, max_streams: int) -> None:
+    def __init__(self, config: AppConfig, actors: Any, max_streams: int, front_door: dict[str, Any] | None = None) -> None:
         from pipeline.streaming.session import StreamingPipeline
 
+        self.front_door = front_door or {}  # how clients reach this replica ("direct", "proxy_port"), for /stats
         self.pipe = StreamingPipeline(config, actors=actors)
         self.actors = actors
         self.max_streams = max_streams
@@ -62,7 +68,7 @@ class AsrIngress:
         from pipeline.streaming.actors import process_rss_mb
 
         return JSONResponse({
-            "connections": self.connections, "max_streams": self.max_streams, "refused": self.refused,
+            "connections": self.connections, "max_streams": self.max_streams, "refused": self.refused, **self.front_door,
             "open_streams": self.pipe.open_streams(), "stage_streams": self.actors.stream_counts(),
             "actor_rss_mb": {**self.actors.rss_mb(), "ingress": round(process_rss_mb(), 1)},
             "recoveries": self.pipe.stats.recoveries, "lost_streams": self.pipe.stats.lost_streams,
@@ -96,9 +102,14 @@ class AsrIngress:
         except (WebSocketDisconnect, RuntimeError):  # the client went away mid-reply
             pass
         finally:
-            await loop.run_in_executor(self._pool, connection.on_disconnect)
-            with self._lock:
-                self.connections -= 1
+            # Serve cancels this handler once it sees the client's side of the close (direct
+            # ingress does, as soon as the close handshake ends): the stream's state is freed on
+            # a pool thread whatever happens here, and the connection always stops counting.
+            try:
+                await asyncio.shield(loop.run_in_executor(self._pool, connection.on_disconnect))
+            finally:
+                with self._lock:
+                    self.connections -= 1
 
     @staticmethod
     async def _send(websocket: WebSocket, reply: Reply) -> None:

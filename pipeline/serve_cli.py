@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +37,26 @@ class Deployment:
 
     actors: Any  # StageActors
     max_streams: int
-    url: str
+    url: str  # where clients connect
     owns_serve: bool  # Serve was started here (take_down shuts it down, not just the app)
+    proxy_url: str = ""  # the Serve proxy's address (with direct ingress, a second way in)
+
+
+def direct_ingress_environment(port: int) -> dict[str, str]:
+    """What a local Ray starts with for Serve's direct ingress: the ingress replica itself
+    listens on ``port`` (HTTP and websockets), so frames and replies are not relayed through
+    the Serve proxy, one Ray call per message each way. The drain that Serve would otherwise
+    wait for on shutdown (30 s, for load balancers) is off: the server stops at once."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-           replicas: int = 1, verbose: bool = False) -> Deployment:
+           replicas: int = 1, verbose: bool = False, direct: bool = False) -> Deployment:
     """Start the stage actors and deploy the websocket ingress on the connected Ray; returns
-    once ``/healthz`` would answer. ``take_down`` undoes it."""
+    once ``/healthz`` would answer. ``take_down`` undoes it. ``direct``: the Ray was started
+    with ``direct_ingress_environment(port)`` and one replica serves ``port`` itself (the Serve
+    proxy then listens on a free port of its own)."""
     import ray
     from ray import serve
 
@@ -49,19 +64,48 @@ def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOS
     from pipeline.streaming.placement import max_stream_count
     from pipeline.streaming.stage_actors import start_stage_actors
 
+    if direct and replicas != 1:
+        raise ValueError(f"direct ingress serves one replica on one port, got {replicas} replicas")
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     owns_serve = not _serve_running(ray)
     actors = start_stage_actors(config, bundle, decoder)
-    deployment = Deployment(actors, max_stream_count(config.streaming), f"ws://{host}:{port}", owns_serve)
+    proxy_port = _free_port(host) if direct else port
+    deployment = Deployment(actors, max_stream_count(config.streaming), f"ws://{host}:{port}", owns_serve, f"ws://{host}:{proxy_port}")
     try:
-        serve.start(http_options={"host": host, "port": port}, logging_config=_serve_logging(verbose))
+        serve.start(http_options={"host": host, "port": proxy_port}, logging_config=_serve_logging(verbose))
         ingress = AsrIngress.options(num_replicas=replicas, logging_config=_serve_logging(verbose))
-        serve.run(ingress.bind(config, actors, deployment.max_streams), name=APP_NAME, route_prefix="/")
+        front_door = {"direct": direct, "proxy_port": proxy_port}
+        serve.run(ingress.bind(config, actors, deployment.max_streams, front_door), name=APP_NAME, route_prefix="/")
+        if direct:
+            _wait_for_health(host, port)
     except BaseException:
         take_down(deployment)
         raise
     return deployment
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_health(host: str, port: int, timeout_s: float = 60.0) -> None:
+    """Until the ingress replica answers ``GET /healthz`` on ``port``; RuntimeError if it does not."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the websocket ingress did not start listening on {host}:{port} "
+                                   f"within {timeout_s:g} s ({exc}); is the port in use?") from None
+        time.sleep(0.2)
 
 
 def take_down(deployment: Deployment | None) -> None:
@@ -104,11 +148,16 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
         print(f"error: {exc}", file=sys.stderr)
         return 1
     decoder = dataclasses.replace(config.decoder, kind=args.decoder) if args.decoder else config.decoder
-    owns_ray = connect_ray(args.address)
+    import ray
+
+    # A Ray started here serves one replica's websocket straight from that replica (direct
+    # ingress); on a cluster, or with several replicas, the Serve proxy spreads connections.
+    direct = args.replicas == 1 and not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    owns_ray = connect_ray(args.address, environment=direct_ingress_environment(args.port) if direct else None)
     deployment = None
     try:
         try:
-            deployment = deploy(config, bundle, decoder, args.host, args.port, args.replicas, VERBOSE)
+            deployment = deploy(config, bundle, decoder, args.host, args.port, args.replicas, VERBOSE, direct)
         except RuntimeError as exc:  # actors that did not start, a port in use
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -176,8 +176,13 @@ def test_health_and_the_serving_line(server: Server) -> None:
 
 
 def test_finals_equal_the_in_process_recogniser(server: Server, utterances) -> None:
-    for uid, pcm in utterances[:4]:
-        replies = transcribe(server.url, pcm)
+    """On the port itself (the replica's own listener: direct ingress) and, for the last
+    file, through the Serve proxy, which is how clients reach the replicas on a cluster."""
+    stats = server.get("/stats")[1]
+    assert stats["direct"] is True and stats["proxy_port"] != server.port
+    urls = [server.url] * 3 + [f"ws://127.0.0.1:{stats['proxy_port']}"]
+    for url, (uid, pcm) in zip(urls, utterances[:4], strict=True):
+        replies = transcribe(url, pcm)
         assert_one_reply_per_frame_and_valid(replies, len(blocks(pcm, 16000)), len(pcm) / 16000)
         want = texts(reference(pcm))
         assert want, uid  # real speech: words
