@@ -47,6 +47,8 @@ class AsrIngress:
         from pipeline.streaming.session import StreamingPipeline
 
         self.front_door = front_door or {}  # how clients reach this replica ("direct", "proxy_port"), for /stats
+        if self.front_door.get("direct"):
+            self._bind_direct_port_like_the_proxy()
         self.pipe = StreamingPipeline(config, actors=actors)
         self.actors = actors
         self.max_streams = max_streams
@@ -119,3 +121,30 @@ class AsrIngress:
             await websocket.send_text(text)
         if reply.close_code is not None:
             await websocket.close(code=reply.close_code)
+
+    @staticmethod  # (a method, not a module function: Serve pickles the ingress class by value)
+    def _bind_direct_port_like_the_proxy() -> None:
+        """Serve's direct-ingress listener binds its port without SO_REUSEADDR (its proxy sets it),
+        so a server restarted within a minute of serving could not bind: the connections it closed
+        (the server closes after eof) hold the port in TIME_WAIT. The replica's constructor runs
+        before that listener starts, so here the replica process makes Serve's socket set up
+        SO_REUSEADDR, and only that: a port another server is listening on still fails to bind."""
+        import socket
+
+        from ray.serve._private import http_util, replica
+
+        if getattr(replica.start_asgi_http_server, "reuses_address", False):
+            return
+        start = replica.start_asgi_http_server
+
+        def reuse_address(sock: socket.socket) -> bool:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            return True
+
+        def start_reusing_address(*args: Any, **kwargs: Any) -> Any:
+            kwargs["enable_so_reuseport"] = True  # -> http_util.set_socket_reuse_port, replaced below
+            return start(*args, **kwargs)
+
+        http_util.set_socket_reuse_port = reuse_address  # (this replica process runs no other listener)
+        start_reusing_address.reuses_address = True  # type: ignore[attr-defined]
+        replica.start_asgi_http_server = start_reusing_address

@@ -52,10 +52,12 @@ STAGE_ACTORS = ("--set", "streaming.acoustic_actors=1", "--set", "streaming.deco
 
 # ---- the server ------------------------------------------------------------------------------
 class Server:
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
         self.url = f"ws://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}",
@@ -67,6 +69,14 @@ class Server:
         self.ready = threading.Event()
         for pipe, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
             threading.Thread(target=self._read, args=(pipe, lines), daemon=True).start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Until the serving line (True), the process's exit or ``timeout_s`` (False)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.wait(0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                return self.ready.wait(1.0)
+        return True
 
     def _read(self, pipe, lines: list[str]) -> None:
         for line in pipe:
@@ -88,7 +98,7 @@ class Server:
 def server() -> Iterator[Server]:
     srv = Server()
     try:
-        if not srv.ready.wait(START_TIMEOUT_S):
+        if not srv.wait_ready(START_TIMEOUT_S):
             pytest.fail(f"asr serve did not start in {START_TIMEOUT_S} s:\n{''.join(srv.stdout)}{''.join(srv.stderr)[-3000:]}")
         yield srv
     finally:
@@ -397,8 +407,18 @@ def test_mic_script_streams_to_the_server(server: Server, request: pytest.Fixtur
     assert set(WORDS) <= set(final_text(printed).split()), printed + [stderr]
 
 
+def test_a_second_server_on_a_port_in_use_fails_clearly(server: Server) -> None:
+    """The server's own listener does not share its port (no SO_REUSEPORT): another ``asr serve``
+    on the same port exits 1 with an error, and the first one keeps serving."""
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(server.port), *STAGE_ACTORS],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    assert "error:" in done.stderr and "serving" not in done.stdout, done.stderr[-3000:]
+    assert server.get("/healthz")[0] == 200
+
+
 def test_sigterm_stops_the_server_and_leaves_no_process(server: Server) -> None:
-    """Last in this module: it ends the module's server."""
+    """Second to last in this module: it ends the module's server."""
     procs = server.descendants()
     assert any("raylet" in " ".join(p.cmdline()) for p in procs if p.is_running())
     server.proc.send_signal(signal.SIGTERM)
@@ -411,3 +431,17 @@ def test_sigterm_stops_the_server_and_leaves_no_process(server: Server) -> None:
     assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
     stderr = "".join(server.stderr)
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_a_restarted_server_binds_the_same_port_at_once(server: Server, utterances) -> None:
+    """Last: right after the module's server stopped (its closed connections still hold the port
+    in TIME_WAIT), a new ``asr serve`` on the same port starts and serves."""
+    assert server.proc.poll() is not None  # stopped by the test before
+    again = Server(server.port)
+    try:
+        assert again.wait_ready(START_TIMEOUT_S), "".join(again.stderr)[-3000:]
+        uid, pcm = utterances[0]
+        assert [r["text"] for r in final_replies(transcribe(again.url, pcm))] == texts(reference(pcm)), uid
+    finally:
+        again.proc.terminate()
+        again.proc.wait(90)
