@@ -45,7 +45,10 @@ class StreamingConfig:
     max_batch_wait_ms: float = 10.0  # how long the acoustic actor waits to fill a batch
     max_batch_streams: int = 64
     max_inflight_chunks: int = 8  # per stream: backpressure bound
-    max_submit_wait_ms: float = 5.0  # how long a push waits for other streams' pushes to share its chain
+    # how long a push waits for the other open streams' pushes to share its chain (no wait once
+    # every open stream has one queued); 15 rather than 5: websocket clients on one tick reach the
+    # server spread over more than 5 ms, and chains of a few streams each cost every stage more
+    max_submit_wait_ms: float = 15.0
     acoustic_num_gpus: float = -1  # -1: one GPU when the cluster has one, else 0
     acoustic_actors: int = 0  # streams are spread over this many acoustic actors; 0: one with a GPU, else 2
     acoustic_num_threads: int = 1  # torch intra-op threads of the acoustic actor; on 2 cores 2 threads gave a worse p95 (OpenMP spin-waits)
