@@ -7,8 +7,8 @@ For each N of ``--streams``, on one local Ray and the same stage-actor settings:
   results, over the pushes that completed a model chunk);
 - ``websocket``: N real-time clients of ``asr serve`` as the command deploys it on its own
   Ray (deployed here, on loopback, the ingress replica serving its port itself: Serve's
-  direct ingress), each on its own thread sending a ``--frame-ms`` frame (default 200 ms, as
-  Vosk's clients send) every ``--frame-ms`` and waiting for the reply (the server waits for
+  direct ingress), each a coroutine of one event loop sending a ``--frame-ms`` frame (default
+  200 ms, as Vosk's clients send) every ``--frame-ms`` and waiting for the reply (the server waits for
   the stages when the frame completes a model chunk); latency from sending a frame to its
   reply, over every frame and over the chunk-completing ones (``chunk_frames``); a frame sent
   more than a frame period after its due time is late. The in-driver streams push the same
@@ -17,8 +17,9 @@ For each N of ``--streams``, on one local Ray and the same stage-actor settings:
   reaches the ingress on a cluster or with several replicas): every message and reply is
   relayed as a Ray call.
 
-A configuration keeps real time when its p95 latency is within ``--max-p95-ms`` and no
-push or frame was late. ``capacity``: the largest N kept by each, and the ratios (the
+Each mode first runs ``WARM_UP_S`` of audio at the first N, not counted (the replica's first
+connections, the actors' first batches). A configuration keeps real time when its p95
+latency is within ``--max-p95-ms`` and no push or frame was late. ``capacity``: the largest N kept by each, and the ratios (the
 front door's cost). ``server_rss_mb``: the peak summed RSS of Ray's processes (stage actors,
 Serve controller, proxy and ingress) during the websocket runs.
 """
@@ -26,10 +27,10 @@ Serve controller, proxy and ingress) during the websocket runs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -38,14 +39,28 @@ import numpy as np
 from pipeline.config import AppConfig
 from pipeline.vosk_protocol import ChunkClock
 
+WARM_UP_S = 3.0  # audio seconds of a first, uncounted run in each mode
+
 
 def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds: float, rate_hz: int, max_p95_ms: float,
                       frame_ms: float = 200.0, clock: Callable[[], ChunkClock] | None = None) -> dict:
     """N paced clients for ``seconds`` of audio each; per-frame reply latency (all frames, and
     with ``clock`` also over the frames that complete a model chunk: those whose reply waits
-    for the stages, as every push counted by the in-driver benchmark does)."""
+    for the stages, as every push counted by the in-driver benchmark does).
+
+    The clients are coroutines of one asyncio event loop on one thread (the Vosk protocol over
+    ``websockets``' asyncio client): they share the machine with the server, so they should
+    cost it as little as possible, and a reply is timed when it arrives rather than when one
+    of N client threads next gets Python's interpreter lock."""
+    return asyncio.run(_websocket_clients(url, waves, n_clients, seconds, rate_hz, max_p95_ms, frame_ms, clock))
+
+
+async def _websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds: float, rate_hz: int, max_p95_ms: float,
+                             frame_ms: float, clock: Callable[[], ChunkClock] | None) -> dict:
+    from websockets.asyncio.client import connect
+
     from pipeline.bench import _percentiles
-    from pipeline.vosk_client import VoskClient, pcm16
+    from pipeline.vosk_client import pcm16
 
     block = int(rate_hz * frame_ms / 1000)
     n_frames = int(seconds * 1000 / frame_ms)
@@ -54,37 +69,42 @@ def websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, seconds
     latencies: list[list[float]] = [[] for _ in range(n_clients)]
     late = [0] * n_clients
     errors: list[str] = []
-    start_at = [0.0]
-    start = threading.Barrier(n_clients + 1, action=lambda: start_at.__setitem__(0, time.perf_counter() + 0.05))
+    connected = [asyncio.Event() for _ in range(n_clients)]
+    go = asyncio.Event()
+    t0 = [0.0]
 
-    def client(k: int) -> None:
+    async def client(k: int) -> None:
         source = np.concatenate([waves[(k + j) % len(waves)] for j in range(len(waves))])
         frames = [pcm16(source[(i * block) % max(1, len(source) - block):][:block]) for i in range(n_frames)]
         try:
-            with VoskClient(url, sample_rate_hz=rate_hz) as conn:
-                start.wait(120)
-                t0 = start_at[0]  # every client on the same tick, as the in-driver run's streams
+            async with connect(url, open_timeout=30, max_size=None) as ws:
+                await ws.send(json.dumps({"config": {"sample_rate": rate_hz}}))
+                connected[k].set()
+                await go.wait()  # every client on the same tick, as the in-driver run's streams
                 for i, frame in enumerate(frames):
-                    due = t0 + i * frame_ms / 1000
+                    due = t0[0] + i * frame_ms / 1000
                     now = time.perf_counter()
                     if now < due:
-                        time.sleep(due - now)
+                        await asyncio.sleep(due - now)
                     elif now - due > frame_ms / 1000:
                         late[k] += 1
                     sent = time.perf_counter()
-                    conn.send_audio(frame)
+                    await ws.send(frame)
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), 120))
                     latencies[k].append(1000 * (time.perf_counter() - sent))
-                conn.eof()
+                    if "error" in reply:
+                        raise RuntimeError(reply["error"])
+                await ws.send(json.dumps({"eof": 1}))
+                await asyncio.wait_for(ws.recv(), 120)
         except Exception as exc:  # reported, and the run counts as not kept
             errors.append(f"client {k}: {type(exc).__name__}: {exc}")
-            start.abort()  # the others stop waiting for this one
+            connected[k].set()
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(n_clients)]
-    for thread in threads:
-        thread.start()
-    start.wait(120)
-    for thread in threads:
-        thread.join(seconds * 10 + 120)
+    tasks = [asyncio.create_task(client(k)) for k in range(n_clients)]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in connected)), 120)
+    t0[0] = time.perf_counter() + 0.05
+    go.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), seconds * 10 + 120)
     per_client_p95 = [float(np.percentile(lat, 95)) for lat in latencies if lat]
     flat = [x for lat in latencies for x in lat]
     waited = [x for lat in latencies for i, x in enumerate(lat) if clock and chunk_frame[i]]
@@ -126,6 +146,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
     try:
         in_driver = {}
         with StreamingPipeline(config, args.model) as pipe:
+            bench_streams(pipe, waves, args.streams[0], WARM_UP_S, rate, push_ms=args.frame_ms)  # not counted
             for n in args.streams:
                 r = bench_streams(pipe, waves, n, args.stream_seconds, rate, push_ms=args.frame_ms)
                 r["kept_real_time"] = stream_kept_real_time(r, args.max_p95_ms)
@@ -139,6 +160,8 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
         a = deployment.actors
         clock = functools.partial(ChunkClock, a.chunk_ms, a.lookahead_ms, a.frame_ms, a.feature_span_ms, config.streaming.ingest_chunk_ms)
         with RssSampler() as sampler:
+            for url in (deployment.url, deployment.proxy_url):  # the first connections warm the replica up: not counted
+                websocket_clients(url, waves, args.streams[0], WARM_UP_S, rate, args.max_p95_ms, args.frame_ms, clock)
             for n in args.streams:
                 run = {"streams": n, "in_driver": in_driver[n]}
                 for key, url in (("websocket", deployment.url), ("websocket_via_proxy", deployment.proxy_url)):
