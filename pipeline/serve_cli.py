@@ -85,6 +85,18 @@ def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOS
     return deployment
 
 
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (another server holds it), or None. Checked before
+    anything starts, as the replica will bind it (SO_REUSEADDR, no SO_REUSEPORT)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -153,6 +165,9 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
     # A Ray started here serves one replica's websocket straight from that replica (direct
     # ingress); on a cluster, or with several replicas, the Serve proxy spreads connections.
     direct = args.replicas == 1 and not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    if direct and (problem := _port_in_use(args.host, args.port)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     owns_ray = connect_ray(args.address, environment=direct_ingress_environment(args.port) if direct else None)
     deployment = None
     try:
