@@ -163,12 +163,7 @@ class MfccExtractor:
 
     def raw_mfcc(self, wave: torch.Tensor) -> torch.Tensor:
         """(samples,) -> un-normalised MFCC (frames_10ms, n_mfcc); zero frames if too short."""
-        if wave.numel() < self.config.window_samples:
-            return torch.zeros(0, self.config.n_mfcc)
-        with torch.no_grad():
-            # torchaudio's MFCC with log_mels=True, but with our floor inside the log
-            mel = self._mfcc.MelSpectrogram(wave.float())
-            return torch.matmul((mel + self.config.log_floor).log().transpose(0, 1), self._mfcc.dct_mat).contiguous()
+        return self.raw_mfcc_many([wave])[0]
 
     def raw_mfcc_many(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
         """``raw_mfcc`` of several waveforms: those of the same length go through the transforms
@@ -180,6 +175,7 @@ class MfccExtractor:
                 by_length.setdefault(w.numel(), []).append(i)
         with torch.no_grad():
             for rows in by_length.values():
+                # torchaudio's MFCC with log_mels=True, but with our floor inside the log
                 mel = self._mfcc.MelSpectrogram(torch.stack([waves[i].float() for i in rows]))  # (rows, n_mels, frames)
                 mfcc = torch.matmul((mel + self.config.log_floor).log().transpose(1, 2), self._mfcc.dct_mat)
                 for j, i in enumerate(rows):
