@@ -131,6 +131,7 @@ class VoskConnection:
         self.partial = ""
         self.audio_seen = False
         self.closed = False
+        self._results: list[RecognitionResult] = []  # what the frame's push returned, for its reply
 
     # ---- messages ----------------------------------------------------------------------
     def on_text(self, text: str) -> Reply:
@@ -157,7 +158,22 @@ class VoskConnection:
         return self._fail(ProtocolError(f"unknown text frame (keys: {keys}); expected config, eof or reset", CloseCode.POLICY))
 
     def on_audio(self, data: bytes) -> Reply:
-        """A binary frame of PCM: exactly one reply, a partial or a result."""
+        """A binary frame of PCM: exactly one reply, a partial or a result (blocks while the
+        frame's reply waits for the stages)."""
+        wait = self.accept_audio(data)
+        if isinstance(wait, Reply):
+            return wait
+        try:
+            results: list[RecognitionResult] | Exception = self.session.results(self.stream_id, wait=wait)
+        except Exception as exc:  # the pipeline lost the stream (StreamError) or broke
+            results = exc
+        return self.audio_reply(results)
+
+    def accept_audio(self, data: bytes) -> Reply | bool:
+        """The first half of ``on_audio``: check the frame and push it. Returns the reply when
+        the frame is refused, else whether its reply must wait for the stages (then the
+        session's ``results(stream_id, wait=True)``, or its ``completion`` future, before
+        ``audio_reply``)."""
         try:
             samples = self._pcm(data)
             if self.stream_id is None:
@@ -166,13 +182,19 @@ class VoskConnection:
                 self.clock = self._new_clock() if self._new_clock else None
             self.audio_seen = True
             self.audio_s += len(samples) / self.rate_hz
-            results = self.session.push(self.stream_id, samples, self.rate_hz) if len(samples) else []
-            wait = self.clock is None or self.clock.advance(1000 * len(samples) / self.rate_hz)
-            results += self.session.results(self.stream_id, wait=wait)
+            self._results += self.session.push(self.stream_id, samples, self.rate_hz) if len(samples) else []
+            return self.clock is None or self.clock.advance(1000 * len(samples) / self.rate_hz)
         except ProtocolError as exc:
             return self._fail(exc)
         except Exception as exc:
             return self._fail(ProtocolError(f"recognition failed: {exc}", CloseCode.INTERNAL))
+
+    def audio_reply(self, results: list[RecognitionResult] | Exception) -> Reply:
+        """The second half of ``on_audio``: the frame's reply from the session's results since
+        the push (or the exception that getting them raised)."""
+        if isinstance(results, Exception):
+            return self._fail(ProtocolError(f"recognition failed: {results}", CloseCode.INTERNAL))
+        results, self._results = self._results + results, []
         finals = [r for r in results if r.is_final]
         if finals:
             partials_after = [r for r in results[results.index(finals[-1]) + 1 :] if not r.is_final]

@@ -183,6 +183,9 @@ def test_health_and_the_serving_line(server: Server) -> None:
     assert status == 200 and body["status"] == "ok" and body["max_streams"] == MAX_STREAMS
     line = next(line for line in server.stdout if line.startswith("serving"))
     assert f"serving ws://127.0.0.1:{server.port} (model" in line and "chunk 300 ms + lookahead 150 ms" in line, line
+    with connect(server.url, open_timeout=30) as ws:  # the client offers per-message deflate (websockets' default) ...
+        assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers  # ... and the server declines it: plain frames
 
 
 def test_finals_equal_the_in_process_recogniser(server: Server, utterances) -> None:

@@ -144,10 +144,8 @@ def test_concurrent_streams_match_in_process(pipe: Pipe) -> None:
     assert pipe.pipeline.stats.max_pushes_per_chain > 1  # ... and their pushes shared chains of actor calls
 
 
-def test_one_failing_stream_does_not_fail_the_others_in_its_chains(pipe: Pipe) -> None:
-    """A stage error on one stream (here: the feature stage raises on its audio) fails that
-    stream only, although its pushes travel in the same actor calls as the others'. Such an
-    error is the stream's own, not a crash: it is not replayed."""
+def fault_in_features(pipeline: StreamingPipeline, stream_key: str | None) -> None:
+    """Make the feature actor's stage raise on ``stream_key``'s pushes (None: stop)."""
 
     def _fail_pushes_of(actor, stream_key: str | None) -> None:
         """Runs inside the FeatureActor (``__ray_call__``; defined here so that Ray ships it by
@@ -170,6 +168,13 @@ def test_one_failing_stream_does_not_fail_the_others_in_its_chains(pipe: Pipe) -
         stage.push = push if stream_key is not None else original
         stage.push_many = push_many if stream_key is not None else original_many
 
+    ray.get(pipeline.actors["features"].__ray_call__.remote(_fail_pushes_of, stream_key))
+
+
+def test_one_failing_stream_does_not_fail_the_others_in_its_chains(pipe: Pipe) -> None:
+    """A stage error on one stream (here: the feature stage raises on its audio) fails that
+    stream only, although its pushes travel in the same actor calls as the others'. Such an
+    error is the stream's own, not a crash: it is not replayed."""
     pipeline = pipe.pipeline
     rng = random.Random(6)
     good_pieces = random_pieces(make_audio(4, 2.0), rng)
@@ -177,7 +182,7 @@ def test_one_failing_stream_does_not_fail_the_others_in_its_chains(pipe: Pipe) -
     pipeline.push(bad, make_audio(2, 0.3), RATE_HZ)
     pipeline.close(pipeline.open_stream())  # (a third stream, finished, to check nothing leaks)
     pipeline.push(bad, np.zeros(0, np.float32), RATE_HZ)
-    ray.get(pipeline.actors["features"].__ray_call__.remote(_fail_pushes_of, bad))  # a fault in the stage, for this stream
+    fault_in_features(pipeline, bad)  # a fault in the stage, for this stream
     results = []
     try:
         for i, piece in enumerate(good_pieces):
@@ -187,11 +192,49 @@ def test_one_failing_stream_does_not_fail_the_others_in_its_chains(pipe: Pipe) -
                     pipeline.push(bad, make_audio(3, 0.1), RATE_HZ)
                     pipeline.close(bad)
     finally:
-        ray.get(pipeline.actors["features"].__ray_call__.remote(_fail_pushes_of, None))
+        fault_in_features(pipeline, None)
     results += pipeline.close(good)
     with pytest.raises(KeyError):
         pipeline.inflight(bad)
     assert finals(results) == finals(reference(pipe, good_pieces))
+
+
+def test_an_event_loop_pushes_and_awaits_without_a_thread(pipe: Pipe) -> None:
+    """What ``asr serve`` does per frame on its event loop: push when ``push_is_quick``, await
+    ``completion``, take ``results_now``; the results are those of the blocking calls. A
+    failed push stops ``results_now`` (it is left for a blocking call to deal with) and makes
+    pushing not quick until then."""
+    import asyncio
+
+    pipeline = pipe.pipeline
+    pieces = random_pieces(make_audio(7, 2.0), random.Random(8))
+
+    async def stream() -> list[RecognitionResult]:
+        sid, results = pipeline.open_stream(), []
+        for piece in pieces:
+            assert pipeline.push_is_quick(sid) == (pipeline.inflight(sid) < STREAMING.max_inflight_chunks)
+            results += pipeline.push(sid, piece, RATE_HZ)
+            await asyncio.wait_for(asyncio.wrap_future(pipeline.completion(sid)), 60)
+            assert pipeline.completion(sid).done()  # every push is back ...
+            results += pipeline.results_now(sid)
+            assert pipeline.inflight(sid) == 0  # ... and was collected
+        return results + pipeline.close(sid)
+
+    assert finals(asyncio.run(stream())) == finals(reference(pipe, pieces))
+    bad = pipeline.open_stream()
+    pipeline.push(bad, make_audio(2, 0.3), RATE_HZ)
+    pipeline.results(bad, wait=True)
+    fault_in_features(pipeline, bad)
+    try:
+        pipeline.push(bad, make_audio(3, 0.3), RATE_HZ)
+        pipeline.completion(bad).result(timeout=60)
+        assert pipeline.results_now(bad) == [] and pipeline.inflight(bad) == 1  # the failed push is left ...
+        assert not pipeline.push_is_quick(bad)
+        with pytest.raises(StreamError, match="injected fault"):  # ... for the blocking call, which drops the stream
+            pipeline.results(bad)
+    finally:
+        fault_in_features(pipeline, None)
+    assert not pipeline.push_is_quick(bad)  # (no longer open)
 
 
 def test_same_audio_gives_same_result_alone_or_among_others(pipe: Pipe) -> None:

@@ -42,7 +42,9 @@ call would replay audio into per-stream state; a stream whose work failed raises
 Modules: ``items`` (what travels between the actors, stream errors), ``actors`` (ingest and
 decoder, torch-free), ``feature_actor``, ``acoustic_actor`` (the batching acoustic actor), ``placement`` (actor
 counts and options, shipping the bundle; connecting to Ray is ``pipeline.ray_session``), ``session``
-(``StreamingPipeline``: submitter thread, chains, backpressure), ``sources`` (file and
+(``StreamingPipeline``: submitter thread, backpressure, recovery), ``chain`` (what it keeps
+per chain, push and stream; a chain's results are taken as they arrive, and futures let an
+event loop wait for them), ``sources`` (file and
 microphone capture) and ``cli`` (``asr stream``). The public names are re-exported here,
 lazily: the ingest and decoder actors (``actors``) never import torch, and importing them
 must not drag in the rest of the package.
@@ -76,7 +78,7 @@ _EXPORTS = {  # public name -> the module that defines it, imported on first use
     "read_bundle_files": "pipeline.streaming.placement",
     "unpacked_bundle": "pipeline.streaming.placement",
     "PipelineStats": "pipeline.streaming.session",
-    "PushHandle": "pipeline.streaming.session",
+    "PushHandle": "pipeline.streaming.chain",
     "StreamingPipeline": "pipeline.streaming.session",
     "MIC_NO_AUDIO_TIMEOUT_S": "pipeline.streaming.sources",
     "MIC_RATE_HZ": "pipeline.streaming.sources",

@@ -8,8 +8,8 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import ray
 
 from pipeline.config import AppConfig
 from pipeline.ray_session import connect_ray, shutdown_ray
+from pipeline.streaming.chain import Chain, Push, PushHandle, StreamState, settle
 from pipeline.streaming.items import StageItem, StateLostError, StreamError, StreamOrderError
 from pipeline.streaming.placement import ACTOR_START_TIMEOUT_S
 from pipeline.streaming.replay import ReplayBuffer
@@ -44,96 +45,6 @@ class PipelineStats:
     max_pushes_per_chain: int = 0
     recoveries: int = 0  # streams replayed on restarted actors after a stage actor crashed
     lost_streams: int = 0  # streams that could not be replayed (StreamError)
-
-
-class _Chain:
-    """One submission through the actors; its refs (one per decoder actor involved) yield
-    ``list[StageItem]`` whose ``data`` is each push's ``list[RecognitionResult]``. Fetched
-    once, shared by the chain's streams. Each ref is fetched on its own, so a crashed actor
-    fails only the pushes whose results depended on it."""
-
-    def __init__(
-        self, refs: list[Any] | None = None, keys: list[list[tuple[str, int]]] | None = None,
-        failure: BaseException | None = None, timeout_s: float | None = None,
-    ) -> None:
-        self.refs = refs or []
-        self.keys = keys or [[] for _ in self.refs]  # (actor-side stream key, seq) of the pushes in each ref
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._results: dict[tuple[str, int], StageItem | BaseException] | BaseException | None = failure
-
-    def done(self) -> bool:
-        return self._results is not None or len(ray.wait(self.refs, num_returns=len(self.refs), timeout=0)[0]) == len(self.refs)
-
-    def results(self) -> dict[tuple[str, int], StageItem | BaseException] | BaseException:
-        """(stream key, seq) -> its item, or the exception that failed it; or the exception
-        that failed the whole chain before it was sent. Blocks, at most ``timeout_s`` per ref."""
-        with self._lock:
-            if self._results is None:
-                results: dict[tuple[str, int], StageItem | BaseException] = {}
-                for ref, keys in zip(self.refs, self.keys):
-                    try:
-                        results.update({(i.stream_id, i.seq): i for i in ray.get(ref, timeout=self.timeout_s)})
-                    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                        results.update(dict.fromkeys(keys, exc))
-                self._results = results
-            return self._results
-
-
-@dataclass
-class _Push:
-    """One push of a stream (``audio=None``: its end) under actor-side key ``key``; ``chain``
-    is set once submitted."""
-
-    key: str
-    seq: int
-    audio: np.ndarray | None
-    rate_hz: int
-    chain: _Chain | None = None
-
-
-@dataclass
-class _Stream:
-    key: str  # the id the actors keep its state under (a new one for each replay after a crash)
-    buffer: ReplayBuffer  # its audio, kept for a replay
-    features: int = 0  # index of the feature actor that keeps this stream's state
-    acoustic: int = 0  # index of the acoustic actor that keeps this stream's state
-    decoder: int = 0  # index of the decoder actor that keeps this stream's state
-    next_seq: int = 0
-    inflight: deque = field(default_factory=deque)  # _Push, oldest first: queued or submitted, not yet collected
-    last: _Push | None = None  # the latest push (collected or not), for last_push
-    closing: bool = False  # its end has been queued (a replay queues it again)
-    finals_delivered: int = 0  # finals the caller got
-    skip_finals: int = 0  # after a replay from the start: finals (and the partials before them) the caller has
-    offset_s: float = 0.0  # added to result times: stream time where the current key's audio starts
-    recoveries: int = 0
-    options: Any = None  # StreamOptions for the decoder, sent with every push
-
-
-@dataclass(frozen=True, eq=False)
-class PushHandle:
-    """One push of a stream, to follow to its completion (``StreamingPipeline.last_push``)."""
-
-    stream_id: str
-    _push: _Push
-
-    @property
-    def seq(self) -> int:
-        return self._push.seq
-
-    def submitted(self) -> bool:
-        """Whether the submitter thread has sent this push in a chain."""
-        return self._push.chain is not None
-
-    def item(self) -> StageItem | None:
-        """What came back for this push (blocks until its chain is back): its ``StageItem``, whose
-        ``data`` is the push's ``list[RecognitionResult]`` and ``stage_times`` when it entered and
-        left each stage; None when the whole chain failed."""
-        if self._push.chain is None:
-            raise RuntimeError(f"stream {self.stream_id}: push {self.seq} has not been submitted yet")
-        outcome = self._push.chain.results()
-        item = None if isinstance(outcome, BaseException) else outcome.get((self._push.key, self.seq))
-        return item if isinstance(item, StageItem) else None
 
 
 class StreamingPipeline:
@@ -166,12 +77,12 @@ class StreamingPipeline:
         self._owns_ray = connect_ray(address)
         self._owns_actors = actors is None
         self.stats = PipelineStats()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, StreamState] = {}
         self._recovering = False  # a stream failed: open_stream first waits for restarted actors
         self.actors: dict[str, Any] = {}  # stage name -> actor handle (ingest, features, acoustic, decoder)
         # Pushes wait in _queue for the submitter thread; _cond guards _streams and _queue.
         self._cond = threading.Condition()
-        self._queue: list[tuple[str, _Stream, _Push]] = []
+        self._queue: list[tuple[str, StreamState, Push]] = []
         self._queued_since = 0.0
         self._epochs: list[str] = []  # the acoustic actors' incarnations (``AcousticActor.epoch``)
         self._opened = 0  # streams opened so far: stream k uses acoustic/decoder actor k % their count
@@ -208,7 +119,7 @@ class StreamingPipeline:
             self._wait_for_actors()
         with self._cond:
             k = self._opened
-            self._streams[stream_id] = _Stream(stream_id, ReplayBuffer(self.streaming.replay_buffer_s), features=k % len(self._features),
+            self._streams[stream_id] = StreamState(stream_id, ReplayBuffer(self.streaming.replay_buffer_s), features=k % len(self._features),
                                                acoustic=k % len(self._acoustics), decoder=k % len(self._decoders), options=options)
             self._opened += 1
         return stream_id
@@ -261,6 +172,44 @@ class StreamingPipeline:
         until every push made so far is back (a server answers each frame this way)."""
         stream = self._stream(stream_id)
         return self._collect(stream_id, stream, block=wait)
+
+    def push_is_quick(self, stream_id: str | None) -> bool:
+        """Whether ``push`` (``open_stream`` when ``stream_id`` is None) would return without
+        waiting: no backpressure, no restarted actors to wait for, no failed push to recover.
+        An event loop pushes itself when it is, and hands the push to a thread otherwise."""
+        if stream_id is None:
+            return not self._recovering
+        stream = self._streams.get(stream_id)
+        return (stream is not None and len(stream.inflight) < self.streaming.max_inflight_chunks
+                and self._finished_cleanly(stream))
+
+    def completion(self, stream_id: str) -> Future:
+        """A new future that resolves once every push of the stream made so far is back from
+        the stages (or void), for an event loop to await (``asyncio.wrap_future``) instead of
+        blocking in ``results(wait=True)``."""
+        pushes = list(self._stream(stream_id).inflight)
+        done: Future = Future()
+        left = [len(pushes)]
+        lock = threading.Lock()
+
+        def one_back(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                settle(done)
+
+        if not pushes:
+            settle(done)
+        for push in pushes:
+            push.settled.add_done_callback(one_back)
+        return done
+
+    def results_now(self, stream_id: str) -> list[RecognitionResult]:
+        """``results(stream_id)`` without ever waiting: the results of the pushes that are back,
+        up to the first that failed (the next ``push`` or ``results``, from a thread, recovers
+        the stream or drops it; ``push_is_quick`` says so until then)."""
+        return self._collect(stream_id, self._stream(stream_id), block=False, stop_at_failure=True)
 
     def abort(self, stream_id: str) -> None:
         """Abandon a stream without waiting (its client went away): its end is queued so that
@@ -330,18 +279,29 @@ class StreamingPipeline:
         self.shutdown()
 
     # ---- internals -------------------------------------------------------------------
-    def _stream(self, stream_id: str) -> _Stream:
+    def _stream(self, stream_id: str) -> StreamState:
         try:
             return self._streams[stream_id]
         except KeyError:
             raise KeyError(f"stream {stream_id} is not open") from None
 
-    def _enqueue(self, stream_id: str, stream: _Stream, audio: np.ndarray | None, rate_hz: int, keep: bool = True) -> None:
+    @staticmethod
+    def _finished_cleanly(stream: StreamState) -> bool:
+        """Whether the pushes at the front of the stream that are back all came back without an
+        error (so collecting them neither recovers nor drops the stream)."""
+        for push in list(stream.inflight):
+            if push.chain is None or not push.chain.done():
+                return True
+            if not push.chain.clean(push.key, push.seq):
+                return False
+        return True
+
+    def _enqueue(self, stream_id: str, stream: StreamState, audio: np.ndarray | None, rate_hz: int, keep: bool = True) -> None:
         """Queue one push (``audio=None``: the end of the stream) for the submitter thread;
         ``keep``: also keep its audio for a replay."""
         if keep and audio is not None:
             stream.buffer.add(audio, rate_hz)
-        push = _Push(stream.key, stream.next_seq, audio, rate_hz)
+        push = Push(stream.key, stream.next_seq, audio, rate_hz)
         stream.next_seq += 1
         with self._cond:
             if not self._queue:
@@ -362,9 +322,9 @@ class StreamingPipeline:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
-                    failed = _Chain(failure=StreamError("the pipeline was shut down"))
+                    failed = Chain(failure=StreamError("the pipeline was shut down"))
                     for *_, push in self._queue:
-                        push.chain = failed
+                        push.submit(failed)
                     self._queue = []
                     self._cond.notify_all()
                     return
@@ -377,13 +337,13 @@ class StreamingPipeline:
             chain = self._submit_chain(batch)
             with self._cond:
                 for *_, push in batch:
-                    push.chain = chain
+                    push.submit(chain)
                 self._cond.notify_all()
 
     def _every_stream_queued(self) -> bool:
         return {sid for sid, *_ in self._queue} >= self._streams.keys()
 
-    def _submit_chain(self, batch: list[tuple[str, _Stream, _Push]]) -> _Chain:
+    def _submit_chain(self, batch: list[tuple[str, StreamState, Push]]) -> Chain:
         """Chain the pushes of ``batch`` through the actors: one call to the ingest and the
         feature actor, and one to each acoustic and decoder actor that has streams in the
         batch (those run in parallel)."""
@@ -400,21 +360,21 @@ class StreamingPipeline:
             log_probs = {a: self._acoustics[a].process_many.remote(a, *[feats[f] for f in sorted({i.features for i in items if i.acoustic == a})])
                          for a in sorted({i.acoustic for i in items})}
             decoders = sorted({item.decoder for item in items})
-            return _Chain(
+            return Chain(
                 [self._decoders[d].push_many.remote(d, *[log_probs[a] for a in sorted({i.acoustic for i in items if i.decoder == d})])
                  for d in decoders],
                 [[(i.stream_id, i.seq) for i in items if i.decoder == d] for d in decoders],
                 timeout_s=self.streaming.recovery_timeout_s,
             )
         except Exception as exc:  # e.g. Ray shut down under us: the pushes fail, the thread lives
-            return _Chain(failure=exc)
+            return Chain(failure=exc)
 
-    def _wait_submitted(self, push: _Push) -> _Chain:
+    def _wait_submitted(self, push: Push) -> Chain:
         with self._cond:
             self._cond.wait_for(lambda: push.chain is not None)
         return push.chain
 
-    def _make_room(self, stream_id: str, stream: _Stream) -> list[RecognitionResult]:
+    def _make_room(self, stream_id: str, stream: StreamState) -> list[RecognitionResult]:
         """Backpressure: wait for the oldest pushes until another one may be queued."""
         results: list[RecognitionResult] = []
         if len(stream.inflight) >= self.streaming.max_inflight_chunks:
@@ -424,12 +384,15 @@ class StreamingPipeline:
             results += self._collect(stream_id, stream, block=False)
         return results
 
-    def _collect(self, stream_id: str, stream: _Stream, block: bool) -> list[RecognitionResult]:
-        """Results of the finished pushes at the front of the queue (``block``: of all of them)."""
+    def _collect(self, stream_id: str, stream: StreamState, block: bool, stop_at_failure: bool = False) -> list[RecognitionResult]:
+        """Results of the finished pushes at the front of the queue (``block``: of all of them;
+        ``stop_at_failure``: up to the first that failed, left for a later call to recover)."""
         results: list[RecognitionResult] = []
         while stream.inflight:
             push = stream.inflight[0]
             if not block and (push.chain is None or not push.chain.done()):
+                break
+            if stop_at_failure and not push.chain.clean(push.key, push.seq):
                 break
             outcome = self._wait_submitted(push).results()
             stream.inflight.popleft()
@@ -444,7 +407,7 @@ class StreamingPipeline:
             results += self._deliver(stream_id, stream, item.data)
         return results
 
-    def _deliver(self, stream_id: str, stream: _Stream, results: list[RecognitionResult]) -> list[RecognitionResult]:
+    def _deliver(self, stream_id: str, stream: StreamState, results: list[RecognitionResult]) -> list[RecognitionResult]:
         """Results of the stream's current key, as the caller sees them: its own id, stream
         time, and after a replay from the start without what it already has."""
         out = []
@@ -463,12 +426,14 @@ class StreamingPipeline:
             out.append(r)
         return out
 
-    def _recover(self, stream_id: str, stream: _Stream, error: BaseException | str) -> None:
+    def _recover(self, stream_id: str, stream: StreamState, error: BaseException | str) -> None:
         """A stage actor that holds this stream's state crashed: wait for it to restart, then
         push the stream's kept audio again under a new key (see ``ReplayBuffer``). Raises
         ``StreamError`` (and drops the stream) when that cannot be done."""
         with self._cond:  # the old key's pushes, queued or in flight, are void
             self._queue = [entry for entry in self._queue if entry[1] is not stream]
+            for push in stream.inflight:
+                settle(push.settled)
             stream.inflight.clear()
         plan = stream.buffer.plan()
         reason = None
@@ -503,6 +468,9 @@ class StreamingPipeline:
         """Forget a failed stream everywhere (best effort: an actor may be restarting)."""
         with self._cond:
             stream = self._streams.pop(stream_id, None)
+            for entry in self._queue:
+                if entry[0] == stream_id:
+                    settle(entry[2].settled)
             self._queue = [entry for entry in self._queue if entry[0] != stream_id]
         self._recovering = True
         with contextlib.suppress(ray.exceptions.RayError):
