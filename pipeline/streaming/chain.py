@@ -4,8 +4,8 @@ through the stage actors, shared by the streams it carries), ``Push`` (one push 
 
 A chain's results are fetched as they arrive: each of its refs gets a callback
 (``ObjectRef.future``) that keeps the value, so by the time a stream asks, its results are
-already in this process, and ``Chain.settled`` / ``Push.settled`` (``concurrent.futures``)
-let an event loop wait for them without a thread (``asr serve``'s front door)."""
+already in this process, and ``Push.settled`` (a ``concurrent.futures.Future``) lets an event
+loop wait for them without a thread (``asr serve``'s front door)."""
 
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ def settle(future: Future) -> None:
 
 class Chain:
     """One submission through the actors; its refs (one per decoder actor involved) yield
-    ``list[StageItem]`` whose ``data`` is each push's ``list[RecognitionResult]``. Fetched
-    once, shared by the chain's streams. Each ref is fetched on its own, so a crashed actor
-    fails only the pushes whose results depended on it.
+    ``list[StageItem]`` whose ``data`` is each push's ``list[RecognitionResult]``. Each ref
+    is fetched once, on its own, and shared by the streams it carries: a push is back as soon
+    as its own decoder's ref is (not the chain's slowest), and a crashed actor fails only the
+    pushes whose results depended on it.
 
-    ``settled`` resolves once every ref is back (a value or a failure); a chain that failed
-    before it was sent (``failure``) is settled from the start."""
+    ``settled(key, seq)`` resolves once that push's ref is back (a value or a failure); a
+    chain that failed before it was sent (``failure``) is settled from the start."""
 
     def __init__(
         self, refs: list[Any] | None = None, keys: list[list[tuple[str, int]]] | None = None,
@@ -48,57 +49,67 @@ class Chain:
         self.refs = refs or []
         self.keys = keys or [[] for _ in self.refs]  # (actor-side stream key, seq) of the pushes in each ref
         self.timeout_s = timeout_s
-        self.settled: Future = Future()
-        self._lock = threading.Lock()  # guards _results; held while results() waits in ray.get
-        self._arrivals = threading.Lock()  # guards _fetched and _left; never held while waiting
-        self._results: dict[tuple[str, int], StageItem | BaseException] | BaseException | None = failure
-        self._fetched: list[Any] = [_MISSING] * len(self.refs)
-        self._left = len(self.refs)
-        if failure is not None or not self.refs:
-            settle(self.settled)
+        self.failure = failure
+        self._ref_of = {key: i for i, keys_i in enumerate(self.keys) for key in keys_i}
+        self._settled = [Future() for _ in self.refs]  # per ref: back (fetched, or failed)
+        self._arrivals = threading.Lock()  # guards _fetched; never held while waiting
+        self._fetched: list[Any] = [_MISSING] * len(self.refs)  # per ref: its value, once back
+        self._items: list[dict[tuple[str, int], StageItem | BaseException] | None] = [None] * len(self.refs)
+        self._locks = [threading.Lock() for _ in self.refs]  # per ref: held while its ray.get waits
         for i, ref in enumerate(self.refs):
             ref.future().add_done_callback(functools.partial(self._arrived, i))
 
     def _arrived(self, i: int, future: Future) -> None:
-        """A ref is back (on Ray's callback thread, which must never wait here: ``results`` may
-        be waiting in ``ray.get`` for it): keep its value; a failure is fetched again by
-        ``results`` with ``ray.get``, which sorts it as it always did."""
+        """Ref ``i`` is back (on Ray's callback thread, which must never wait here: ``item``
+        may be waiting in ``ray.get`` for it): keep its value; a failure is fetched again by
+        ``item`` with ``ray.get``, which sorts it as it always did."""
         value = future.result() if not future.cancelled() and future.exception() is None else _MISSING
         with self._arrivals:
             self._fetched[i] = value
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            settle(self.settled)
+        settle(self._settled[i])
 
-    def done(self) -> bool:
-        return self.settled.done() or self._results is not None
+    def settled(self, key: str, seq: int) -> Future | None:
+        """The future that resolves once push (key, seq) is back; None if the chain failed
+        before it was sent (it is back already)."""
+        return None if self.failure is not None else self._settled[self._ref_of[(key, seq)]]
+
+    def done(self, key: str, seq: int) -> bool:
+        """Whether push (key, seq) is back."""
+        settled = self.settled(key, seq)
+        return settled is None or settled.done()
+
+    def item(self, key: str, seq: int) -> StageItem | BaseException:
+        """Push (key, seq)'s item, or the exception that failed it (or the whole chain before
+        it was sent). Blocks, at most ``timeout_s``, while its ref is not back."""
+        if self.failure is not None:
+            return self.failure
+        return self._ref_items(self._ref_of[(key, seq)])[(key, seq)]
 
     def results(self) -> dict[tuple[str, int], StageItem | BaseException] | BaseException:
-        """(stream key, seq) -> its item, or the exception that failed it; or the exception
-        that failed the whole chain before it was sent. Blocks, at most ``timeout_s`` per ref,
-        for refs not back yet."""
-        with self._lock:
-            if self._results is None:
-                results: dict[tuple[str, int], StageItem | BaseException] = {}
-                with self._arrivals:
-                    fetched = list(self._fetched)
-                for ref, keys, value in zip(self.refs, self.keys, fetched):
-                    try:
-                        items = value if value is not _MISSING else ray.get(ref, timeout=self.timeout_s)
-                        results.update({(i.stream_id, i.seq): i for i in items})
-                    except _CAUGHT as exc:
-                        results.update(dict.fromkeys(keys, exc))
-                self._results = results
-            return self._results
+        """(stream key, seq) -> its item or the exception that failed it, for every push; or
+        the exception that failed the whole chain before it was sent. Blocks like ``item``."""
+        if self.failure is not None:
+            return self.failure
+        return {key: item for i in range(len(self.refs)) for key, item in self._ref_items(i).items()}
 
     def clean(self, key: str, seq: int) -> bool:
         """Whether push (key, seq) is back without an error (its results need no recovery)."""
-        if not self.done():
+        if not self.done(key, seq):
             return False
-        outcome = self.results()
-        item = None if isinstance(outcome, BaseException) else outcome.get((key, seq))
+        item = self.item(key, seq)
         return isinstance(item, StageItem) and item.error is None
+
+    def _ref_items(self, i: int) -> dict[tuple[str, int], StageItem | BaseException]:
+        with self._locks[i]:
+            if self._items[i] is None:
+                with self._arrivals:
+                    value = self._fetched[i]
+                try:
+                    items = value if value is not _MISSING else ray.get(self.refs[i], timeout=self.timeout_s)
+                    self._items[i] = {(item.stream_id, item.seq): item for item in items}
+                except _CAUGHT as exc:
+                    self._items[i] = dict.fromkeys(self.keys[i], exc)
+            return self._items[i]
 
 
 @dataclass
@@ -116,7 +127,11 @@ class Push:
     def submit(self, chain: Chain) -> None:
         """The submitter sent this push in ``chain`` (call with the session's lock held)."""
         self.chain = chain
-        chain.settled.add_done_callback(lambda _: settle(self.settled))
+        back = chain.settled(self.key, self.seq)
+        if back is None:
+            settle(self.settled)
+        else:
+            back.add_done_callback(lambda _: settle(self.settled))
 
 
 @dataclass
@@ -158,6 +173,5 @@ class PushHandle:
         left each stage; None when the whole chain failed."""
         if self._push.chain is None:
             raise RuntimeError(f"stream {self.stream_id}: push {self.seq} has not been submitted yet")
-        outcome = self._push.chain.results()
-        item = None if isinstance(outcome, BaseException) else outcome.get((self._push.key, self.seq))
+        item = self._push.chain.item(self._push.key, self.seq)
         return item if isinstance(item, StageItem) else None

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,18 +238,13 @@ class StreamingPipeline:
         return PushHandle(stream_id, push)
 
     def completed(self, pushes: list[PushHandle], timeout_s: float = 0.0) -> list[PushHandle]:
-        """The pushes among ``pushes`` whose chains are back (failed ones included; a push not
-        yet submitted is not). Waits up to ``timeout_s`` for the chain of the first submitted
-        one (chains complete about in order), without polling."""
+        """The pushes among ``pushes`` that are back (failed ones included; a push not yet
+        submitted is not). Waits up to ``timeout_s`` for the first submitted one (pushes come
+        back about in order), without polling."""
         submitted = [p for p in pushes if p.submitted()]
-        chains = {id(p._push.chain): p._push.chain for p in submitted if p._push.chain.refs}  # (a failed chain has none)
-        done: set = set()
-        if chains:
-            oldest = next(iter(chains.values())).refs
-            ray.wait(oldest, num_returns=len(oldest), timeout=timeout_s)
-            refs = [r for c in chains.values() for r in c.refs]
-            done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-        return [p for p in submitted if all(r in done for r in p._push.chain.refs)]
+        if submitted:
+            wait_futures([submitted[0]._push.settled], timeout=timeout_s)
+        return [p for p in submitted if p._push.settled.done()]
 
     def acoustic_stats(self) -> dict[str, int]:
         """The acoustic actors' batching counters (``AcousticActor.stats``), summed (the
@@ -290,7 +286,7 @@ class StreamingPipeline:
         """Whether the pushes at the front of the stream that are back all came back without an
         error (so collecting them neither recovers nor drops the stream)."""
         for push in list(stream.inflight):
-            if push.chain is None or not push.chain.done():
+            if push.chain is None or not push.chain.done(push.key, push.seq):
                 return True
             if not push.chain.clean(push.key, push.seq):
                 return False
@@ -380,7 +376,8 @@ class StreamingPipeline:
         if len(stream.inflight) >= self.streaming.max_inflight_chunks:
             self.stats.blocked_pushes += 1
         while len(stream.inflight) >= self.streaming.max_inflight_chunks:
-            self._wait_submitted(stream.inflight[0]).results()
+            oldest = stream.inflight[0]
+            self._wait_submitted(oldest).item(oldest.key, oldest.seq)
             results += self._collect(stream_id, stream, block=False)
         return results
 
@@ -390,13 +387,12 @@ class StreamingPipeline:
         results: list[RecognitionResult] = []
         while stream.inflight:
             push = stream.inflight[0]
-            if not block and (push.chain is None or not push.chain.done()):
+            if not block and (push.chain is None or not push.chain.done(push.key, push.seq)):
                 break
             if stop_at_failure and not push.chain.clean(push.key, push.seq):
                 break
-            outcome = self._wait_submitted(push).results()
+            item = self._wait_submitted(push).item(push.key, push.seq)
             stream.inflight.popleft()
-            item = outcome if isinstance(outcome, BaseException) else outcome[(push.key, push.seq)]
             error = item if isinstance(item, BaseException) else item.error
             if error is not None:
                 if _state_lost(error):
