@@ -173,7 +173,9 @@ def cluster_runs(two_node_cluster, tiny_bundle, tmp_path_factory) -> dict[str, t
     - ``job``: ``asr submit`` of a batch transcription of ``_make_inputs`` through the Jobs API:
       (the finished command, its folder with ``audio/`` and ``out/``, the inputs);
     - ``stream``: ``STREAM_DRIVER``, a streaming session with actors on both nodes, on
-      ``_stream_wave``: (the finished command, the wave)."""
+      ``_stream_wave``: (the finished command, the wave);
+    - ``serve``: ``SERVE_DRIVER``, ``asr serve --address`` on the cluster and a websocket client
+      of it on ``_stream_wave``: (the finished command, the wave)."""
     root = tmp_path_factory.mktemp("cluster_runs")
     inputs = _make_inputs(root / "audio")
     wave = _stream_wave()
@@ -185,9 +187,12 @@ def cluster_runs(two_node_cluster, tiny_bundle, tmp_path_factory) -> dict[str, t
                 {"env": two_node_cluster.env}),
         "stream": ([sys.executable, "-c", STREAM_DRIVER, two_node_cluster.gcs_address, str(tiny_bundle), str(root / "s.wav")],
                    {"env": {**two_node_cluster.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}}),
+        "serve": ([sys.executable, "-c", SERVE_DRIVER, two_node_cluster.gcs_address, str(tiny_bundle), str(root / "s.wav"),
+                   str(_free_ports(1)[0])],
+                  {"env": {**two_node_cluster.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}}),
     }
     done = run_at_once(commands, root, JOB_TIMEOUT_S)
-    return {"job": (done["job"], root, inputs), "stream": (done["stream"], wave)}
+    return {"job": (done["job"], root, inputs), "stream": (done["stream"], wave), "serve": (done["serve"], wave)}
 
 
 @pytest.mark.slow
@@ -290,3 +295,56 @@ def test_streaming_session_with_actors_on_both_nodes(cluster_runs, tiny_bundle):
     for start in range(0, len(wave), 1234):
         reference.push(wave[start : start + 1234], 16000)
     assert out["final"] == [r.text for r in reference.finish() if r.is_final]
+
+
+SERVE_DRIVER = """
+import json, signal, subprocess, sys, time, urllib.request
+import ray, soundfile as sf
+from ray import serve
+from ray.util.state import list_actors
+from pipeline.vosk_client import VoskClient
+address, bundle, wav, port = sys.argv[1:5]
+server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--address", address, "--port", port, "--model", bundle,
+                           "--decoder", "greedy", "--set", "vad.enabled=false"], stdout=subprocess.PIPE, text=True)
+serving = server.stdout.readline().strip()  # blocks until it serves (or exits)
+wave, rate = sf.read(wav, dtype="float32")
+replies = []
+with VoskClient(f"ws://127.0.0.1:{port}", rate) as client:
+    for start in range(0, len(wave), 3200):
+        replies.append(client.send_audio(wave[start : start + 3200]))
+    replies.append(client.eof())
+with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as reply:
+    stats = json.loads(reply.read())
+server.send_signal(signal.SIGTERM)
+returncode = server.wait(timeout=120)
+ray.init(address=address)
+stages = ("IngestActor", "FeatureActor", "AcousticActor", "DecoderActor", "ServeReplica:asr:AsrIngress")
+left = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")]) if a.class_name in stages]
+print(json.dumps({"serving": serving, "returncode": returncode, "direct": stats["direct"],
+                  "final": [r["text"] for r in replies if "text" in r], "apps": list(serve.status().applications), "stage_actors_left": left}))
+"""
+
+
+@pytest.mark.slow
+def test_serve_on_the_cluster(cluster_runs, tiny_bundle):
+    """``asr serve --address``: deployed on a running cluster, reached through the Serve proxy
+    on the port, the same finals as in-process; on SIGTERM it removes its application and stage
+    actors and leaves the cluster running."""
+    from pipeline.config import load_config
+    from workers.decoder import DecoderConfig
+    from workers.recognizer import StreamingRecognizer
+
+    proc, wave = cluster_runs["serve"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["serving"].startswith("serving ws://127.0.0.1:"), out
+    assert out["returncode"] == 0 and out["direct"] is False, out  # on a cluster: through the proxy
+    assert out["apps"] == [] and out["stage_actors_left"] == [], out
+    streaming = load_config().streaming
+    reference = StreamingRecognizer(tiny_bundle, DecoderConfig(kind="greedy"), streaming.chunk_ms, streaming.lookahead_ms,
+                                    streaming.endpoint_silence_ms, vad=NO_VAD)
+    from pipeline.vosk_client import pcm16
+
+    for start in range(0, len(wave), 3200):  # what the client sent: 16-bit PCM
+        reference.push(np.frombuffer(pcm16(wave[start : start + 3200]), "<i2").astype(np.float32) / 32768, 16000)
+    assert " ".join(out["final"]).split() == " ".join(r.text for r in reference.finish() if r.is_final).split()
