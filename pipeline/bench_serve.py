@@ -17,11 +17,15 @@ For each N of ``--streams``, on one local Ray and the same stage-actor settings:
   reaches the ingress on a cluster or with several replicas): every message and reply is
   relayed as a Ray call.
 
-Each mode first runs ``WARM_UP_S`` of audio at the first N, not counted (the replica's first
+The server and the in-driver pipeline (each with its own stage actors) are both up for the
+whole run, and at each N the three are measured one after the other, so that the machine's
+speed, which drifts by tens of percent over minutes on a shared VM, weighs on each alike. Each
+mode first runs ``WARM_UP_S`` of audio at the first N, not counted (the replica's first
 connections, the actors' first batches). A configuration keeps real time when its p95
-latency is within ``--max-p95-ms`` and no push or frame was late. ``capacity``: the largest N kept by each, and the ratios (the
-front door's cost). ``server_rss_mb``: the peak summed RSS of Ray's processes (stage actors,
-Serve controller, proxy and ingress) during the websocket runs.
+latency is within ``--max-p95-ms`` and no push or frame was late. ``capacity``: the largest N
+kept by each, and the ratios (the front door's cost). ``server_rss_mb``: the largest summed RSS
+of the server's processes (its stage actors, Serve controller, proxy and ingress) after a
+websocket run.
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ async def _websocket_clients(url: str, waves: list[np.ndarray], n_clients: int, 
 def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
     import os
 
-    from pipeline.bench import RssSampler, bench_streams, print_result, stream_kept_real_time
+    from pipeline.bench import bench_streams, print_result, stream_kept_real_time
     from pipeline.ray_session import ray_log_dir, shutdown_ray, start_local_ray
     from pipeline.serve_cli import deploy, direct_ingress_environment, take_down
     from pipeline.streaming.session import StreamingPipeline
@@ -144,32 +148,29 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
     start_local_ray(num_cpus=os.cpu_count(), environment=direct_ingress_environment(args.serve_port))
     deployment = None
     try:
-        in_driver = {}
-        with StreamingPipeline(config, args.model) as pipe:
-            bench_streams(pipe, waves, args.streams[0], WARM_UP_S, rate, push_ms=args.frame_ms)  # not counted
-            for n in args.streams:
-                r = bench_streams(pipe, waves, n, args.stream_seconds, rate, push_ms=args.frame_ms)
-                r["kept_real_time"] = stream_kept_real_time(r, args.max_p95_ms)
-                r.pop("latency_breakdown", None)
-                in_driver[n] = r
-                print(json.dumps({"in_driver": r}), flush=True)
         bundle = check_bundle(args.model)
-        max_streams = max(args.streams)
-        serve_config = _with_max_streams(config, max_streams)
+        serve_config = _with_max_streams(config, max(args.streams))
         deployment = deploy(serve_config, bundle, serve_config.decoder, port=args.serve_port, direct=True)
         a = deployment.actors
         clock = functools.partial(ChunkClock, a.chunk_ms, a.lookahead_ms, a.frame_ms, a.feature_span_ms, config.streaming.ingest_chunk_ms)
-        with RssSampler() as sampler:
-            for url in (deployment.url, deployment.proxy_url):  # the first connections warm the replica up: not counted
+        with StreamingPipeline(config, args.model) as pipe:  # its own stage actors, idle while the server's work
+            bench_streams(pipe, waves, args.streams[0], WARM_UP_S, rate, push_ms=args.frame_ms)  # warm-ups: not counted
+            for url in (deployment.url, deployment.proxy_url):
                 websocket_clients(url, waves, args.streams[0], WARM_UP_S, rate, args.max_p95_ms, args.frame_ms, clock)
-            for n in args.streams:
-                run = {"streams": n, "in_driver": in_driver[n]}
+            server_rss_mb = 0.0
+            for n in args.streams:  # the three ways in, one after the other at each N: the machine's drift hits each alike
+                r = bench_streams(pipe, waves, n, args.stream_seconds, rate, push_ms=args.frame_ms)
+                r["kept_real_time"] = stream_kept_real_time(r, args.max_p95_ms)
+                r.pop("latency_breakdown", None)
+                run = {"streams": n, "in_driver": r}
+                print(json.dumps({"in_driver": r}), flush=True)
                 for key, url in (("websocket", deployment.url), ("websocket_via_proxy", deployment.proxy_url)):
                     _wait_until_no_connections(args.serve_port)  # the last run's connections are closed
                     run[key] = websocket_clients(url, waves, n, args.stream_seconds, rate, args.max_p95_ms, args.frame_ms, clock)
                     print(json.dumps({key: run[key]}), flush=True)
+                    server_rss_mb = max(server_rss_mb, _server_rss_mb(a))
                 result["runs"].append(run)
-        result["server_rss_mb"] = round(sampler.peak_mb, 1)
+        result["server_rss_mb"] = round(server_rss_mb, 1)
     finally:
         take_down(deployment)
         shutdown_ray()
@@ -181,6 +182,14 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
         result["capacity"][f"{key}_over_in_driver"] = round(kept / kept_driver, 3) if kept_driver else None
     result["ray_logs"] = ray_log_dir()
     return print_result(result, args.json_path)
+
+
+def _server_rss_mb(actors) -> float:
+    """Summed RSS of the server's processes: its stage actors, and Serve's controller, proxy and
+    ingress replica (shared pages counted in each)."""
+    from pipeline.bench import RssSampler
+
+    return sum(actors.rss_mb().values()) + RssSampler.current_mb(("ServeController", "ProxyActor", "ServeReplica"), include_self=False)
 
 
 def _wait_until_no_connections(port: int, timeout_s: float = 30.0) -> None:

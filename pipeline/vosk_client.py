@@ -45,7 +45,10 @@ class VoskClient:
         self.sample_rate_hz = sample_rate_hz
         self._stack = contextlib.ExitStack()  # (websockets wants its connection used as a context manager)
         try:
-            self._ws: ClientConnection = self._stack.enter_context(connect(url, open_timeout=OPEN_TIMEOUT_S, max_size=None))
+            # no per-message deflate: PCM hardly compresses, and zlib on every frame costs both ends
+            # CPU (asr serve's own listener declines it; the Serve proxy on a cluster would grant it)
+            self._ws: ClientConnection = self._stack.enter_context(
+                connect(url, open_timeout=OPEN_TIMEOUT_S, max_size=None, compression=None))
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ServerError(f"cannot connect to {url}: {exc}") from None
         config: dict[str, Any] = {"sample_rate": sample_rate_hz, "words": int(words), "max_alternatives": max_alternatives}
