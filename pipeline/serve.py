@@ -131,16 +131,10 @@ class AsrIngress:
                 await asyncio.wait_for(asyncio.wrap_future(self.pipe.completion(stream_id)), self.pipe.streaming.recovery_timeout_s)
             results: Any = self.pipe.results_now(stream_id)
         except TimeoutError:  # a stage never answered: the blocking path's timeout decides
-            results = await loop.run_in_executor(self._pool, self._results_or_error, stream_id)
+            results = await loop.run_in_executor(self._pool, connection.stream_results, True)
         except Exception as exc:
             results = exc
         return connection.audio_reply(results)
-
-    def _results_or_error(self, stream_id: str) -> Any:
-        try:
-            return self.pipe.results(stream_id, wait=True)
-        except Exception as exc:
-            return exc
 
     @staticmethod
     async def _send(websocket: WebSocket, reply: Reply) -> None:

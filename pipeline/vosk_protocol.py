@@ -161,13 +161,15 @@ class VoskConnection:
         """A binary frame of PCM: exactly one reply, a partial or a result (blocks while the
         frame's reply waits for the stages)."""
         wait = self.accept_audio(data)
-        if isinstance(wait, Reply):
-            return wait
+        return wait if isinstance(wait, Reply) else self.audio_reply(self.stream_results(wait))
+
+    def stream_results(self, wait: bool) -> list[RecognitionResult] | Exception:
+        """The session's results for the stream since they were last taken (``wait``: once
+        every push is back), or the exception that getting them raised, for ``audio_reply``."""
         try:
-            results: list[RecognitionResult] | Exception = self.session.results(self.stream_id, wait=wait)
+            return self.session.results(self.stream_id, wait=wait)
         except Exception as exc:  # the pipeline lost the stream (StreamError) or broke
-            results = exc
-        return self.audio_reply(results)
+            return exc
 
     def accept_audio(self, data: bytes) -> Reply | bool:
         """The first half of ``on_audio``: check the frame and push it. Returns the reply when

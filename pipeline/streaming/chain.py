@@ -85,13 +85,6 @@ class Chain:
             return self.failure
         return self._ref_items(self._ref_of[(key, seq)])[(key, seq)]
 
-    def results(self) -> dict[tuple[str, int], StageItem | BaseException] | BaseException:
-        """(stream key, seq) -> its item or the exception that failed it, for every push; or
-        the exception that failed the whole chain before it was sent. Blocks like ``item``."""
-        if self.failure is not None:
-            return self.failure
-        return {key: item for i in range(len(self.refs)) for key, item in self._ref_items(i).items()}
-
     def clean(self, key: str, seq: int) -> bool:
         """Whether push (key, seq) is back without an error (its results need no recovery)."""
         if not self.done(key, seq):
