@@ -298,7 +298,7 @@ def test_streaming_session_with_actors_on_both_nodes(cluster_runs, tiny_bundle):
 
 
 SERVE_DRIVER = """
-import json, signal, subprocess, sys, time, urllib.request
+import json, signal, subprocess, sys, threading, time, urllib.request
 import ray, soundfile as sf
 from ray import serve
 from ray.util.state import list_actors
@@ -306,7 +306,12 @@ from pipeline.vosk_client import VoskClient
 address, bundle, wav, port = sys.argv[1:5]
 server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--address", address, "--port", port, "--model", bundle,
                            "--decoder", "greedy", "--set", "vad.enabled=false"], stdout=subprocess.PIPE, text=True)
-serving = server.stdout.readline().strip()  # blocks until it serves (or exits)
+serving = ""
+for line in server.stdout:  # blocks until it serves (or exits); Ray's own log lines may come first
+    if line.startswith("serving "):
+        serving = line.strip()
+        break
+threading.Thread(target=server.stdout.read, daemon=True).start()  # keep the pipe drained
 wave, rate = sf.read(wav, dtype="float32")
 replies = []
 with VoskClient(f"ws://127.0.0.1:{port}", rate) as client:
