@@ -359,3 +359,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: websocket clients of asr serve against the in-driver pipeline at each --streams N (pipeline/bench_serve.py)")
     parser.add_argument("--serve-port", type=int, default=2799, help="with --serve: the loopback port to serve on")
     parser.add_argument("--frame-ms", type=float, default=200.0, help="with --serve: audio per frame and per in-driver push")
+    parser.add_argument("--ways", nargs="+", default=["in_driver", "websocket", "websocket_via_proxy"],
+                        choices=["in_driver", "websocket", "websocket_via_proxy"], help="with --serve: the ways in to measure")
+    parser.add_argument("--repeats", type=int, default=1, help="with --serve: sweeps over --streams (who goes first alternates)")

@@ -388,7 +388,33 @@ def test_bench_clients_measure_reply_latency(server: Server, utterances) -> None
     assert not r["errors"] and r["frames"] == 2 * 15 and r["n"] == 30, r
     assert 0 < r["p50_ms"] <= r["p95_ms"] < 5000
     assert 0 < r["chunk_frames"]["n"] < r["n"]  # some replies waited for a model chunk, some did not
-    assert r["kept_real_time"] == (r["p95_ms"] <= 150.0 and r["late_frames"] == 0)
+    assert r["kept_real_time"] == (r["chunk_frames"]["p95_ms"] <= 150.0 and r["late_frames"] == 0)  # judged as the driver's pushes
+
+
+def test_bench_sweeps_interleave_the_ways_stop_when_none_keeps_up_and_summarize_the_repeats() -> None:
+    """``asr bench --serve``'s bookkeeping, on made-up runs: each N measures every way in the
+    given order, the sweep stops after the second N in a row that no way kept, and the capacity
+    ratios of the repeats are summarized by their median and range."""
+    from pipeline.bench_serve import capacity, summarize_capacity, sweep_streams
+
+    kept_up_to = {"in_driver": 30, "websocket": 26}
+    calls: list[tuple[str, int]] = []
+
+    def measure(way: str, n: int, seconds: float) -> dict:
+        calls.append((way, n))
+        return {"kept_real_time": n <= kept_up_to[way]}
+
+    sweep = sweep_streams([20, 24, 28, 32, 36, 40, 44], ["websocket", "in_driver"], measure, 1.0)
+    assert calls[:4] == [("websocket", 20), ("in_driver", 20), ("websocket", 24), ("in_driver", 24)]
+    assert [run["streams"] for run in sweep] == [20, 24, 28, 32, 36]  # 32 and 36: neither kept
+    one = capacity(sweep, ["in_driver", "websocket"], 150.0)
+    assert one["in_driver_streams"] == 28 and one["websocket_streams"] == 24 and one["websocket_over_in_driver"] == round(24 / 28, 3)
+    kept_up_to["websocket"] = 18  # a sweep where the websocket keeps nothing tried
+    two = capacity(sweep_streams([20, 24, 28, 32, 36], ["in_driver", "websocket"], measure, 1.0), ["in_driver", "websocket"], 150.0)
+    assert two["websocket_streams"] == 0 and two["websocket_over_in_driver"] == 0.0
+    summary = summarize_capacity([one, two, one], ["in_driver", "websocket"])
+    assert summary["in_driver_streams"] == [28, 28, 28] and summary["websocket_streams"] == [24, 0, 24]
+    assert summary["websocket_over_in_driver"] == {"each": [0.857, 0.0, 0.857], "median": 0.857, "min": 0.0, "max": 0.857}
 
 
 def test_mic_script_streams_to_the_server(server: Server, request: pytest.FixtureRequest) -> None:
