@@ -395,14 +395,16 @@ def test_bench_sweeps_interleave_the_ways_stop_when_none_keeps_up_and_summarize_
     """``asr bench --serve``'s bookkeeping, on made-up runs: each N measures every way in the
     given order, the sweep stops after the second N in a row that no way kept, and the capacity
     ratios of the repeats are summarized by their median and range."""
-    from pipeline.bench_serve import capacity, summarize_capacity, sweep_streams
+    from pipeline.bench_serve import added_at_equal_n_ms, capacity, summarize_capacity, sweep_streams
 
     kept_up_to = {"in_driver": 30, "websocket": 26}
     calls: list[tuple[str, int]] = []
 
     def measure(way: str, n: int, seconds: float) -> dict:
         calls.append((way, n))
-        return {"kept_real_time": n <= kept_up_to[way]}
+        p50, p95 = 4.0 * n, 5.0 * n  # the websocket's over the replies that waited, 10 ms more at p95
+        return {"kept_real_time": n <= kept_up_to[way], **({"p50_ms": p50, "p95_ms": p95} if way == "in_driver" else
+                                                          {"p50_ms": 0.0, "p95_ms": 0.0, "chunk_frames": {"p50_ms": p50 + 2, "p95_ms": p95 + 10}})}
 
     sweep = sweep_streams([20, 24, 28, 32, 36, 40, 44], ["websocket", "in_driver"], measure, 1.0)
     assert calls[:4] == [("websocket", 20), ("in_driver", 20), ("websocket", 24), ("in_driver", 24)]
@@ -415,6 +417,8 @@ def test_bench_sweeps_interleave_the_ways_stop_when_none_keeps_up_and_summarize_
     summary = summarize_capacity([one, two, one], ["in_driver", "websocket"])
     assert summary["in_driver_streams"] == [28, 28, 28] and summary["websocket_streams"] == [24, 0, 24]
     assert summary["websocket_over_in_driver"] == {"each": [0.857, 0.0, 0.857], "median": 0.857, "min": 0.0, "max": 0.857}
+    added = added_at_equal_n_ms([{"runs": sweep}], "websocket")
+    assert added == {"p50_ms": {"median": 2.0, "quartiles": [2.0, 2.0], "n": 5}, "p95_ms": {"median": 10.0, "quartiles": [10.0, 10.0], "n": 5}}
 
 
 def test_mic_script_streams_to_the_server(server: Server, request: pytest.FixtureRequest) -> None:
