@@ -36,13 +36,16 @@ push beyond that blocks until the oldest completes, so a producer faster than re
 is slowed to the pipeline's pace instead of growing queues.
 
 Failure: actors restart (``max_restarts``) but calls are not retried, because a retried
-call would replay audio into per-stream state; a stream whose work failed raises
-``StreamError`` and is dropped, while new streams use the restarted actors.
+call would replay audio into per-stream state. A stream whose actor lost its state is
+replayed from the audio it kept since its last final (``ReplayBuffer``) under a new key on
+the restarted actors (``recovery``); a stream that cannot be replayed, or whose own input
+failed, raises ``StreamError`` and is dropped, while new streams use the restarted actors.
 
 Modules: ``items`` (what travels between the actors, stream errors), ``actors`` (ingest and
 decoder, torch-free), ``feature_actor``, ``acoustic_actor`` (the batching acoustic actor), ``placement`` (actor
 counts and options, shipping the bundle; connecting to Ray is ``pipeline.ray_session``), ``session``
-(``StreamingPipeline``: submitter thread, backpressure, recovery), ``chain`` (what it keeps
+(``StreamingPipeline``: submitter thread, backpressure), ``recovery`` (its replay of a stream
+on restarted actors, or the stream's end when that cannot be done), ``chain`` (what it keeps
 per chain, push and stream; a chain's results are taken as they arrive, and futures let an
 event loop wait for them), ``sources`` (file and
 microphone capture) and ``cli`` (``asr stream``). The public names are re-exported here,

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pipeline.config import StreamingConfig
     from workers.bundle import Bundle
 
-ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back; the driver replays its streams there (session._recover)
+ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back; the driver replays its streams there (recovery.StreamRecovery._recover)
 ACOUSTIC_MAX_CONCURRENCY = 10_000  # concurrent calls the batching actor accepts (held ones included)
 ACTOR_START_TIMEOUT_S = 300.0  # model loading included; longer means resources no node offers
 
