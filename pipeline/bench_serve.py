@@ -222,13 +222,15 @@ def capacity(sweep: list[dict], ways: list[str], max_p95_ms: float) -> dict:
 
 
 def summarize_capacity(per_repeat: list[dict], ways: list[str]) -> dict:
-    """Over the repeats: each way's kept N, and the median and the range of each ratio."""
+    """Over the repeats: each way's kept N, and the median and the range of each ratio (over
+    the sweeps in which the driver kept some N; ``each`` lists every sweep's, None where not)."""
     out: dict = {f"{way}_streams": [c[f"{way}_streams"] for c in per_repeat] for way in ways}
     for way in ways:
         ratios = [c.get(f"{way}_over_in_driver") for c in per_repeat]
-        if way == "in_driver" or not ratios or None in ratios:
+        known = [r for r in ratios if r is not None]
+        if way == "in_driver" or not known:
             continue
-        out[f"{way}_over_in_driver"] = {"each": ratios, "median": round(float(np.median(ratios)), 3), "min": min(ratios), "max": max(ratios)}
+        out[f"{way}_over_in_driver"] = {"each": ratios, "median": round(float(np.median(known)), 3), "min": min(known), "max": max(known)}
     return out
 
 

@@ -414,9 +414,12 @@ def test_bench_sweeps_interleave_the_ways_stop_when_none_keeps_up_and_summarize_
     kept_up_to["websocket"] = 18  # a sweep where the websocket keeps nothing tried
     two = capacity(sweep_streams([20, 24, 28, 32, 36], ["in_driver", "websocket"], measure, 1.0), ["in_driver", "websocket"], 150.0)
     assert two["websocket_streams"] == 0 and two["websocket_over_in_driver"] == 0.0
-    summary = summarize_capacity([one, two, one], ["in_driver", "websocket"])
-    assert summary["in_driver_streams"] == [28, 28, 28] and summary["websocket_streams"] == [24, 0, 24]
-    assert summary["websocket_over_in_driver"] == {"each": [0.857, 0.0, 0.857], "median": 0.857, "min": 0.0, "max": 0.857}
+    kept_up_to["in_driver"] = 18  # and one where the driver keeps nothing tried either: no ratio
+    three = capacity(sweep_streams([20, 24, 28], ["in_driver", "websocket"], measure, 1.0), ["in_driver", "websocket"], 150.0)
+    assert three["in_driver_streams"] == 0 and three["websocket_over_in_driver"] is None
+    summary = summarize_capacity([one, two, one, three], ["in_driver", "websocket"])
+    assert summary["in_driver_streams"] == [28, 28, 28, 0] and summary["websocket_streams"] == [24, 0, 24, 0]
+    assert summary["websocket_over_in_driver"] == {"each": [0.857, 0.0, 0.857, None], "median": 0.857, "min": 0.0, "max": 0.857}
     added = added_at_equal_n_ms([{"runs": sweep}], "websocket")
     assert added == {"p50_ms": {"median": 2.0, "quartiles": [2.0, 2.0], "n": 5}, "p95_ms": {"median": 10.0, "quartiles": [10.0, 10.0], "n": 5}}
 
