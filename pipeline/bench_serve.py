@@ -161,9 +161,10 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
         a = deployment.actors
         clock = functools.partial(ChunkClock, a.chunk_ms, a.lookahead_ms, a.frame_ms, a.feature_span_ms, config.streaming.ingest_chunk_ms)
         urls = {"websocket": deployment.url, "websocket_via_proxy": deployment.proxy_url}
-        server_rss_mb = [0.0]
+        server_rss_mb = 0.0
 
         def measure(way: str, n: int, seconds: float) -> dict:
+            nonlocal server_rss_mb
             if way == "in_driver":
                 r = bench_streams(pipe, waves, n, seconds, rate, push_ms=args.frame_ms)
                 r["kept_real_time"] = stream_kept_real_time(r, args.max_p95_ms)
@@ -171,7 +172,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
                 return r
             _wait_until_no_connections(args.serve_port)  # the last run's connections are closed
             r = websocket_clients(urls[way], waves, n, seconds, rate, args.max_p95_ms, args.frame_ms, clock)
-            server_rss_mb[0] = max(server_rss_mb[0], _server_rss_mb(a))
+            server_rss_mb = max(server_rss_mb, _server_rss_mb(a))
             return r
 
         with StreamingPipeline(config, args.model) as pipe:  # its own stage actors, idle while the server's work
@@ -181,7 +182,7 @@ def run_bench_serve(args: argparse.Namespace, config: AppConfig) -> int:
                 order = list(args.ways) if repeat % 2 == 0 else list(reversed(args.ways))  # who goes first alternates
                 sweep = sweep_streams(args.streams, order, measure, args.stream_seconds)
                 result["repeats"].append({"order": order, "runs": sweep, "capacity": capacity(sweep, args.ways, args.max_p95_ms)})
-        result["server_rss_mb"] = round(server_rss_mb[0], 1)
+        result["server_rss_mb"] = round(server_rss_mb, 1)
     finally:
         take_down(deployment)
         shutdown_ray()
