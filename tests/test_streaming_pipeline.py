@@ -160,10 +160,10 @@ def fault_in_features(pipeline: StreamingPipeline, stream_key: str | None) -> No
                 raise RuntimeError("injected fault")
             return original(stream_id, wave)
 
-        def push_many(pushes):
+        def push_many(pushes, last=None):
             if any(stream_id == stream_key for stream_id, _ in pushes):
                 raise RuntimeError("injected fault")
-            return original_many(pushes)
+            return original_many(pushes, last)
 
         stage.push = push if stream_key is not None else original
         stage.push_many = push_many if stream_key is not None else original_many
@@ -311,7 +311,7 @@ def test_acoustic_actor_batches_and_reorders_exactly(pipe: Pipe) -> None:
     acoustic = pipe.pipeline.actors["acoustic"]
     refs = {(sid, seq): acoustic.process.remote(sid, seq, pieces[sid][seq], seq == len(pieces[sid]) - 1) for sid, seq in calls}
     for sid, feats in features.items():
-        got = torch.cat([ray.get(refs[(sid, seq)]) for seq in range(len(pieces[sid]))])
+        got = torch.cat([ray.get(refs[(sid, seq)])[0] for seq in range(len(pieces[sid]))])
         (want,) = AcousticStage(bundle.model, chunk, right).process([(sid, feats, True)])
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -187,7 +187,8 @@ def test_long_recording_is_recognised_piece_by_piece(speech_waves: list[torch.Te
 
 def test_decoder_stage_keeps_only_recent_flags_on_long_streams() -> None:
     """With endpointing, flags older than the current utterance (minus the pad) are dropped, and
-    words of later utterances are still judged against the right windows."""
+    words of later utterances are still judged against the right windows; an utterance whose
+    words were all gated out gives no (empty) final."""
     from workers.decoder import CtcDecoder
     from workers.stages import DecoderStage
 
@@ -201,8 +202,8 @@ def test_decoder_stage_keeps_only_recent_flags_on_long_streams() -> None:
         if k % 2 == 0:
             flags[:6] = True  # speech at the start of even utterances only
         finals += [r for r in stage.push("s", _frames(utterance), speech=flags) if r.is_final]
-    assert len(finals) >= 18
-    assert [r.text for r in finals[:6]] == ["a", "", "a", "", "a", ""]
+    assert [r.text for r in finals] == ["a"] * 10
+    assert [int(r.words[0].start_s // (len(utterance) * 0.03)) for r in finals] == list(range(0, 20, 2))
     assert stage._speech["s"].size < 3 * len(utterance)  # bounded, not 20 utterances' worth
     assert stage._speech_from["s"] > 0
 
@@ -240,10 +241,10 @@ def test_many_streams_at_once_get_what_each_gets_alone(detector: SpeechDetector,
         for i, (probs, state) in enumerate(detector.online_many(chunks, states)):
             got[i].append(probs)
             states[i] = state
-        for i, (feats, speech) in enumerate(stage.push_many(list(zip(ids, chunks)))):
-            staged[i].append(torch.cat([feats.flatten(), speech.float()]))
-            want_feats, want_speech = reference.push(ids[i], chunks[i])
-            expected[i].append(torch.cat([want_feats.flatten(), want_speech.float()]))
+        for i, out in enumerate(stage.push_many(list(zip(ids, chunks)))):
+            staged[i].append(torch.cat([out.features.flatten(), out.speech.float()]))
+            want = reference.push(ids[i], chunks[i])
+            expected[i].append(torch.cat([want.features.flatten(), want.speech.float()]))
     for want, pieces in zip(alone, got):
         probs = torch.cat(pieces)
         assert probs.shape == want.shape

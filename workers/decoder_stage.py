@@ -125,11 +125,11 @@ class _Segment:
     """Decoder state of the current utterance of one stream, for endpointing, and the
     log-probs it was fed (for word confidences; freed with the segment at its final)."""
 
-    def __init__(self, decoder: CtcDecoder, start_frame: int, options: StreamOptions | None) -> None:
+    def __init__(self, decoder: CtcDecoder, start_s: float, options: StreamOptions | None) -> None:
         self.decoder = decoder
         self.state: StreamState = decoder.begin()
         self.options = options
-        self.start_frame = start_frame
+        self.start_s = start_s  # stream time of the segment's frame 0
         self.frames = 0
         self.last_speech_frame = -1  # within the segment
         self.latest = Hypothesis("", [], 0.0)
@@ -188,6 +188,7 @@ class DecoderStage:
         self._emitted_final: set[str] = set()
         self._speech: dict[str, np.ndarray] = {}  # (windows,) bool flags since window _speech_from[stream_id]
         self._speech_from: dict[str, int] = {}
+        self._next_start_s: dict[str, float] = {}  # where a stream's next utterance starts when no event says
 
     def decoder_for(self, options: StreamOptions | None) -> CtcDecoder:
         """The decoder a stream with these options uses: the phrase list's (built once, then
@@ -209,32 +210,38 @@ class DecoderStage:
             self._phrase_decoders.popitem(last=False)
         return decoder
 
-    def _new_segment(self, stream_id: str, start_frame: int, options: StreamOptions | None) -> _Segment:
-        seg = self._segments[stream_id] = _Segment(self.decoder_for(options), start_frame, options)
+    def _new_segment(self, stream_id: str, start_s: float, options: StreamOptions | None) -> _Segment:
+        seg = self._segments[stream_id] = _Segment(self.decoder_for(options), start_s, options)
         return seg
 
     def _words(self, seg: _Segment, hyp: Hypothesis, emissions: np.ndarray | None) -> list[WordTiming]:
         """The hypothesis' words shifted to stream time; with emissions, with their confidences."""
-        offset_s = seg.start_frame * self.frame_ms / 1000
+        offset_s = seg.start_s
         confs: list[float | None] = [None] * len(hyp.words)
         if emissions is not None and hyp.words:
             confs = list(word_confidences(emissions, hyp.words, self.frame_ms))  # segment-relative times
         return [WordTiming(w.word, w.start_s + offset_s, w.end_s + offset_s, c) for w, c in zip(hyp.words, confs, strict=True)]
 
-    def _gate(self, stream_id: str, text: str, words: list[WordTiming]) -> tuple[str, list[WordTiming]]:
+    def _gate(self, stream_id: str, text: str, words: list[WordTiming], until_s: float | None = None) -> tuple[str, list[WordTiming]]:
+        """Words kept where the stream's flags show speech; ``until_s``: only flags of windows that
+        end by then count (an utterance's final does not look past its end)."""
         if self.vad_pad_ms is None:
             return text, words
         flags = self._speech.get(stream_id, np.zeros(0, dtype=bool))
-        return gate_words(text, words, flags, self.vad_pad_ms, self._speech_from.get(stream_id, 0) * WINDOW_S)
+        first = self._speech_from.get(stream_id, 0)
+        if until_s is not None:
+            flags = flags[: max(0, int(round(until_s / WINDOW_S)) - first)]
+        return gate_words(text, words, flags, self.vad_pad_ms, first * WINDOW_S)
 
-    def _result(self, stream_id: str, seg: _Segment, hyp: Hypothesis, emissions: np.ndarray | None = None) -> RecognitionResult:
-        """A final result when given the segment's emissions (for the word confidences), else a partial."""
-        offset_s = seg.start_frame * self.frame_ms / 1000
-        text, words = self._gate(stream_id, hyp.text, self._words(seg, hyp, emissions))
-        end_s = (seg.start_frame + seg.frames) * self.frame_ms / 1000
-        return RecognitionResult(stream_id, text, emissions is not None, offset_s, end_s, words)
+    def _result(self, stream_id: str, seg: _Segment, hyp: Hypothesis, emissions: np.ndarray | None = None,
+                end_s: float | None = None) -> RecognitionResult:
+        """A final result when given the segment's emissions (for the word confidences), else a partial;
+        ``end_s``: where the segment ended (default: after its last frame)."""
+        text, words = self._gate(stream_id, hyp.text, self._words(seg, hyp, emissions), end_s)
+        end_s = seg.start_s + seg.frames * self.frame_ms / 1000 if end_s is None else end_s
+        return RecognitionResult(stream_id, text, emissions is not None, seg.start_s, end_s, words)
 
-    def _final(self, stream_id: str, seg: _Segment, hyps: list[Hypothesis]) -> RecognitionResult:
+    def _final(self, stream_id: str, seg: _Segment, hyps: list[Hypothesis], end_s: float | None = None) -> RecognitionResult:
         """The final result of a segment from its decoder's final hypotheses (best first).
 
         With alternatives asked for, each hypothesis becomes an ``Alternative`` (its words
@@ -242,12 +249,12 @@ class DecoderStage:
         confidences added, and the list re-sorted: the result's text and words are the first
         alternative's (the best hypothesis's unless such a merge outranked it)."""
         emissions = seg.emissions()
-        result = self._result(stream_id, seg, hyps[0], emissions)
+        result = self._result(stream_id, seg, hyps[0], emissions, end_s)
         if seg.options is None or seg.options.max_alternatives == 0:
             return result
         merged: dict[str, Alternative] = {}
         for hyp, confidence in zip(hyps, alternative_confidences([h.score for h in hyps]), strict=True):
-            text, words = self._gate(stream_id, hyp.text, self._words(seg, hyp, emissions))
+            text, words = self._gate(stream_id, hyp.text, self._words(seg, hyp, emissions), end_s)
             if text in merged:
                 merged[text].confidence += confidence
             else:
@@ -262,6 +269,7 @@ class DecoderStage:
         self._emitted_final.discard(stream_id)
         self._speech.pop(stream_id, None)
         self._speech_from.pop(stream_id, None)
+        self._next_start_s.pop(stream_id, None)
 
     def _forget_speech_before(self, stream_id: str, start_s: float) -> None:
         """Drop the flags no word from ``start_s`` on can need (memory stays bounded on long streams)."""
@@ -279,7 +287,8 @@ class DecoderStage:
 
     def stream_ids(self) -> set[str]:
         """The streams this stage holds state for (search, endpointing, voice activity flags)."""
-        return set(self._segments) | self._emitted_final | set(self._speech) | set(self._speech_from) | set(self._options)
+        return (set(self._segments) | self._emitted_final | set(self._speech) | set(self._speech_from) | set(self._options)
+                | set(self._next_start_s))
 
     def push(
         self,
@@ -288,25 +297,62 @@ class DecoderStage:
         is_last: bool = False,
         speech: Any = None,
         options: StreamOptions | None = None,
+        events: Sequence[tuple[int, str, float]] = (),
     ) -> list[RecognitionResult]:
         """Feed (frames, num_tokens) log-probs and the voice activity flags (windows,) bool that came
-        with them (numpy arrays or torch CPU tensors); returns finals (endpoints, end of stream)
-        and the latest partial.
+        with them (numpy arrays or torch CPU tensors); returns finals (utterance ends, endpoints,
+        end of stream) and the latest partial.
+
+        ``events``: the utterances' edges in these log-probs (``AcousticStage.process_events``):
+        (index, "start", time_s) opens an utterance whose frame 0 is log_probs[index] at stream
+        time time_s; (index, "end", time_s) ends the open one after log_probs[index - 1] with
+        its final. Frames that come with no utterance open start one where the last ended.
+        An utterance whose final has no words gives no final; the end of a stream that gave
+        no final at all gives one, empty (a caller always gets an answer).
 
         ``options`` (None: keep the stream's, or none) are stored for the stream and taken
-        when its decoding state is created: at its first push and after each endpoint; so
-        options that change mid-utterance apply from the next utterance. ``drop`` and the
-        end of the stream forget them."""
+        when its decoding state is created: at each utterance's start; so options that change
+        mid-utterance apply from the next utterance. ``drop`` and the end of the stream forget them."""
         if options is not None and not isinstance(options, StreamOptions):
             raise TypeError(f"options must be a StreamOptions or None, got {type(options).__name__}")
-        options = options if options is not None else self._options.get(stream_id)
-        seg = self._segments.get(stream_id) or self._new_segment(stream_id, 0, options)
         if options is not None:
+            self.decoder_for(options)  # a phrase list this stage cannot serve fails here, before it is kept
             self._options[stream_id] = options
         log_probs = check_emissions(log_probs)
         speech = bool_flags(speech) if speech is not None else None
         if speech is not None and speech.size:
             self._speech[stream_id] = np.concatenate([self._speech.get(stream_id, np.zeros(0, dtype=bool)), speech])
+        results: list[RecognitionResult] = []
+        position = 0
+        for index, kind, time_s in events:
+            results += self._feed(stream_id, log_probs[position:index])
+            position = index
+            if kind == "start":
+                self._close(stream_id, results)  # (none open: an utterance's end comes before the next start)
+                self._new_segment(stream_id, time_s, self._options.get(stream_id))
+            elif kind == "end":
+                self._close(stream_id, results, time_s)
+            else:
+                raise ValueError(f"unknown utterance event {kind!r}")
+        results += self._feed(stream_id, log_probs[position:])
+        if is_last:
+            self._close(stream_id, results)
+            if stream_id not in self._emitted_final:
+                seg = self._segments.get(stream_id) or self._new_segment(stream_id, self._next_start_s.get(stream_id, 0.0), None)
+                results.append(self._final(stream_id, seg, seg.end()))
+            self.drop(stream_id)
+        else:
+            seg = self._segments.get(stream_id)
+            if seg is not None and len(log_probs) and seg.frames:
+                results.append(self._result(stream_id, seg, seg.latest))
+        return [r for r in results if r is not None]
+
+    def _feed(self, stream_id: str, log_probs: np.ndarray) -> list[RecognitionResult]:
+        """Step the open utterance (one opens where the last ended when none is) through these
+        frames, with the decoder's own endpointing when it has one; -> the finals it gave."""
+        if not len(log_probs):
+            return []
+        seg = self._segments.get(stream_id) or self._new_segment(stream_id, self._next_start_s.get(stream_id, 0.0), self._options.get(stream_id))
         results: list[RecognitionResult] = []
         start = 0
         if self.endpoint_frames:
@@ -316,19 +362,23 @@ class DecoderStage:
                     seg.last_speech_frame = seg.frames + (t - start)
                 elif seg.last_speech_frame >= 0 and seg.frames + (t - start) - seg.last_speech_frame >= self.endpoint_frames:
                     seg.step(log_probs[start : t + 1])
-                    results.append(self._final(stream_id, seg, seg.end()))
-                    self._emitted_final.add(stream_id)
-                    seg = self._new_segment(stream_id, seg.start_frame + seg.frames, self._options.get(stream_id))
-                    self._forget_speech_before(stream_id, seg.start_frame * self.frame_ms / 1000)
+                    self._close(stream_id, results)
+                    seg = self._new_segment(stream_id, self._next_start_s[stream_id], self._options.get(stream_id))
                     start = t + 1
         rest = log_probs[start:]
-        if len(rest) or is_last:
+        if len(rest):
             seg.latest = seg.step(rest)
-        if is_last:
-            hyps = seg.end()
-            if hyps[0].text or seg.last_speech_frame >= 0 or stream_id not in self._emitted_final:
-                results.append(self._final(stream_id, seg, hyps))
-            self.drop(stream_id)
-        elif len(rest):
-            results.append(self._result(stream_id, seg, seg.latest))
         return results
+
+    def _close(self, stream_id: str, results: list[RecognitionResult], end_s: float | None = None) -> None:
+        """End the stream's open utterance (if any) at ``end_s`` (default: after its last frame);
+        its final goes to ``results`` unless it has no words."""
+        seg = self._segments.pop(stream_id, None)
+        if seg is None:
+            return
+        final = self._final(stream_id, seg, seg.end(), end_s)
+        self._next_start_s[stream_id] = final.end_s
+        self._forget_speech_before(stream_id, final.end_s)
+        if final.text:
+            results.append(final)
+            self._emitted_final.add(stream_id)

@@ -18,6 +18,7 @@ from workers.audio import AudioReader, RawFormat, load_audio
 from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.decoder_stage import build_decoder, phrase_decoder_factory
+from workers.endpoint import Endpointer, EndpointState
 from workers.feature_config import frames_for_ms  # noqa: F401  (re-exported)
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult, StreamOptions
@@ -31,6 +32,7 @@ from workers.vad import (
     trim_to_speech,
     window_energy_db,
 )
+from workers.vad_gate import decoder_endpoint_ms
 
 #: A long recording is read in blocks of this many 32 ms windows (32.8 s at 16 kHz) to find its cuts.
 LONG_BLOCK_WINDOWS = 1024
@@ -68,6 +70,16 @@ def phrase_decoder(bundle: Bundle, config: DecoderConfig, phrases: Sequence[str]
     lexicon is exactly those words, it has no LM, and the beam settings of ``config`` (whose
     kind is taken as "beam"). See ``phrase_decoder_factory``."""
     return phrase_decoder_factory(bundle, config)(phrases)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """An utterance of a stream: samples [start, stop) and the voice activity flags (windows,)
+    bool of its 32 ms windows (from ``start``) as the stream's detector gave them."""
+
+    start: int
+    stop: int
+    speech: torch.Tensor
 
 
 @dataclass
@@ -223,6 +235,43 @@ class Recognizer:
                 pieces.append((start, stop, first, end))
         return pieces, speech
 
+    def utterance_spans(self, wave: torch.Tensor, endpoint_ms: float, preroll_ms: float | None = None) -> list[Utterance]:
+        """Where a stream of (samples,) at the model rate has its utterances, offline: the voice
+        activity of the whole signal walked by ``workers.endpoint.Endpointer``, the detector
+        restarted at each cut, as ``FeatureStage`` does chunk by chunk (the reference that the
+        streaming path must equal). An utterance still open at the end ends there."""
+        if self.vad is None:
+            raise ValueError("utterance spans need voice activity detection (vad.enabled)")
+        endpointer = Endpointer(endpoint_ms, self.vad_config.piece_pad_ms if preroll_ms is None else preroll_ms)
+        state, spans = EndpointState(), []
+        base, start = 0, None
+        while True:
+            flags = self.vad.speech(wave[base:])
+            walked = 0
+            while (event := endpointer.scan(flags.numpy(), state, walked)) is not None and event.kind == "start":
+                start = max(base, (base // WINDOW_SAMPLES + event.window - endpointer.preroll_windows) * WINDOW_SAMPLES)
+                walked = event.window + 1
+            if event is None:
+                if start is not None:
+                    spans.append(Utterance(start, wave.numel(), flags[(start - base) // WINDOW_SAMPLES :]))
+                return spans
+            cut = base + (event.window + 1) * WINDOW_SAMPLES
+            spans.append(Utterance(start, cut, flags[(start - base) // WINDOW_SAMPLES : event.window + 1]))
+            base, start = cut, None
+
+    def transcribe_utterances(self, wave: torch.Tensor, endpoint_ms: float) -> list[Transcript]:
+        """A stream recognised offline as ``StreamingRecognizer`` with this endpointing recognises
+        it: each of its ``utterance_spans`` as a file of its own (chunked as this recogniser is),
+        its words gated by the stream's voice activity flags; word times from the stream's start."""
+        rate = self.bundle.features.sample_rate_hz
+        out = []
+        for span in self.utterance_spans(wave, endpoint_ms):
+            (text, words), = self.transcribe_features([self.extractor(wave[span.start : span.stop])], [span.speech])
+            offset_s = span.start / rate
+            words = [WordTiming(w.word, w.start_s + offset_s, w.end_s + offset_s) for w in words]
+            out.append(Transcript(f"{span.start / rate:.3f}-{span.stop / rate:.3f}", text, (span.stop - span.start) / rate, words))
+        return out
+
     def transcribe_file(self, path: str | Path, raw_format: RawFormat | None = None) -> Transcript:
         """Raises ``AudioError`` (naming the file) for input that cannot be read. A long file is
         read piece by piece (``transcribe_reader``)."""
@@ -265,7 +314,8 @@ class StreamingRecognizer:
         self.stream_id = stream_id
         self.ingest = IngestStage(feats.sample_rate_hz, max(1, int(feats.sample_rate_hz * ingest_chunk_ms / 1000)))
         vad = vad or VadConfig()
-        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), speech_detector(vad, feats.sample_rate_hz))
+        detector = speech_detector(vad, feats.sample_rate_hz)
+        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), detector, endpoint_silence_ms, vad.piece_pad_ms)
         self.acoustic = AcousticStage(
             self.bundle.model, max(1, frames_for_ms(chunk_ms, feats.frame_ms)), frames_for_ms(lookahead_ms, feats.frame_ms), device_t
         )
@@ -273,7 +323,7 @@ class StreamingRecognizer:
         self.options = options
         self.decoder = DecoderStage(
             build_decoder(self.bundle, decoder_config),
-            endpoint_silence_ms,
+            decoder_endpoint_ms(endpoint_silence_ms, vad),
             vad.gate_pad_ms,
             phrase_decoder_factory(self.bundle, decoder_config),
         )
@@ -286,14 +336,14 @@ class StreamingRecognizer:
     def push(self, samples: np.ndarray | torch.Tensor, rate_hz: int = 16000) -> list[RecognitionResult]:
         results = []
         for wave in self.ingest.push(self.stream_id, samples, rate_hz):
-            feats, speech = self.features.push(self.stream_id, torch.from_numpy(wave))
-            (log_probs,) = self.acoustic.process([(self.stream_id, feats, False)])
-            if len(log_probs) or len(speech):
-                results += self.decoder.push(self.stream_id, log_probs, speech=speech, options=self.options)
+            out = self.features.push(self.stream_id, torch.from_numpy(wave))
+            ((log_probs, events),) = self.acoustic.process_events([(self.stream_id, out.features, False, out.events)])
+            if len(log_probs) or len(out.speech) or events:
+                results += self.decoder.push(self.stream_id, log_probs, speech=out.speech, options=self.options, events=events)
         return results
 
     def finish(self) -> list[RecognitionResult]:
         """Flush everything buffered and return the remaining final result(s); the recognizer can be reused."""
-        feats, speech = self.features.finish(self.stream_id, torch.from_numpy(self.ingest.finish(self.stream_id)))
-        (log_probs,) = self.acoustic.process([(self.stream_id, feats, True)])
-        return self.decoder.push(self.stream_id, log_probs, is_last=True, speech=speech, options=self.options)
+        out = self.features.finish(self.stream_id, torch.from_numpy(self.ingest.finish(self.stream_id)))
+        ((log_probs, events),) = self.acoustic.process_events([(self.stream_id, out.features, True, out.events)])
+        return self.decoder.push(self.stream_id, log_probs, is_last=True, speech=out.speech, options=self.options, events=events)

@@ -53,6 +53,13 @@ class VadConfig:
             raise ValueError(f"vad.max_gain_db must be >= 0 and target_peak in (0, 1], got {self.max_gain_db}, {self.target_peak}")
 
 
+def decoder_endpoint_ms(endpoint_silence_ms: float, vad: VadConfig) -> float:
+    """The endpointing a decoder stage does itself (on blank frames): only without voice activity
+    detection. With detection, utterances end at the feature stage, which restarts every state
+    at each end (``workers.endpoint``)."""
+    return 0.0 if vad.enabled else endpoint_silence_ms
+
+
 def bool_flags(speech: Any) -> np.ndarray:
     """Voice activity flags (windows,) as a numpy bool array; a torch tensor is moved to the CPU
     (duck-typed, so that this module never imports torch)."""

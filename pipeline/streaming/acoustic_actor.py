@@ -38,6 +38,7 @@ class _Request:
     features: torch.Tensor  # (frames, feature_dim)
     is_last: bool
     future: asyncio.Future
+    events: tuple = ()  # utterance edges in ``features`` (``FeaturePush.events``)
 
 
 class AcousticActor:
@@ -88,10 +89,12 @@ class AcousticActor:
         previous incarnation) instead of waiting for predecessors that will never come."""
         return self._epoch
 
-    async def process(self, stream_id: str, seq: int, features: torch.Tensor, is_last: bool) -> torch.Tensor:
-        """features (frames, feature_dim) of chunk ``seq`` -> log-probs (frames', num_tokens)."""
+    async def process(self, stream_id: str, seq: int, features: torch.Tensor, is_last: bool,
+                      events: tuple = ()) -> tuple[torch.Tensor, list[tuple[int, str, float]]]:
+        """features (frames, feature_dim) of chunk ``seq`` and its utterance edges -> log-probs
+        (frames', num_tokens) and the edges re-indexed into them (``AcousticStage.process_events``)."""
         self._start_loop()
-        request = _Request(seq, features, is_last, asyncio.get_running_loop().create_future())
+        request = _Request(seq, features, is_last, asyncio.get_running_loop().create_future(), tuple(events))
         self._held.setdefault(stream_id, {})[seq] = request
         self._release(stream_id)
         try:
@@ -113,8 +116,9 @@ class AcousticActor:
                 item = dataclasses.replace(item, data=None, error=f"{StateLostError.__name__}: stream {item.stream_id}: the acoustic actor restarted (state lost)")
             if item.error is None:
                 try:
-                    log_probs = await self.process(item.stream_id, item.seq, _tensor(item.data), item.is_last)
-                    return dataclasses.replace(item, data=log_probs.numpy(), stage_times=item.stage_times + (t_in, time.time()))
+                    log_probs, events = await self.process(item.stream_id, item.seq, _tensor(item.data), item.is_last, item.events)
+                    return dataclasses.replace(item, data=log_probs.numpy(), events=tuple(events),
+                                               stage_times=item.stage_times + (t_in, time.time()))
                 except Exception as exc:
                     item = dataclasses.replace(item, data=None, error=f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(Exception):
@@ -188,12 +192,12 @@ class AcousticActor:
                 self._next_seq.pop(stream_id, None)
         return taken  # streams left over (beyond max_batch_streams) have waited already: next round at once
 
-    def _run(self, batch: list[tuple[str, list[_Request]]]) -> list[tuple[_Request, torch.Tensor]]:
+    def _run(self, batch: list[tuple[str, list[_Request]]]) -> list[tuple[_Request, tuple[torch.Tensor, list]]]:
         """On the model thread: round k runs the k-th ready call of every stream that has one."""
         answered = []
         for k in range(max(len(requests) for _, requests in batch)):
             row = [(sid, requests[k]) for sid, requests in batch if k < len(requests)]
-            outputs = self.stage.process([(sid, r.features, r.is_last) for sid, r in row])
+            outputs = self.stage.process_events([(sid, r.features, r.is_last, r.events) for sid, r in row])
             answered += [(r, log_probs) for (_, r), log_probs in zip(row, outputs)]
             self._stats["rounds"] += 1
             self._stats["max_streams_per_round"] = max(self._stats["max_streams_per_round"], len(row))

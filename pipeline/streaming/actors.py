@@ -148,7 +148,7 @@ class DecoderActor(_Introspection):
         # a copy: the stage keeps an utterance's log-probs, and a view would pin the buffer
         # of the whole chain's result that Ray deserialised it from
         log_probs = np.array(item.data, dtype=np.float32)
-        return self.stage.push(item.stream_id, log_probs, item.is_last, item.speech, item.options)
+        return self.stage.push(item.stream_id, log_probs, item.is_last, item.speech, item.options, item.events)
 
     def drop(self, stream_id: str) -> None:
         self.order.forget(stream_id)

@@ -10,8 +10,6 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pipeline.streaming.actors import _Introspection, _SequenceCheck
 from pipeline.streaming.items import StageItem, _tensor
 from pipeline.streaming.placement import unpacked_bundle
@@ -20,18 +18,21 @@ from workers.vad_gate import VadConfig
 if TYPE_CHECKING:
     import torch
 
+    from workers.stages import FeaturePush
+
 
 class FeatureActor(_Introspection):
     """Wraps ``FeatureStage``: model-rate chunks -> normalised stacked MFCC (frames, feature_dim)."""
 
-    def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None) -> None:
+    def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None, endpoint_silence_ms: float = 0.0) -> None:
         from workers.features import MfccExtractor
         from workers.stages import FeatureStage
         from workers.vad import speech_detector
 
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
-            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), speech_detector(vad, bundle.features.sample_rate_hz))
+            self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), speech_detector(vad, bundle.features.sample_rate_hz),
+                                      endpoint_silence_ms, vad.piece_pad_ms)
             self.feature_dim = bundle.features.feature_dim
         self.order = _SequenceCheck()
 
@@ -56,32 +57,26 @@ class FeatureActor(_Introspection):
                     waves[k] = torch.cat([_tensor(c) for c in item.data]) if item.data else torch.zeros(0)
                 except Exception as exc:  # noqa: BLE001 - this stream's item only
                     mine[k] = self._failed(item, exc)
-        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        results: dict[int, FeaturePush] = {}
         pending = list(waves)
         while pending:
             streams: set[str] = set()
             batch = [k for k in pending if not (mine[k].stream_id in streams or streams.add(mine[k].stream_id))]
             pending = [k for k in pending if k not in batch]
             try:
-                done = dict(zip(batch, self.stage.push_many([(mine[k].stream_id, waves[k]) for k in batch])))
+                done = dict(zip(batch, self.stage.push_many([(mine[k].stream_id, waves[k]) for k in batch],
+                                                            [mine[k].is_last for k in batch])))
             except Exception:  # noqa: BLE001 - find the item that fails: each alone (nothing was applied)
                 done = {}
                 for k in batch:
                     try:
-                        done[k] = self.stage.push(mine[k].stream_id, waves[k])
+                        done[k] = self.stage.push_many([(mine[k].stream_id, waves[k])], [mine[k].is_last])[0]
                     except Exception as exc:  # noqa: BLE001
                         mine[k] = self._failed(mine[k], exc)
-            for k, (feats, speech) in done.items():
-                if mine[k].is_last:
-                    try:
-                        more = self.stage.finish(mine[k].stream_id)
-                    except Exception as exc:  # noqa: BLE001 - this stream's item only
-                        mine[k] = self._failed(mine[k], exc)
-                        continue
-                    feats, speech = torch.cat([feats, more[0]]), torch.cat([speech, more[1]])
-                results[k] = (feats.numpy(), speech.numpy())
+            results.update(done)
         t_out = time.time()
-        return [dataclasses.replace(item, data=results[k][0], speech=results[k][1], stage_times=item.stage_times + (t_in, t_out))
+        return [dataclasses.replace(item, data=results[k].features.numpy(), speech=results[k].speech.numpy(),
+                                    events=tuple(results[k].events), stage_times=item.stage_times + (t_in, t_out))
                 if k in results else dataclasses.replace(item, stage_times=item.stage_times + (t_in, t_out))
                 for k, item in enumerate(mine)]
 

@@ -47,6 +47,7 @@ class StageItem:
     acoustic_epoch: str = ""  # the acoustic actor's incarnation the driver expects (a restarted one has another)
     stage_times: tuple[float, ...] = ()  # time.time() at entry to and exit from each stage so far
     options: Any = None  # the stream's workers.stages.StreamOptions (None: the decoder's defaults), for the decoder actor
+    events: tuple = ()  # utterance edges (index into data, "start"/"end", time_s), from the feature actor on
 
 
 def _tensor(array: np.ndarray) -> Any:

@@ -31,6 +31,7 @@ from pipeline.streaming.placement import (
 from workers.bundle_config import BundleError, BundleFiles
 from workers.decoder import DecoderConfig
 from workers.feature_config import frames_for_ms
+from workers.vad_gate import decoder_endpoint_ms
 
 
 @dataclass
@@ -89,7 +90,8 @@ def start_stage_actors(config: AppConfig, bundle: BundleFiles, decoder_config: D
     chunk_frames, right_frames = max(1, frames_for_ms(s.chunk_ms, frame_ms)), frames_for_ms(s.lookahead_ms, frame_ms)
     actors = StageActors(
         ingest=ray.remote(IngestActor).options(**_actor_options()).remote(rate_hz, chunk_samples),
-        features=[ray.remote(FeatureActor).options(**_actor_options()).remote(files, config.vad) for _ in range(feature_actor_count(s))],
+        features=[ray.remote(FeatureActor).options(**_actor_options()).remote(files, config.vad, s.endpoint_silence_ms)
+                  for _ in range(feature_actor_count(s))],
         acoustics=[
             ray.remote(AcousticActor).options(**acoustic_options).remote(
                 files, chunk_frames, right_frames, s.max_batch_wait_ms, s.max_batch_streams,
@@ -99,7 +101,7 @@ def start_stage_actors(config: AppConfig, bundle: BundleFiles, decoder_config: D
         ],
         decoders=[
             ray.remote(DecoderActor).options(**_actor_options(s.decoder_resources)).remote(
-                files, decoder_config or config.decoder, s.endpoint_silence_ms, config.vad)
+                files, decoder_config or config.decoder, decoder_endpoint_ms(s.endpoint_silence_ms, config.vad), config.vad)
             for _ in range(s.decoder_actors)
         ],
         bundle_files=files,

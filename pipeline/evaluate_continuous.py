@@ -1,0 +1,185 @@
+"""`asr eval --continuous`: each speaker's utterances joined into one stream with pauses,
+recognised as one stream, its finals scored against the same references as the files.
+
+The modes: ``offline`` (the batch path: the recording cut at pauses, ``Recognizer``),
+``streaming`` (in-process ``StreamingRecognizer``, 100 ms pushes, endpointing as configured)
+and ``actors`` (the Ray ``StreamingPipeline``). ``asr serve`` is scored the same way by
+``recognize_server`` (tests, the bench). The report adds what a per-file figure cannot show:
+splits and merges of utterances, empty finals, and finals with words outside the lexicon.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.evaluate import EvalReport, score
+from workers.continuous import Final, JoinedStream, assign_finals, join_utterances
+from workers.corpus import Utterance
+from workers.decoder_stage import RecognitionResult
+from workers.recognizer import Recognizer, StreamingRecognizer
+
+CONTINUOUS_MODES = ("offline", "streaming", "actors")
+PUSH_MS = 100.0  # what a client sends at a time
+
+
+@dataclass
+class ContinuousReport:
+    """The scored streams: ``report`` is the usual WER report over the utterances (each
+    utterance's hypothesis: the final words assigned to it), plus the stream-level counts."""
+
+    report: EvalReport
+    streams: int = 0
+    finals: int = 0
+    splits: int = 0
+    merges: int = 0
+    empty_finals: int = 0
+    stray_words: int = 0
+    non_lexicon_words: list[str] = field(default_factory=list)
+    hypotheses: dict[str, str] = field(default_factory=dict)  # utterance id -> its words in the stream
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "report"}
+        out["report"] = self.report.to_json()
+        return out
+
+    def summary(self) -> str:
+        n = max(1, self.report.utterances)
+        return (f"continuous: {self.streams} streams, {self.report.utterances} utterances, {self.finals} finals; "
+                f"splits {self.splits} + merges {self.merges} = {100 * (self.splits + self.merges) / n:.1f}% of utterances; "
+                f"empty finals {self.empty_finals}; words outside the lexicon {len(self.non_lexicon_words)}; "
+                f"stray words {self.stray_words}")
+
+
+def join_speakers(utterances: list[Utterance], load: Callable[[Utterance], object], rate_hz: int, seed: int = 0,
+                  pause_range_s: tuple[float, float] | None = None, noise_dbfs: float | None = None) -> list[JoinedStream]:
+    """One ``JoinedStream`` per speaker (in first-seen order), utterances in corpus order."""
+    from workers.continuous import PAUSE_NOISE_DBFS, PAUSE_RANGE_S
+
+    by_speaker: dict[str, list[Utterance]] = {}
+    for u in utterances:
+        by_speaker.setdefault(u.speaker, []).append(u)
+    return [join_utterances(spk, [(u.id, u.text, load(u)) for u in us], rate_hz, seed,
+                            pause_range_s or PAUSE_RANGE_S, PAUSE_NOISE_DBFS if noise_dbfs is None else noise_dbfs)
+            for spk, us in by_speaker.items()]
+
+
+def finals_of(results: Iterable[RecognitionResult]) -> list[Final]:
+    return [Final(r.text, tuple(r.words)) for r in results if r.is_final]
+
+
+def recognize_offline(rec: Recognizer, stream: JoinedStream) -> list[Final]:
+    """The batch path on the whole recording: one 'final' per piece is not kept by the
+    batch path, so its words come back as one final (splits and merges are not counted)."""
+    transcript = rec.transcribe_wave(stream.wave, stream.speaker)
+    return [Final(transcript.text, tuple(transcript.words))]
+
+
+def recognize_streaming(rec: StreamingRecognizer, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
+    step = max(1, int(stream.rate_hz * push_ms / 1000))
+    wave = stream.wave.numpy()
+    results: list[RecognitionResult] = []
+    for start in range(0, len(wave), step):
+        results += rec.push(wave[start : start + step], stream.rate_hz)
+    results += rec.finish()
+    return finals_of(results)
+
+
+def recognize_actors(pipeline: object, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
+    """Through a ``pipeline.streaming.StreamingPipeline`` (Ray actors)."""
+    step = max(1, int(stream.rate_hz * push_ms / 1000))
+    wave = stream.wave.numpy().astype(np.float32)
+    sid = pipeline.open_stream()
+    results: list[RecognitionResult] = []
+    for start in range(0, len(wave), step):
+        results += pipeline.push(sid, wave[start : start + step], stream.rate_hz)
+    results += pipeline.close(sid)
+    return finals_of(results)
+
+
+def recognize_server(url: str, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
+    """Through a Vosk-protocol server (``asr serve``): its ``result`` replies are the finals."""
+    from pipeline.vosk_client import VoskClient, reply_result
+
+    step = max(1, int(stream.rate_hz * push_ms / 1000))
+    pcm = (stream.wave.clamp(-1, 1).numpy() * 32767).astype("<i2")
+    finals: list[Final] = []
+    with VoskClient(url, sample_rate_hz=stream.rate_hz) as client:
+        for start in range(0, len(pcm), step):
+            result = reply_result(client.send_audio(pcm[start : start + step]))
+            if result is not None and result.is_final:
+                finals.append(Final(result.text, tuple(result.words)))
+        result = reply_result(client.eof())
+        if result is not None:
+            finals.append(Final(result.text, tuple(result.words)))
+    return finals
+
+
+def lexicon_words(lexicon_path: str | Path | None) -> set[str] | None:
+    if lexicon_path is None:
+        return None
+    return {line.split()[0] for line in Path(lexicon_path).read_text().splitlines() if line.strip()}
+
+
+def score_streams(streams: list[JoinedStream], finals: list[list[Final]], lexicon: set[str] | None,
+                  worst_n: int = 5) -> ContinuousReport:
+    """Assign each stream's finals to its utterances and score them (``ContinuousReport``).
+    The last final of a stream may be empty (the end of a stream with nothing left to say
+    still gets its answer) and is not counted as an empty final."""
+    ids, refs, hyps = [], [], []
+    out = ContinuousReport(EvalReport(0, 0, 0, 0, 0, 0, 0, 0))
+    for stream, stream_finals in zip(streams, finals, strict=True):
+        counted = list(stream_finals)
+        if counted and not counted[-1].text.strip():
+            counted = counted[:-1]
+        a = assign_finals(stream.utterances, counted)
+        out.streams += 1
+        out.finals += len(counted)
+        out.splits += a.splits
+        out.merges += a.merges
+        out.empty_finals += a.empty_finals
+        out.stray_words += a.stray_words
+        if lexicon is not None:
+            out.non_lexicon_words += [w.word for f in counted for w in f.words if w.word not in lexicon]
+        for u, hyp in zip(stream.utterances, a.hypotheses):
+            ids.append(u.id)
+            refs.append(u.text)
+            hyps.append(hyp)
+            out.hypotheses[u.id] = hyp
+    report = score(ids, refs, hyps, worst_n)
+    out.report = report
+    return out
+
+
+def evaluate_continuous(utterances: list[Utterance], bundle_path: str | Path | None, decoder_config, mode: str,
+                        chunk_ms: float | None, lookahead_ms: float, endpoint_ms: float, vad, quantize: str = "none",
+                        seed: int = 0, worst_n: int = 5, config=None, model_arg: str | None = None) -> ContinuousReport:
+    """Join each speaker's utterances (``join_speakers``), recognise every stream in ``mode``,
+    and score (``score_streams``)."""
+    if mode not in CONTINUOUS_MODES:
+        raise ValueError(f"continuous mode must be one of {CONTINUOUS_MODES}, got {mode!r}")
+    rec = Recognizer(bundle_path, decoder_config, None if mode == "offline" else chunk_ms, lookahead_ms, vad=vad, quantize=quantize)
+    rate = rec.bundle.features.sample_rate_hz
+    streams = join_speakers(utterances, lambda u: rec.load(u.audio), rate, seed)
+    t0 = time.perf_counter()
+    if mode == "offline":
+        finals = [recognize_offline(rec, s) for s in streams]
+    elif mode == "streaming":
+        srec = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms, endpoint_silence_ms=endpoint_ms, vad=vad)
+        finals = [recognize_streaming(srec, s) for s in streams]
+    else:
+        from pipeline.streaming import StreamingPipeline
+
+        with StreamingPipeline(config, model_arg, decoder_config) as pipeline:
+            finals = [recognize_actors(pipeline, s) for s in streams]
+    out = score_streams(streams, finals, lexicon_words(rec.bundle.lexicon_path) if decoder_config.kind == "beam" else None, worst_n)
+    out.report.audio_s = sum(s.duration_s for s in streams)
+    out.report.compute_s = time.perf_counter() - t0
+    out.report.settings = {"mode": mode, "continuous": True, "decoder": decoder_config.kind, "chunk_ms": chunk_ms,
+                           "lookahead_ms": lookahead_ms, "endpoint_ms": endpoint_ms, "vad": vad.enabled, "seed": seed,
+                           "model": str(rec.bundle.path), "perturbations": [], "quantize": quantize}
+    return out
