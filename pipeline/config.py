@@ -42,9 +42,10 @@ class StreamingConfig:
     lookahead_ms: float = 150.0  # right context of each chunk
     ingest_chunk_ms: float = 100.0  # audio is cut into pieces of this size on intake
     # non-speech that ends an utterance (each starts from a clean state: workers/endpoint.py); 0: the
-    # stream is one utterance. On the dev speakers' utterances joined with 0.3-3 s pauses
-    # (asr eval --continuous): 500 ms split 4 of 105 utterances, 1000 ms merged 5, 700 ms neither.
-    endpoint_silence_ms: float = 700.0
+    # stream is one utterance. On the dev speakers' 105 utterances joined with 0.3-3 s pauses
+    # (asr eval --continuous, vad.start_ms 96): 700 ms split 2-4, 900 ms merged 5-9; 800 ms (start_ms
+    # 128) split or merged 0-2.
+    endpoint_silence_ms: float = 800.0
     max_batch_wait_ms: float = 10.0  # how long the acoustic actor waits to fill a batch
     max_batch_streams: int = 64
     max_inflight_chunks: int = 8  # per stream: backpressure bound

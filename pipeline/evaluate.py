@@ -134,11 +134,13 @@ def evaluate(
     babble_pool: list[torch.Tensor] | None = None,
     vad: VadConfig | None = None,
     quantize: str = "none",
+    endpoint_ms: float = 0.0,
 ) -> EvalReport:
     """Transcribe ``utterances`` in ``mode`` ("offline" or "streaming") and score them.
 
     ``perturbations`` degrade each utterance's audio first (seeded by ``seed`` and the
-    utterance id); ``babble_pool``: speech for ``babble_snr_db``; ``vad``: voice activity gating."""
+    utterance id); ``babble_pool``: speech for ``babble_snr_db``; ``vad``: voice activity gating;
+    ``endpoint_ms``: streaming's endpointing (each file is one stream, as ``asr stream --file``)."""
     if mode not in ("offline", "streaming"):
         raise ValueError(f"mode must be 'offline' or 'streaming', got {mode!r}")
     if mode == "streaming" and chunk_ms is None:
@@ -173,7 +175,7 @@ def evaluate(
             if progress:
                 print(f"\r{len(ids)}/{len(utterances)} utterances", end="", file=sys.stderr)
     else:
-        stream = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms, vad=vad)
+        stream = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms, endpoint_ms, vad=vad)
         for n, u in enumerate(utterances, 1):
             try:
                 wave, rate_hz = load(u)
@@ -183,7 +185,7 @@ def evaluate(
                 continue
             except Exception as exc:  # e.g. a perturbation that cannot apply to this audio: one utterance, not the run
                 failed.append({"id": u.id, "audio": u.audio, "error": f"{u.audio}: {type(exc).__name__}: {exc}"})
-                stream = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms, vad=vad)  # its state is unknown now
+                stream = StreamingRecognizer(rec.bundle, decoder_config, chunk_ms, lookahead_ms, endpoint_ms, vad=vad)  # state unknown now
                 continue
             ids.append(u.id)
             refs.append(load.reference(u))
@@ -200,7 +202,7 @@ def evaluate(
     report.settings = {"mode": mode, "decoder": decoder_config.kind, "chunk_ms": chunk_ms, "lookahead_ms": lookahead_ms,
                        "algorithmic_latency_ms": latency, "model": str(rec.bundle.path),
                        "perturbations": [str(p) for p in perturbations], "seed": seed, "vad": rec.vad is not None,
-                       "quantize": rec.bundle.quantize}
+                       "quantize": rec.bundle.quantize, "endpoint_ms": endpoint_ms if mode == "streaming" else None}
     return report
 
 
@@ -249,7 +251,8 @@ def format_report(report: EvalReport) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="a .jsonl manifest or a corpus root (AN4, FSDD, LibriSpeech, folder of audio+.txt)")
-    parser.add_argument("--mode", choices=("offline", "streaming"), default="offline")
+    parser.add_argument("--mode", choices=("offline", "streaming", "actors"), default="offline",
+                        help="actors: the Ray streaming pipeline (with --continuous only)")
     parser.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="default: the config's decoder.kind")
     parser.add_argument("--chunk-ms", type=float, default=None, help="latency-controlled chunk (offline default: whole utterance)")
     parser.add_argument("--lookahead-ms", type=float, default=None, help="right context per chunk")
@@ -265,6 +268,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--babble-from", default=None,
                         help="corpus whose speech makes babble noise (default: DATA), only speakers not evaluated")
     parser.add_argument("--no-vad", action="store_true", help="keep words where the voice activity detector hears no speech")
+    parser.add_argument("--continuous", action="store_true",
+                        help="join each speaker's utterances into one stream with seeded 0.3-3 s pauses of faint noise and "
+                             "score the stream's finals (splits, merges, empty finals and non-lexicon words counted)")
+    parser.add_argument("--endpoint-ms", type=float, default=None,
+                        help="streaming's endpointing (default: streaming.endpoint_silence_ms; 0: a file or stream is one utterance)")
+    parser.add_argument("--pause-noise-dbfs", type=float, default=None, help="with --continuous: the pauses' noise level (default -60)")
 
 
 def babble_pool_for(source: str, exclude_speakers: set[str], rate_hz: int, size: int = BABBLE_POOL_SIZE) -> list[torch.Tensor]:
@@ -314,11 +323,39 @@ def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
                   file=sys.stderr)
             return 2
     vad = dataclasses.replace(config.vad, enabled=False) if args.no_vad else config.vad
+    if args.continuous or args.mode == "actors":
+        return _run_continuous(args, config, utts, decoder_config, chunk_ms, lookahead_ms, vad, perturbations)
     report = evaluate(utts, args.model, decoder_config, args.mode, chunk_ms, lookahead_ms, args.worst,
                       perturbations=perturbations, seed=args.seed, babble_pool=pool, vad=vad,
-                      quantize=config.inference.quantize)
+                      quantize=config.inference.quantize, endpoint_ms=_endpoint_ms(args, config))
     report.settings["skipped_transcripts"] = len(corpus.skipped)
     print(format_report(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return 0
+
+
+def _endpoint_ms(args: argparse.Namespace, config: AppConfig) -> float:
+    return config.streaming.endpoint_silence_ms if args.endpoint_ms is None else args.endpoint_ms
+
+
+def _run_continuous(args: argparse.Namespace, config: AppConfig, utts: list[Utterance], decoder_config: DecoderConfig,
+                    chunk_ms: float | None, lookahead_ms: float, vad: VadConfig, perturbations: list[Perturbation]) -> int:
+    import dataclasses
+
+    from pipeline.evaluate_continuous import evaluate_continuous
+
+    if not args.continuous or perturbations:
+        print("error: --mode actors needs --continuous, and --continuous takes no --perturb", file=sys.stderr)
+        return 2
+    if args.mode != "offline" and chunk_ms is None:
+        chunk_ms, lookahead_ms = config.streaming.chunk_ms, config.streaming.lookahead_ms
+    endpoint_ms = _endpoint_ms(args, config)
+    config = dataclasses.replace(config, streaming=dataclasses.replace(config.streaming, endpoint_silence_ms=endpoint_ms), vad=vad)
+    out = evaluate_continuous(utts, args.model, decoder_config, args.mode, chunk_ms, lookahead_ms, endpoint_ms, vad,
+                              config.inference.quantize, args.seed, args.worst, config, args.model, args.pause_noise_dbfs)
+    print(format_report(out.report))
+    print(out.summary())
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(out.to_json(), indent=2) + "\n")
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.evaluate import EvalReport, score
-from workers.continuous import Final, JoinedStream, assign_finals, join_utterances
+from workers.continuous import PAUSE_NOISE_DBFS, Final, JoinedStream, assign_finals, join_utterances
 from workers.corpus import Utterance
 from workers.decoder_stage import RecognitionResult
 from workers.recognizer import Recognizer, StreamingRecognizer
@@ -157,14 +157,15 @@ def score_streams(streams: list[JoinedStream], finals: list[list[Final]], lexico
 
 def evaluate_continuous(utterances: list[Utterance], bundle_path: str | Path | None, decoder_config, mode: str,
                         chunk_ms: float | None, lookahead_ms: float, endpoint_ms: float, vad, quantize: str = "none",
-                        seed: int = 0, worst_n: int = 5, config=None, model_arg: str | None = None) -> ContinuousReport:
+                        seed: int = 0, worst_n: int = 5, config=None, model_arg: str | None = None,
+                        noise_dbfs: float | None = None) -> ContinuousReport:
     """Join each speaker's utterances (``join_speakers``), recognise every stream in ``mode``,
     and score (``score_streams``)."""
     if mode not in CONTINUOUS_MODES:
         raise ValueError(f"continuous mode must be one of {CONTINUOUS_MODES}, got {mode!r}")
     rec = Recognizer(bundle_path, decoder_config, None if mode == "offline" else chunk_ms, lookahead_ms, vad=vad, quantize=quantize)
     rate = rec.bundle.features.sample_rate_hz
-    streams = join_speakers(utterances, lambda u: rec.load(u.audio), rate, seed)
+    streams = join_speakers(utterances, lambda u: rec.load(u.audio), rate, seed, noise_dbfs=noise_dbfs)
     t0 = time.perf_counter()
     if mode == "offline":
         finals = [recognize_offline(rec, s) for s in streams]
@@ -179,7 +180,9 @@ def evaluate_continuous(utterances: list[Utterance], bundle_path: str | Path | N
     out = score_streams(streams, finals, lexicon_words(rec.bundle.lexicon_path) if decoder_config.kind == "beam" else None, worst_n)
     out.report.audio_s = sum(s.duration_s for s in streams)
     out.report.compute_s = time.perf_counter() - t0
+    latency = None if mode == "offline" else rec.bundle.model.latency_ms(rec.chunk_frames, rec.right_context_frames, rec.bundle.features.frame_ms)
     out.report.settings = {"mode": mode, "continuous": True, "decoder": decoder_config.kind, "chunk_ms": chunk_ms,
-                           "lookahead_ms": lookahead_ms, "endpoint_ms": endpoint_ms, "vad": vad.enabled, "seed": seed,
-                           "model": str(rec.bundle.path), "perturbations": [], "quantize": quantize}
+                           "lookahead_ms": lookahead_ms, "algorithmic_latency_ms": latency, "endpoint_ms": endpoint_ms, "vad": vad.enabled, "seed": seed,
+                           "model": str(rec.bundle.path), "perturbations": [], "quantize": quantize,
+                           "pause_noise_dbfs": PAUSE_NOISE_DBFS if noise_dbfs is None else noise_dbfs}
     return out

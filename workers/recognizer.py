@@ -18,7 +18,7 @@ from workers.audio import AudioReader, RawFormat, load_audio
 from workers.bundle import Bundle, load_bundle, pick_device
 from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
 from workers.decoder_stage import build_decoder, phrase_decoder_factory
-from workers.endpoint import Endpointer, EndpointState
+from workers.endpoint import EndpointState, endpointer
 from workers.feature_config import frames_for_ms  # noqa: F401  (re-exported)
 from workers.features import MfccExtractor
 from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult, StreamOptions
@@ -235,28 +235,28 @@ class Recognizer:
                 pieces.append((start, stop, first, end))
         return pieces, speech
 
-    def utterance_spans(self, wave: torch.Tensor, endpoint_ms: float, preroll_ms: float | None = None) -> list[Utterance]:
+    def utterance_spans(self, wave: torch.Tensor, endpoint_ms: float) -> list[Utterance]:
         """Where a stream of (samples,) at the model rate has its utterances, offline: the voice
         activity of the whole signal walked by ``workers.endpoint.Endpointer``, the detector
         restarted at each cut, as ``FeatureStage`` does chunk by chunk (the reference that the
         streaming path must equal). An utterance still open at the end ends there."""
         if self.vad is None:
             raise ValueError("utterance spans need voice activity detection (vad.enabled)")
-        endpointer = Endpointer(endpoint_ms, self.vad_config.piece_pad_ms if preroll_ms is None else preroll_ms)
+        ep = endpointer(self.vad_config, endpoint_ms)
         state, spans = EndpointState(), []
         base, start = 0, None
         while True:
             flags = self.vad.speech(wave[base:])
             walked = 0
-            while (event := endpointer.scan(flags.numpy(), state, walked)) is not None and event.kind == "start":
-                start = max(base, (base // WINDOW_SAMPLES + event.window - endpointer.preroll_windows) * WINDOW_SAMPLES)
+            while (event := ep.scan(flags.numpy(), state, walked)) is not None and event.kind == "start":
+                start = max(base, (base // WINDOW_SAMPLES + event.window + event.onset - ep.preroll_windows) * WINDOW_SAMPLES)
                 walked = event.window + 1
             if event is None:
                 if start is not None:
                     spans.append(Utterance(start, wave.numel(), flags[(start - base) // WINDOW_SAMPLES :]))
                 return spans
-            cut = base + (event.window + 1) * WINDOW_SAMPLES
-            spans.append(Utterance(start, cut, flags[(start - base) // WINDOW_SAMPLES : event.window + 1]))
+            cut = base + ep.end_window(event) * WINDOW_SAMPLES
+            spans.append(Utterance(start, cut, flags[(start - base) // WINDOW_SAMPLES : ep.end_window(event)]))
             base, start = cut, None
 
     def transcribe_utterances(self, wave: torch.Tensor, endpoint_ms: float) -> list[Transcript]:
@@ -315,7 +315,7 @@ class StreamingRecognizer:
         self.ingest = IngestStage(feats.sample_rate_hz, max(1, int(feats.sample_rate_hz * ingest_chunk_ms / 1000)))
         vad = vad or VadConfig()
         detector = speech_detector(vad, feats.sample_rate_hz)
-        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), detector, endpoint_silence_ms, vad.piece_pad_ms)
+        self.features = FeatureStage(MfccExtractor(feats, self.bundle.normalizer), detector, endpoint_silence_ms)
         self.acoustic = AcousticStage(
             self.bundle.model, max(1, frames_for_ms(chunk_ms, feats.frame_ms)), frames_for_ms(lookahead_ms, feats.frame_ms), device_t
         )

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.decoder_stage import MAX_ALTERNATIVES, PHRASE_DECODER_CACHE, DecoderStage, RecognitionResult, StreamOptions
-from workers.endpoint import Endpointer, EndpointState
+from workers.endpoint import EndpointState, endpointer
 from workers.features import FeatureState, MfccExtractor, StreamingFeatures
 from workers.ingest import IngestStage
 from workers.model import BiLSTMCTC
@@ -70,6 +70,8 @@ class _FeatureStream:
     base: int = 0  # the sample where the detector last (re)started: 0 or the last cut
     buffer: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # samples [buffer_from, received) not extracted
     buffer_from: int = 0
+    held_flags: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # windows [flags_from, windows)
+    flags_from: int = 0  # the first window whose flags have not been given out
 
 
 class FeatureStage:
@@ -78,12 +80,11 @@ class FeatureStage:
     start from a fresh running mean, as a file's would, and idle audio between utterances is
     not extracted. Without a detector, or with ``endpoint_ms=0``, the stream is one utterance."""
 
-    def __init__(self, extractor: MfccExtractor, vad: SpeechDetector | None = None,
-                 endpoint_ms: float = 0.0, preroll_ms: float = 300.0) -> None:
+    def __init__(self, extractor: MfccExtractor, vad: SpeechDetector | None = None, endpoint_ms: float = 0.0) -> None:
         self.streaming = StreamingFeatures(extractor)
         self.vad = vad
         self.rate_hz = extractor.config.sample_rate_hz
-        self.endpointer = Endpointer(endpoint_ms, preroll_ms) if vad is not None and endpoint_ms > 0 else None
+        self.endpointer = endpointer(vad.config, endpoint_ms) if vad is not None and endpoint_ms > 0 else None
         self._streams: dict[str, _FeatureStream] = {}
 
     def push(self, stream_id: str, wave: torch.Tensor) -> FeaturePush:
@@ -139,34 +140,43 @@ class FeatureStage:
             s.endpoint.in_utterance, s.buffer, s.buffer_from = True, torch.zeros(0), s.received
             return [piece], self._flags(probs)
         pieces: list[_Piece] = []
-        flag_parts = []
+        emitted = []  # flags given out in this push
+        held = s.held_flags  # flags of windows [flags_from, windows) not given out yet (held-back audio)
         opened_s: float | None = None  # start of an utterance opened in this push, until its first piece
         while True:
             flags = self._flags(probs)
             event, walked = None, 0
             while (event := self.endpointer.scan(flags.numpy(), s.endpoint, walked)) is not None and event.kind == "start":
-                first = max(s.base, (s.windows + event.window - self.endpointer.preroll_windows) * WINDOW_SAMPLES)
+                first = max(s.base, (s.windows + event.window + event.onset - self.endpointer.preroll_windows) * WINDOW_SAMPLES)
                 s.buffer, s.buffer_from = s.buffer[first - s.buffer_from :], first
                 opened_s, walked = first / self.rate_hz, event.window + 1
             if event is None:
-                flag_parts.append(flags)
+                held = torch.cat([held, flags])
                 s.vad, s.windows = vad_state, s.windows + len(flags)
                 break
-            cut = (s.windows + event.window + 1) * WINDOW_SAMPLES  # the end of the utterance
-            flag_parts.append(flags[: event.window + 1])
+            end = s.windows + self.endpointer.end_window(event)  # the window the utterance ends before
+            cut = end * WINDOW_SAMPLES
+            emitted.append(torch.cat([held, flags])[: end - s.flags_from])
+            held, s.flags_from = torch.zeros(0, dtype=torch.bool), end
             pieces.append(_Piece(s.buffer[: cut - s.buffer_from], start_s=opened_s, end_s=cut / self.rate_hz))
             opened_s = None
             s.buffer, s.buffer_from = s.buffer[cut - s.buffer_from :], cut
-            s.base, s.windows = cut, cut // WINDOW_SAMPLES
-            s.vad = self.vad.initial_state()  # the detector restarts at the cut: what follows depends on what follows
+            s.base, s.windows = cut, end
+            s.vad = self.vad.initial_state()  # the detector restarts at the end: what follows depends on what follows
             probs, vad_state = self.vad.online(s.buffer, s.vad)
-        if s.endpoint.in_utterance:
-            pieces.append(_Piece(s.buffer, start_s=opened_s, end_s=s.received / self.rate_hz if last else None))
-            s.buffer, s.buffer_from = torch.zeros(0), s.received
+        if s.endpoint.in_utterance:  # the utterance takes its audio up to its last speech + the trail; the rest waits
+            release = s.received if last else min(s.received, (s.windows - s.endpoint.silent_windows + self.endpointer.trail_windows) * WINDOW_SAMPLES)
+            release = max(release, s.buffer_from)
+            pieces.append(_Piece(s.buffer[: release - s.buffer_from], start_s=opened_s, end_s=s.received / self.rate_hz if last else None))
+            s.buffer, s.buffer_from = s.buffer[release - s.buffer_from :], release
+            give = s.windows if last else max(s.flags_from, min(s.windows, release // WINDOW_SAMPLES))
         else:  # idle: keep what a start in the next push may reach back to
-            keep = max(s.base, (s.windows - self.endpointer.preroll_windows) * WINDOW_SAMPLES)
+            keep = max(s.base, (s.windows - self.endpointer.preroll_windows - self.endpointer.start_windows) * WINDOW_SAMPLES)
             s.buffer, s.buffer_from = s.buffer[keep - s.buffer_from :], keep
-        return pieces, torch.cat(flag_parts)
+            give = s.windows
+        emitted.append(held[: give - s.flags_from])
+        s.held_flags, s.flags_from = held[give - s.flags_from :], give
+        return pieces, torch.cat(emitted)
 
     def _extract(self, streams: list[_FeatureStream], pieces: list[list[_Piece]]) -> list[tuple[torch.Tensor, list[tuple[int, str, float]]]]:
         """MFCC of every stream's pieces: round k takes the k-th piece of each stream, all in one

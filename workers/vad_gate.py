@@ -34,6 +34,12 @@ class VadConfig:
     # 0.5 s + 300 ms 1.10 / 1.03 / 1.01x (chosen); 0.7 s + 300 ms 1.10 / 1.03 / 1.03x; 400 ms worse.
     min_pause_s: float = 0.5
     piece_pad_ms: float = 300.0
+    # Streams (workers/endpoint.py): speech in a row that opens an utterance, each utterance kept with
+    # piece_pad_ms of audio before its first and after its last speech window. The dev speakers'
+    # utterances joined with 0.3-3 s pauses of noise at -50/-60/-70 dBFS (asr eval --continuous), WER
+    # per file / continuous: 32 ms 11.7 / 12.5, 13.0, 16.1 %; 64 ms 12.0 / 12.5, 13.0, 14.0 %;
+    # 96 ms 12.2 / 12.5, 12.5, 12.7 %; 128 ms (with endpointing at 800 ms) 12.0 / 12.2, 12.0, 11.8 %.
+    start_ms: float = 128.0
     target_peak: float = 0.5  # the detector hears the input scaled so that its running peak is this ...
     max_gain_db: float = 40.0  # ... amplified by at most this much (silero misses speech 35 dB below AN4's level)
 
@@ -45,8 +51,8 @@ class VadConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"vad.threshold must be in (0, 1), got {self.threshold}")
-        if self.pad_ms < 0 or self.piece_pad_ms < 0:
-            raise ValueError(f"vad.pad_ms and vad.piece_pad_ms must be >= 0, got {self.pad_ms}, {self.piece_pad_ms}")
+        if self.pad_ms < 0 or self.piece_pad_ms < 0 or self.start_ms < 0:
+            raise ValueError(f"vad.pad_ms, vad.piece_pad_ms and vad.start_ms must be >= 0, got {self.pad_ms}, {self.piece_pad_ms}, {self.start_ms}")
         if self.max_segment_s < 1.0 or self.min_pause_s <= 0:
             raise ValueError(f"vad.max_segment_s must be >= 1 and min_pause_s > 0, got {self.max_segment_s}, {self.min_pause_s}")
         if self.max_gain_db < 0 or not 0 < self.target_peak <= 1:

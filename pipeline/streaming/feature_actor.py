@@ -32,7 +32,7 @@ class FeatureActor(_Introspection):
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:
             self.stage = FeatureStage(MfccExtractor(bundle.features, bundle.normalizer), speech_detector(vad, bundle.features.sample_rate_hz),
-                                      endpoint_silence_ms, vad.piece_pad_ms)
+                                      endpoint_silence_ms)
             self.feature_dim = bundle.features.feature_dim
         self.order = _SequenceCheck()
 
