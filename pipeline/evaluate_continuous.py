@@ -106,17 +106,22 @@ def recognize_server(url: str, stream: JoinedStream, push_ms: float = PUSH_MS) -
     from pipeline.vosk_client import VoskClient, reply_result
 
     step = max(1, int(stream.rate_hz * push_ms / 1000))
-    pcm = (stream.wave.clamp(-1, 1).numpy() * 32767).astype("<i2")
+    pcm = pcm16_samples(stream.wave.numpy())
     finals: list[Final] = []
     with VoskClient(url, sample_rate_hz=stream.rate_hz) as client:
         for start in range(0, len(pcm), step):
-            result = reply_result(client.send_audio(pcm[start : start + step]))
+            result = reply_result(client.send_audio(pcm[start : start + step].tobytes()))
             if result is not None and result.is_final:
                 finals.append(Final(result.text, tuple(result.words)))
         result = reply_result(client.eof())
         if result is not None:
             finals.append(Final(result.text, tuple(result.words)))
     return finals
+
+
+def pcm16_samples(wave: np.ndarray) -> np.ndarray:
+    """(samples,) float in [-1, 1] -> little-endian 16-bit PCM samples (what a client sends)."""
+    return np.clip(np.round(wave * 32768.0), -32768, 32767).astype("<i2")
 
 
 def lexicon_words(lexicon_path: str | Path | None) -> set[str] | None:

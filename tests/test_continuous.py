@@ -35,18 +35,18 @@ RATE_HZ = 16000
 def test_endpointer_opens_on_speech_and_ends_after_the_silence() -> None:
     ep = Endpointer(endpoint_ms=100, preroll_ms=64, trail_ms=64, start_ms=64)  # windows of 32 ms: 4, 2, 2, 2
     assert (ep.endpoint_windows, ep.preroll_windows, ep.trail_windows, ep.start_windows) == (4, 2, 2, 2)
-    flags = np.array([0, 1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 1], dtype=bool)
+    flags = np.array([0, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 1], dtype=bool)
     state = EndpointState()
-    # a lone speech window opens nothing; two in a row do, at the second, from the first
-    assert ep.scan(flags, state) == Event("start", 4, -1)
+    # a lone speech window opens nothing; two among the last four do, at the second, from the first
+    assert ep.scan(flags, state) == Event("start", 6, -1)
     assert state.in_utterance
     # one silent window inside the utterance does not end it; four in a row do, at the fourth;
-    # it ends two windows (the trail) after its last speech window (6)
-    end = ep.scan(flags, state, 5)
-    assert end == Event("end", 10) and ep.end_window(end) == 9
+    # it ends two windows (the trail) after its last speech window (8)
+    end = ep.scan(flags, state, 7)
+    assert end == Event("end", 12) and ep.end_window(end) == 11
     assert not state.in_utterance and state.silent_windows == 0
-    assert ep.scan(flags, state, 11) is None and state.speech_windows == 1  # carried to the next push
-    assert ep.scan(np.ones(1, dtype=bool), state) == Event("start", 0, -1)
+    assert ep.scan(flags, state, 13) is None and state.recent == (True,)  # carried to the next push
+    assert ep.scan(np.array([0, 1], dtype=bool), state) == Event("start", 1, -2)
     assert Endpointer(800, 300).trail_windows == Endpointer(800, 300).endpoint_windows  # default trail: all of it
     with pytest.raises(ValueError):
         Endpointer(0, 300)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -441,6 +442,37 @@ def test_mic_script_streams_to_the_server(server: Server, request: pytest.Fixtur
     assert running.returncode == 0 and "Traceback" not in stderr, stderr
     printed = final_lines("".join(running.stdout))
     assert set(WORDS) <= set(final_text(printed).split()), printed + [stderr]
+
+
+def test_a_continuous_stream_with_pauses_gets_the_in_process_finals(server: Server, an4_root: Path, tmp_path: Path) -> None:
+    """One client streams a held-out speaker's utterances joined with 0.3-3 s pauses (as a
+    microphone user does): the server's finals (Vosk ``result`` replies) are the in-process
+    recogniser's, one per utterance, none empty, every word in the lexicon; the microphone
+    script streaming the same audio as a file to the server prints the same finals."""
+    import soundfile as sf
+    from test_stream_mic import SCRIPT, SCRIPT_TIMEOUT_S, final_lines
+
+    from pipeline.evaluate_continuous import lexicon_words, pcm16_samples, recognize_server
+    from workers.continuous import join_utterances
+
+    _, dev = split_by_speaker(read_an4(an4_root).utterances, CONFIG.data.an4_dev_speakers)
+    utts = [u for u in dev if u.speaker == "mtos"][:8]
+    joined = join_utterances("mtos", [(u.id, u.text, torch.from_numpy(read_audio(u.audio)[0][:, 0].astype(np.float32)))
+                                      for u in utts], 16000, seed=1)
+    pcm = pcm16_samples(joined.wave.numpy())
+    joined = dataclasses.replace(joined, wave=torch.from_numpy(pcm.astype(np.float32) / 32768.0))  # what the server hears
+    want = reference(pcm)
+    got = recognize_server(server.url, joined, push_ms=1000 * FRAME_S)
+    assert [f.text for f in got if f.text] == texts(want)
+    assert len(want) >= len(utts) - 1 and all(f.text for f in got[:-1])  # an empty final only as eof's answer
+    lexicon = lexicon_words(REPO / "models" / "default" / "lexicon.txt")
+    assert all(w.word in lexicon for f in got for w in f.words)
+    wav = tmp_path / "talk.wav"
+    sf.write(wav, pcm, 16000, subtype="PCM_16")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--file", str(wav), "--fast", "--server", server.url],
+                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert [line.split("] ", 1)[1] for line in final_lines(done.stdout)] == texts(want)
 
 
 def test_a_second_server_on_a_port_in_use_fails_clearly(server: Server) -> None:

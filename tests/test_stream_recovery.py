@@ -161,6 +161,31 @@ def test_only_a_stream_beyond_its_replay_buffer_is_lost(pipe, streams_audio, exp
     assert [finals(g) for g in got] == expected
 
 
+def test_a_long_stream_with_pauses_replays_from_its_last_final_exactly(pipe, an4_root) -> None:
+    """A stream three times longer than the replay buffer (a held-out speaker's utterances with
+    0.3-3 s pauses of faint noise, as a microphone gives them), its acoustic actor killed 25 s
+    in: the driver no longer has its start, so it replays from the end of the last final. Each
+    utterance starts from a clean state (the detector, the running mean, the BiLSTM and the
+    search all restart at an utterance's end), so the finals equal the no-fault run's exactly."""
+    import torch
+
+    from workers.continuous import join_utterances
+
+    _, dev = split_by_speaker(read_an4(an4_root).utterances, AppConfig().data.an4_dev_speakers)
+    utts = [u for u in dev if u.speaker == "fbbh"][:13]
+    joined = join_utterances("fbbh", [(u.id, u.text, load_audio(u.audio, RATE_HZ)) for u in utts], RATE_HZ, seed=2)
+    wave = joined.wave.numpy().astype(np.float32)
+    assert len(wave) > 3 * STREAMING.replay_buffer_s * RATE_HZ
+    rec = StreamingRecognizer(None, GREEDY, chunk_ms=STREAMING.chunk_ms, lookahead_ms=STREAMING.lookahead_ms,
+                              endpoint_silence_ms=STREAMING.endpoint_silence_ms, device="cpu", vad=CONFIG.vad)
+    want = finals([r for p in pieces(wave) for r in rec.push(p, RATE_HZ)] + rec.finish())
+    assert len(want) >= 10 and torch.is_tensor(joined.wave)
+    before = pipe.stats.recoveries
+    got = run_with_crash(pipe, [wave], "acoustic", kill_after_s=25.0)[0]
+    assert finals(got) == want
+    assert pipe.stats.recoveries > before
+
+
 def test_replay_buffer_keeps_the_whole_stream_then_what_follows_the_last_final() -> None:
     buf = ReplayBuffer(max_s=3.0)
     blocks = [np.full(1600, k, np.float32) for k in range(50)]  # 0.1 s each

@@ -8,10 +8,11 @@ and 2 s of faint noise before an utterance alone doubles it.
 
 The rule, per 32 ms voice activity window (``workers.vad_gate.WINDOW_SAMPLES``):
 
-- idle (no utterance open): ``start_windows`` speech windows in a row open one (a single
-  window of noise the detector takes for speech does not); it starts ``preroll_windows``
-  before the first of them (not before the previous cut), so the onset the detector hears
-  late is in it. Nothing of the idle audio is recognised.
+- idle (no utterance open): ``start_windows`` speech windows among the last twice as many
+  open one (a window or two of noise the detector takes for speech do not; a short word
+  whose detection flickers does); it starts ``preroll_windows`` before the first of them
+  (not before the previous cut), so the onset the detector hears late is in it. Nothing of
+  the idle audio is recognised.
 - in an utterance: ``endpoint_windows`` non-speech windows in a row end it; it ends
   ``trail_windows`` after its last speech window (the cut; the audio after that is idle).
   Audio past the last speech window + trail is held back until speech resumes (it joins
@@ -41,7 +42,7 @@ class EndpointState:
 
     in_utterance: bool = False
     silent_windows: int = 0
-    speech_windows: int = 0  # idle: speech windows in a row so far
+    recent: tuple[bool, ...] = ()  # idle: the flags of the last windows (at most twice start_windows)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,14 @@ class Endpointer:
         self.trail_windows = min(self.endpoint_windows, int(round(trail_ms / 1000 / WINDOW_S)))
         self.start_windows = max(1, int(round(start_ms / 1000 / WINDOW_S)))
 
+    def pending_onset(self, state: EndpointState) -> int | None:
+        """At the end of a stream: speech that had not yet opened an utterance opens one (the
+        stream's end confirms it: a short last word is recognised). Its first speech window,
+        counted back from the end of the flags scanned (-1: the last one); None: no speech."""
+        if state.in_utterance or True not in state.recent:
+            return None
+        return state.recent.index(True) - len(state.recent)
+
     def end_window(self, event: Event) -> int:
         """Where an "end" event's utterance ends: the window index (into the scanned flags) its
         audio stops before: its last speech window + 1 + the trail."""
@@ -83,10 +92,11 @@ class Endpointer:
         for i in range(first, len(flags)):
             speech = bool(flags[i])
             if not state.in_utterance:
-                state.speech_windows = state.speech_windows + 1 if speech else 0
-                if state.speech_windows >= self.start_windows:
-                    state.in_utterance, state.silent_windows, state.speech_windows = True, 0, 0
-                    return Event("start", i, 1 - self.start_windows)
+                state.recent = (*state.recent, speech)[-2 * self.start_windows :]
+                if sum(state.recent) >= self.start_windows:
+                    onset = state.recent.index(True) - (len(state.recent) - 1)
+                    state.in_utterance, state.silent_windows, state.recent = True, 0, ()
+                    return Event("start", i, onset)
                 continue
             state.silent_windows = 0 if speech else state.silent_windows + 1
             if state.silent_windows >= self.endpoint_windows:

@@ -252,6 +252,9 @@ class Recognizer:
                 start = max(base, (base // WINDOW_SAMPLES + event.window + event.onset - ep.preroll_windows) * WINDOW_SAMPLES)
                 walked = event.window + 1
             if event is None:
+                onset = ep.pending_onset(state)
+                if onset is not None:  # the end of the stream opens what speech was pending
+                    start = max(base, (base // WINDOW_SAMPLES + len(flags) + onset - ep.preroll_windows) * WINDOW_SAMPLES)
                 if start is not None:
                     spans.append(Utterance(start, wave.numel(), flags[(start - base) // WINDOW_SAMPLES :]))
                 return spans

@@ -164,6 +164,11 @@ class FeatureStage:
             s.base, s.windows = cut, end
             s.vad = self.vad.initial_state()  # the detector restarts at the end: what follows depends on what follows
             probs, vad_state = self.vad.online(s.buffer, s.vad)
+        onset = self.endpointer.pending_onset(s.endpoint) if last else None
+        if onset is not None:  # the end of the stream opens what speech was pending
+            first = max(s.base, (s.windows + onset - self.endpointer.preroll_windows) * WINDOW_SAMPLES)
+            s.buffer, s.buffer_from = s.buffer[first - s.buffer_from :], first
+            opened_s, s.endpoint.in_utterance = first / self.rate_hz, True
         if s.endpoint.in_utterance:  # the utterance takes its audio up to its last speech + the trail; the rest waits
             release = s.received if last else min(s.received, (s.windows - s.endpoint.silent_windows + self.endpointer.trail_windows) * WINDOW_SAMPLES)
             release = max(release, s.buffer_from)
@@ -171,7 +176,7 @@ class FeatureStage:
             s.buffer, s.buffer_from = s.buffer[release - s.buffer_from :], release
             give = s.windows if last else max(s.flags_from, min(s.windows, release // WINDOW_SAMPLES))
         else:  # idle: keep what a start in the next push may reach back to
-            keep = max(s.base, (s.windows - self.endpointer.preroll_windows - self.endpointer.start_windows) * WINDOW_SAMPLES)
+            keep = max(s.base, (s.windows - self.endpointer.preroll_windows - 2 * self.endpointer.start_windows) * WINDOW_SAMPLES)
             s.buffer, s.buffer_from = s.buffer[keep - s.buffer_from :], keep
             give = s.windows
         emitted.append(held[: give - s.flags_from])

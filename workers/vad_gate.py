@@ -34,11 +34,12 @@ class VadConfig:
     # 0.5 s + 300 ms 1.10 / 1.03 / 1.01x (chosen); 0.7 s + 300 ms 1.10 / 1.03 / 1.03x; 400 ms worse.
     min_pause_s: float = 0.5
     piece_pad_ms: float = 300.0
-    # Streams (workers/endpoint.py): speech in a row that opens an utterance, each utterance kept with
-    # piece_pad_ms of audio before its first and after its last speech window. The dev speakers'
-    # utterances joined with 0.3-3 s pauses of noise at -50/-60/-70 dBFS (asr eval --continuous), WER
-    # per file / continuous: 32 ms 11.7 / 12.5, 13.0, 16.1 %; 64 ms 12.0 / 12.5, 13.0, 14.0 %;
-    # 96 ms 12.2 / 12.5, 12.5, 12.7 %; 128 ms (with endpointing at 800 ms) 12.0 / 12.2, 12.0, 11.8 %.
+    # Streams (workers/endpoint.py): speech that opens an utterance (this much among the last twice
+    # as many windows), each utterance kept with piece_pad_ms of audio before its first and after its
+    # last speech window. The dev speakers' utterances joined with 0.3-3 s pauses of noise at
+    # -50/-60/-70 dBFS (asr eval --continuous), WER per file / continuous, in a row: 32 ms 11.7 /
+    # 12.5, 13.0, 16.1 %; 96 ms 12.2 / 12.5, 12.5, 12.7 %; 128 ms (endpointing 800 ms) 12.0 / 12.2,
+    # 12.0, 11.8 %. Among the last 8 windows: 11.5 / 12.2, 12.0, 12.0 %, and FSDD's short words keep.
     start_ms: float = 128.0
     target_peak: float = 0.5  # the detector hears the input scaled so that its running peak is this ...
     max_gain_db: float = 40.0  # ... amplified by at most this much (silero misses speech 35 dB below AN4's level)

@@ -80,7 +80,8 @@ class ResultPrinter:
         for result in results:
             if result.is_final:
                 self._clear()
-                print(format_final(result), file=self.out, flush=True)
+                if result.text:  # an empty final (the end of a stream that said nothing) prints nothing
+                    print(format_final(result), file=self.out, flush=True)
             elif result.text != self._partial:
                 self._show_partial(result.text)
 
