@@ -244,3 +244,74 @@ def test_bad_manifest_line_names_file_and_line(tmp_path: Path, bad_line: str) ->
     with pytest.raises(ValueError) as exc_info:
         list(read_manifest(path))
     assert f"{path}:3:" in str(exc_info.value)
+
+
+# ---- Kaldi data directories -------------------------------------------------------------------
+def make_kaldi(root: Path) -> Path:
+    """A corpus root with train/ and test/ data directories; wav.scp paths relative to the root
+    (as speechocean762's), to the data directory, and absolute."""
+    for d in ("train", "test"):
+        (root / d).mkdir(parents=True)
+    a = write_tone(root / "audio" / "s1" / "u1.wav", 1.0)
+    b = write_tone(root / "train" / "u2.wav", 0.5)
+    c = write_tone(root / "elsewhere" / "u3.flac", 0.75, fmt="FLAC")
+    (root / "train" / "wav.scp").write_text(f"u1 audio/s1/u1.wav\nu2 u2.wav\nu3 {c.resolve()}\nu9 audio/missing.wav\n")
+    (root / "train" / "text").write_text("u1 HELLO WORLD\nu2 GOOD MORNING\nu3 YES\nu9 GONE\nu8 NO AUDIO LINE\n")
+    (root / "train" / "utt2spk").write_text("u1 spkA\nu2 spkA\nu3 spkB\nu9 spkB\n")
+    write_tone(root / "test" / "t1.wav", 0.6)
+    (root / "test" / "wav.scp").write_text("t1 t1.wav\nt2 t1.wav\n")
+    (root / "test" / "text").write_text("t1 STOP\n")
+    (root / "test" / "utt2spk").write_text("t1 spkC\n")
+    assert a.is_file() and b.is_file()
+    return root
+
+
+def test_read_kaldi_data_directories(tmp_path: Path) -> None:
+    from workers.corpus import read_kaldi
+
+    root = make_kaldi(tmp_path / "corpus")
+    corpus = read_corpus(root)  # detected: sub-directories holding wav.scp and text
+    got = {u.id: (u.text, u.speaker, round(u.duration_s, 2)) for u in corpus.utterances}
+    assert got == {"u1": ("hello world", "spkA", 1.0), "u2": ("good morning", "spkA", 0.5), "u3": ("yes", "spkB", 0.75),
+                   "t1": ("stop", "spkC", 0.6)}
+    reasons = sorted(reason for _, reason in corpus.skipped)
+    assert len(reasons) == 3
+    assert "audio file audio/missing.wav not found" in reasons[0]
+    assert any("'u8' has no line in wav.scp" in r for r in reasons) and any("'t2' has no transcript" in r for r in reasons)
+    assert all(":" in source for source, _ in corpus.skipped)  # file:line
+    one = read_kaldi(root / "test")  # a data directory itself
+    assert [u.id for u in one.utterances] == ["t1"]
+    train, dev = split_by_speaker(corpus.utterances, ["spkA"])
+    assert {u.id for u in dev} == {"u1", "u2"} and {u.speaker for u in train} == {"spkB", "spkC"}
+
+
+def test_read_kaldi_bad_lines_name_the_file_and_line(tmp_path: Path) -> None:
+    from workers.corpus import read_kaldi
+
+    root = make_kaldi(tmp_path / "corpus")
+    (root / "test" / "wav.scp").write_text("t1 sox t1.wav -t wav - |\n")
+    with pytest.raises(ValueError, match=r"test/wav.scp:1: .*piped command"):
+        read_kaldi(root)
+    (root / "test" / "wav.scp").write_text("t1\n")
+    with pytest.raises(ValueError, match=r"test/wav.scp:1: .*no path"):
+        read_kaldi(root)
+    (root / "test" / "wav.scp").write_text("t1 t1.wav\n")
+    (root / "test" / "text").write_text("t1 STOP\nt1 AGAIN\n")
+    with pytest.raises(ValueError, match=r"test/text:2: utterance 't1' listed twice"):
+        read_kaldi(root)
+    with pytest.raises(FileNotFoundError, match="no Kaldi data directory"):
+        read_kaldi(tmp_path)
+
+
+def test_read_speechocean762() -> None:
+    root = SHARED_DATA / "speechocean762"
+    if not root.is_dir():
+        pytest.skip("shared speechocean762 data not present")
+    corpus = read_corpus(root)
+    assert len(corpus.utterances) == 4500 and not corpus.skipped
+    assert len({u.speaker for u in corpus.utterances}) == 225
+    assert 5.0 < sum(u.duration_s for u in corpus.utterances) / 3600 < 5.1
+    first = corpus.utterances[0]
+    assert Path(first.audio).suffix == ".opus" and Path(first.audio).is_file()
+    data, rate = sf.read(first.audio)
+    assert rate == 16000 and abs(len(data) / rate - first.duration_s) < 0.01

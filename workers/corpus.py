@@ -124,11 +124,72 @@ def read_folder(root: str | Path) -> Corpus:
     return corpus
 
 
+KALDI_FILES = ("wav.scp", "text")
+
+
+def is_kaldi_dir(path: Path) -> bool:
+    return all((path / name).is_file() for name in KALDI_FILES)
+
+
+def _kaldi_table(path: Path) -> dict[str, tuple[str, int]]:
+    """``<key> <value...>`` lines -> key -> (value, line number); ValueError naming file and line
+    for a line with no value or a key seen twice."""
+    table: dict[str, tuple[str, int]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, _, value = line.strip().partition(" ")
+        if key in table:
+            raise ValueError(f"{path}:{n}: utterance {key!r} listed twice (first at line {table[key][1]})")
+        table[key] = (value.strip(), n)
+    return table
+
+
+def read_kaldi(root: str | Path) -> Corpus:
+    """Kaldi data directories (the layout Kaldi, ESPnet, icefall and lhotse exchange): ``root``
+    itself, or each sub-directory of it that holds ``wav.scp`` and ``text`` (``train/``,
+    ``test/``, ...). ``utt2spk`` gives the speakers (without it each utterance is its own).
+    ``wav.scp`` paths are absolute, or relative to the data directory or to the directory
+    above it (the corpus root, as speechocean762 has them); a piped command (``... |``) or a
+    line with no path is a ``ValueError`` naming the file and line. An utterance with a
+    transcript but no audio line, or whose audio file is missing, is skipped with the reason;
+    so is one with audio but no transcript."""
+    root = Path(root)
+    dirs = [root] if is_kaldi_dir(root) else sorted(d for d in root.iterdir() if d.is_dir() and is_kaldi_dir(d))
+    if not dirs:
+        raise FileNotFoundError(f"{root}: no Kaldi data directory (wav.scp and text) here or in its sub-directories")
+    corpus = Corpus()
+    for data_dir in dirs:
+        wavs, texts = _kaldi_table(data_dir / "wav.scp"), _kaldi_table(data_dir / "text")
+        spk = _kaldi_table(data_dir / "utt2spk") if (data_dir / "utt2spk").is_file() else {}
+        for uid, (text, _) in texts.items():
+            if uid not in wavs:
+                corpus.skipped.append((f"{data_dir / 'text'}:{texts[uid][1]}", f"utterance {uid!r} has no line in wav.scp"))
+                continue
+            value, n = wavs[uid]
+            if not value or value.endswith("|"):
+                raise ValueError(f"{data_dir / 'wav.scp'}:{n}: expected '<utterance> <audio path>', got "
+                                 f"{'a piped command (not supported: convert the audio to files)' if value else 'no path'}")
+            audio = next((c for c in (Path(value), data_dir / value, data_dir.parent / value) if c.is_file()), None)
+            if audio is None:
+                corpus.skipped.append((f"{data_dir / 'wav.scp'}:{n}", f"audio file {value} not found (absolute, or under "
+                                                                       f"{data_dir} or {data_dir.parent})"))
+                continue
+            corpus.add(uid, audio, _duration_s(audio), text, spk[uid][0] if uid in spk else uid)
+        for uid, (_, n) in wavs.items():
+            if uid not in texts:
+                corpus.skipped.append((f"{data_dir / 'wav.scp'}:{n}", f"utterance {uid!r} has no transcript in text"))
+    return corpus
+
+
 def read_corpus(root: str | Path) -> Corpus:
-    """Detect the layout of ``root`` (AN4, FSDD, LibriSpeech, folder, or a .jsonl manifest)."""
+    """Detect the layout of ``root`` (AN4, FSDD, LibriSpeech, Kaldi data directories, folder, or a
+    .jsonl manifest)."""
     root = Path(root)
     if root.is_file() and root.suffix == ".jsonl":
         return Corpus(utterances=list(read_manifest(root)))
+    if root.is_dir() and (is_kaldi_dir(root) or any(d.is_dir() and is_kaldi_dir(d) for d in root.iterdir())):
+        return read_kaldi(root)
     if (root / "etc").is_dir() and any((root / "etc").glob("an4_*.transcription")):
         return read_an4(root)
     if (root / "recordings").is_dir() or (root.is_dir() and any(re.fullmatch(r"\d_[^_]+_\d+\.wav", p.name) for p in root.glob("*.wav"))):
