@@ -58,8 +58,11 @@ class AsrIngress:
         self.refused = 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="asr-conn")
-        self._clock = functools.partial(ChunkClock, actors.chunk_ms, actors.lookahead_ms, actors.frame_ms, actors.feature_span_ms,
-                                        config.streaming.ingest_chunk_ms)
+        # The clock predicts model chunks from the audio's duration; with utterances cut by voice
+        # activity (each starts its chunks afresh, pauses held back) it cannot, so every reply waits.
+        endpointed = config.vad.enabled and config.streaming.endpoint_silence_ms > 0
+        self._clock = None if endpointed else functools.partial(
+            ChunkClock, actors.chunk_ms, actors.lookahead_ms, actors.frame_ms, actors.feature_span_ms, config.streaming.ingest_chunk_ms)
 
     @app.get("/healthz")
     def healthz(self) -> dict[str, Any]:

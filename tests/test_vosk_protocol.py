@@ -18,15 +18,17 @@ CONFIG = load_config()
 def test_the_clock_flags_every_frame_that_yields_log_probs(an4_root, rate_hz: int, frame_s: float) -> None:
     """Fed to the in-process recogniser frame by frame, every frame after which the acoustic
     model emitted log-probs was flagged by the clock (no reply that should have waited
-    would skip the wait), and most frames that emitted none were not (the clock saves waits)."""
+    would skip the wait), and most frames that emitted none were not (the clock saves waits).
+    The clock serves streams that are one utterance (no voice activity endpointing: with it,
+    ``asr serve`` has no clock and every reply waits)."""
     import torch
     import torchaudio
 
     s = CONFIG.streaming
-    rec = StreamingRecognizer(None, CONFIG.decoder, s.chunk_ms, s.lookahead_ms, s.endpoint_silence_ms, s.ingest_chunk_ms, device="cpu")
+    rec = StreamingRecognizer(None, CONFIG.decoder, s.chunk_ms, s.lookahead_ms, 0.0, s.ingest_chunk_ms, device="cpu")
     emitted: list[int] = []
-    process = rec.acoustic.process
-    rec.acoustic.process = lambda items: [emitted.append(len(out)) or out for out in process(items)]
+    process = rec.acoustic.process_events
+    rec.acoustic.process_events = lambda items: [emitted.append(len(out[0])) or out for out in process(items)]
     feats = rec.bundle.features
     clock = ChunkClock(rec.acoustic.chunk_frames * feats.frame_ms, rec.acoustic.right_context_frames * feats.frame_ms, feats.frame_ms,
                        1000 * feats.min_samples / feats.sample_rate_hz, s.ingest_chunk_ms)
