@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import ray_session
+from pipeline.cluster import session as ray_session
 from pipeline.config import ConfigError, load_config
 
 
@@ -28,7 +28,7 @@ def version_text() -> str:
     import importlib.metadata
     import json
 
-    from workers.bundle import DEFAULT_BUNDLE
+    from workers.model.bundle import DEFAULT_BUNDLE
 
     try:
         version = importlib.metadata.version("lcasr")
@@ -44,11 +44,11 @@ def version_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.batch_cli import add_transcribe_arguments
-    from pipeline.bench import add_bench_arguments
-    from pipeline.cluster import add_submit_arguments
+    from pipeline.batch.cli import add_transcribe_arguments
+    from pipeline.bench.run import add_bench_arguments
+    from pipeline.cluster.jobs import add_submit_arguments
     from pipeline.evaluate import add_eval_arguments
-    from pipeline.serve_cli import add_serve_arguments
+    from pipeline.serve.cli import add_serve_arguments
     from pipeline.streaming import add_stream_arguments
 
     parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition on Ray",
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "submit":
-        from pipeline.cluster import run_submit
+        from pipeline.cluster.jobs import run_submit
 
         return run_submit(args)
     try:
@@ -121,7 +121,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "transcribe":
-        from pipeline.batch_cli import run_transcribe
+        from pipeline.batch.cli import run_transcribe
 
         return run_transcribe(args, config)
     if args.command == "stream":
@@ -129,19 +129,25 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
         return run_stream(args, config)
     if args.command == "serve":
-        from pipeline.serve_cli import run_serve
+        from pipeline.serve.cli import run_serve
 
         return run_serve(args, config)
     if args.command == "eval":
         from pipeline.evaluate import run_eval
 
+        if args.continuous or args.mode == "actors":
+            from pipeline.evaluate_continuous import run_continuous_eval as run_eval
+
         return run_eval(args, config)
     if args.command == "train":
-        from pipeline.training import run_training_cli
+        from pipeline.training.run import run_training_cli
 
         return run_training_cli(args, config)
     if args.command == "bench":
-        from pipeline.bench import run_bench
+        from pipeline.bench.run import run_bench
+
+        if args.serve:
+            from pipeline.bench.serve import run_bench_serve as run_bench
 
         return run_bench(args, config)
     parser.error(f"unknown command {args.command}")

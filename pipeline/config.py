@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from workers.decoder import DecoderConfig
-from workers.feature_config import FeatureConfig
-from workers.model_config import QUANTIZE_MODES, ModelConfig
-from workers.train_config import TrainConfig
-from workers.vad_gate import VadConfig
+from workers.audio.vad_gate import VadConfig
+from workers.decoding.decoder import DecoderConfig
+from workers.features.config import FeatureConfig
+from workers.model.config import QUANTIZE_MODES, ModelConfig
+from workers.training.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -41,7 +41,7 @@ class StreamingConfig:
     chunk_ms: float = 300.0  # latency-controlled chunk
     lookahead_ms: float = 150.0  # right context of each chunk
     ingest_chunk_ms: float = 100.0  # audio is cut into pieces of this size on intake
-    # non-speech that ends an utterance (each starts from a clean state: workers/endpoint.py); 0: the
+    # non-speech that ends an utterance (each starts from a clean state: workers/audio/endpoint.py); 0: the
     # stream is one utterance. On the dev speakers' 105 utterances joined with 0.3-3 s pauses
     # (asr eval --continuous, vad.start_ms 96): 700 ms split 2-4, 900 ms merged 5-9; 800 ms (start_ms
     # 128) split or merged 0-2.

@@ -13,13 +13,13 @@ import jiwer
 import torch
 
 from pipeline.config import AppConfig
-from workers.audio import AudioError, to_model_rate
-from workers.bundle import BundleError, load_bundle
-from workers.corpus import Utterance, read_corpus
-from workers.decoder import DecoderConfig
-from workers.perturb import Perturbation, perturb, removes_speech
+from workers.audio.reader import AudioError, to_model_rate
+from workers.audio.vad import VadConfig
+from workers.data.corpus import Utterance, read_corpus
+from workers.data.perturb import Perturbation, perturb, removes_speech
+from workers.decoding.decoder import DecoderConfig
+from workers.model.bundle import BundleError, load_bundle
 from workers.recognizer import Recognizer, StreamingRecognizer
-from workers.vad import VadConfig
 
 BABBLE_POOL_SIZE = 100  # utterances of speakers not evaluated, mixed into babble noise
 
@@ -278,7 +278,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def babble_pool_for(source: str, exclude_speakers: set[str], rate_hz: int, size: int = BABBLE_POOL_SIZE) -> list[torch.Tensor]:
     """Up to ``size`` utterances (spread over ``source``) of speakers not in ``exclude_speakers``, at ``rate_hz``."""
-    from workers.audio import load_audio
+    from workers.audio.reader import load_audio
 
     others = [u for u in read_corpus(source).utterances if u.speaker not in exclude_speakers]
     picked = others[:: max(1, len(others) // size)][:size]
@@ -291,7 +291,23 @@ def babble_pool_for(source: str, exclude_speakers: set[str], rate_hz: int, size:
     return pool
 
 
-def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
+@dataclass
+class Selection:
+    """What ``asr eval``'s arguments select: the utterances and the settings to run them with."""
+
+    utterances: list[Utterance]
+    skipped: int
+    decoder: DecoderConfig
+    chunk_ms: float | None
+    lookahead_ms: float
+    vad: VadConfig
+    perturbations: list[Perturbation]
+    babble_pool: list[torch.Tensor] | None
+    endpoint_ms: float
+
+
+def select(args: argparse.Namespace, config: AppConfig) -> Selection | int:
+    """Read the corpus and the options of ``asr eval``; an exit code (2) after a one-line error."""
     import dataclasses
 
     try:
@@ -308,7 +324,8 @@ def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
         print(f"error: no utterances selected from {args.data}", file=sys.stderr)
         return 2
     decoder_config = dataclasses.replace(config.decoder, kind=args.decoder) if args.decoder else config.decoder
-    chunk_ms = args.chunk_ms if args.chunk_ms is not None else (config.streaming.chunk_ms if args.mode == "streaming" else None)
+    streams = args.mode != "offline"
+    chunk_ms = args.chunk_ms if args.chunk_ms is not None else (config.streaming.chunk_ms if streams else None)
     lookahead_ms = args.lookahead_ms if args.lookahead_ms is not None else (config.streaming.lookahead_ms if chunk_ms is not None else 0.0)
     try:
         perturbations = [Perturbation.parse(p) for p in args.perturb]
@@ -323,39 +340,23 @@ def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
                   file=sys.stderr)
             return 2
     vad = dataclasses.replace(config.vad, enabled=False) if args.no_vad else config.vad
-    if args.continuous or args.mode == "actors":
-        return _run_continuous(args, config, utts, decoder_config, chunk_ms, lookahead_ms, vad, perturbations)
-    report = evaluate(utts, args.model, decoder_config, args.mode, chunk_ms, lookahead_ms, args.worst,
-                      perturbations=perturbations, seed=args.seed, babble_pool=pool, vad=vad,
-                      quantize=config.inference.quantize, endpoint_ms=_endpoint_ms(args, config))
-    report.settings["skipped_transcripts"] = len(corpus.skipped)
+    endpoint_ms = config.streaming.endpoint_silence_ms if args.endpoint_ms is None else args.endpoint_ms
+    return Selection(utts, len(corpus.skipped), decoder_config, chunk_ms, lookahead_ms, vad, perturbations, pool, endpoint_ms)
+
+
+def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
+    """``asr eval`` of separate files (``--continuous``: ``pipeline.evaluate_continuous``)."""
+    sel = select(args, config)
+    if isinstance(sel, int):
+        return sel
+    if args.mode not in ("offline", "streaming"):
+        print(f"error: --mode {args.mode} needs --continuous", file=sys.stderr)
+        return 2
+    report = evaluate(sel.utterances, args.model, sel.decoder, args.mode, sel.chunk_ms, sel.lookahead_ms, args.worst,
+                      perturbations=sel.perturbations, seed=args.seed, babble_pool=sel.babble_pool, vad=sel.vad,
+                      quantize=config.inference.quantize, endpoint_ms=sel.endpoint_ms)
+    report.settings["skipped_transcripts"] = sel.skipped
     print(format_report(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    return 0
-
-
-def _endpoint_ms(args: argparse.Namespace, config: AppConfig) -> float:
-    return config.streaming.endpoint_silence_ms if args.endpoint_ms is None else args.endpoint_ms
-
-
-def _run_continuous(args: argparse.Namespace, config: AppConfig, utts: list[Utterance], decoder_config: DecoderConfig,
-                    chunk_ms: float | None, lookahead_ms: float, vad: VadConfig, perturbations: list[Perturbation]) -> int:
-    import dataclasses
-
-    from pipeline.evaluate_continuous import evaluate_continuous
-
-    if not args.continuous or perturbations:
-        print("error: --mode actors needs --continuous, and --continuous takes no --perturb", file=sys.stderr)
-        return 2
-    if args.mode != "offline" and chunk_ms is None:
-        chunk_ms, lookahead_ms = config.streaming.chunk_ms, config.streaming.lookahead_ms
-    endpoint_ms = _endpoint_ms(args, config)
-    config = dataclasses.replace(config, streaming=dataclasses.replace(config.streaming, endpoint_silence_ms=endpoint_ms), vad=vad)
-    out = evaluate_continuous(utts, args.model, decoder_config, args.mode, chunk_ms, lookahead_ms, endpoint_ms, vad,
-                              config.inference.quantize, args.seed, args.worst, config, args.model, args.pause_noise_dbfs)
-    print(format_report(out.report))
-    print(out.summary())
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(out.to_json(), indent=2) + "\n")
     return 0

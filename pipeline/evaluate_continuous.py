@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluate import EvalReport, score
-from workers.continuous import PAUSE_NOISE_DBFS, Final, JoinedStream, assign_finals, join_utterances
-from workers.corpus import Utterance
-from workers.decoder_stage import RecognitionResult
+from pipeline.evaluate import EvalReport, format_report, score, select
+from workers.data.continuous import PAUSE_NOISE_DBFS, Final, JoinedStream, assign_finals, join_utterances
+from workers.data.corpus import Utterance
+from workers.decoding.stage import RecognitionResult
 from workers.recognizer import Recognizer, StreamingRecognizer
 
 CONTINUOUS_MODES = ("offline", "streaming", "actors")
@@ -58,7 +58,7 @@ class ContinuousReport:
 def join_speakers(utterances: list[Utterance], load: Callable[[Utterance], object], rate_hz: int, seed: int = 0,
                   pause_range_s: tuple[float, float] | None = None, noise_dbfs: float | None = None) -> list[JoinedStream]:
     """One ``JoinedStream`` per speaker (in first-seen order), utterances in corpus order."""
-    from workers.continuous import PAUSE_NOISE_DBFS, PAUSE_RANGE_S
+    from workers.data.continuous import PAUSE_NOISE_DBFS, PAUSE_RANGE_S
 
     by_speaker: dict[str, list[Utterance]] = {}
     for u in utterances:
@@ -103,7 +103,7 @@ def recognize_actors(pipeline: object, stream: JoinedStream, push_ms: float = PU
 
 def recognize_server(url: str, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
     """Through a Vosk-protocol server (``asr serve``): its ``result`` replies are the finals."""
-    from pipeline.vosk_client import VoskClient, reply_result
+    from pipeline.serve.client import VoskClient, reply_result
 
     step = max(1, int(stream.rate_hz * push_ms / 1000))
     pcm = pcm16_samples(stream.wave.numpy())
@@ -191,3 +191,26 @@ def evaluate_continuous(utterances: list[Utterance], bundle_path: str | Path | N
                            "model": str(rec.bundle.path), "perturbations": [], "quantize": quantize,
                            "pause_noise_dbfs": PAUSE_NOISE_DBFS if noise_dbfs is None else noise_dbfs}
     return out
+
+
+def run_continuous_eval(args, config) -> int:
+    """``asr eval --continuous`` (and ``--mode actors``, which needs it)."""
+    import dataclasses
+    import json
+    import sys
+
+    sel = select(args, config)
+    if isinstance(sel, int):
+        return sel
+    if not args.continuous or sel.perturbations:
+        print("error: --mode actors needs --continuous, and --continuous takes no --perturb", file=sys.stderr)
+        return 2
+    streaming = dataclasses.replace(config.streaming, endpoint_silence_ms=sel.endpoint_ms)
+    config = dataclasses.replace(config, streaming=streaming, vad=sel.vad)
+    out = evaluate_continuous(sel.utterances, args.model, sel.decoder, args.mode, sel.chunk_ms, sel.lookahead_ms, sel.endpoint_ms,
+                              sel.vad, config.inference.quantize, args.seed, args.worst, config, args.model, args.pause_noise_dbfs)
+    print(format_report(out.report))
+    print(out.summary())
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(out.to_json(), indent=2) + "\n")
+    return 0

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.bundle import save_bundle
-from workers.features import FeatureConfig, Normalizer
-from workers.model import BiLSTMCTC, ModelConfig
-from workers.vad import VadConfig
+from workers.audio.vad import VadConfig
+from workers.features.mfcc import FeatureConfig, Normalizer
+from workers.model.bilstm import BiLSTMCTC, ModelConfig
+from workers.model.bundle import save_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -41,7 +41,7 @@ def make_tiny_bundle(path: Path, seed: int = 0, hidden_size: int = 24, with_lm: 
     model = BiLSTMCTC(ModelConfig(input_dim=features.feature_dim, hidden_size=hidden_size, num_layers=2))
     extras = {}
     if with_lm:
-        from workers.lm import build_arpa, vocabulary, write_lexicon
+        from workers.decoding.lm import build_arpa, vocabulary, write_lexicon
 
         texts = ["yes", "no", "go", "stop", "erase one two three", "enter", "rubout", "a b c"]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def pytest_sessionstart(session) -> None:
     if not IN_CI:
         return
-    from workers.bundle import DEFAULT_BUNDLE
+    from workers.model.bundle import DEFAULT_BUNDLE
 
     missing = [str(p) for p in (AN4, FSDD, DEFAULT_BUNDLE / "weights.pt") if not p.exists()]
     if missing:
@@ -245,6 +245,12 @@ _local_ray_started = False
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
+    """Tests under tests/integration/ (Ray, Serve, clusters, CUDA, the CLI's Ray commands) get the
+    ``integration`` marker: ``pytest -m "not integration"`` runs the fast ones alone."""
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if integration in Path(str(item.fspath)).parents or "local_ray" in item.fixturenames:
+            item.add_marker(pytest.mark.integration)
     _local_ray_modules.clear()
     _local_ray_modules.update(item.module.__name__ for item in items if "local_ray" in item.fixturenames)
 
@@ -292,7 +298,7 @@ UTTS_PER_SPEAKER = 4
 
 
 def _by_speaker(an4_root: Path) -> dict[str, list]:
-    from workers.corpus import read_an4
+    from workers.data.corpus import read_an4
 
     speakers: dict[str, list] = {}
     for u in read_an4(an4_root).utterances:
@@ -307,7 +313,7 @@ def an4_as_librispeech_and_folder(an4_root: Path, root: Path) -> tuple[Path, Pat
     ``N.txt``; the training words)."""
     import soundfile as sf
 
-    from workers.audio import read_audio
+    from workers.audio.reader import read_audio
 
     speakers = sorted(_by_speaker(an4_root).items())
     train_words: set[str] = set()

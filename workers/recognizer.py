@@ -14,15 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.audio import AudioReader, RawFormat, load_audio
-from workers.bundle import Bundle, load_bundle, pick_device
-from workers.decoder import CtcDecoder, DecoderConfig, WordTiming
-from workers.decoder_stage import build_decoder, phrase_decoder_factory
-from workers.endpoint import EndpointState, endpointer
-from workers.feature_config import frames_for_ms  # noqa: F401  (re-exported)
-from workers.features import MfccExtractor
-from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult, StreamOptions
-from workers.vad import (
+from workers.audio.endpoint import EndpointState, endpointer
+from workers.audio.reader import AudioReader, RawFormat, load_audio
+from workers.audio.vad import (
     WINDOW_SAMPLES,
     VadConfig,
     gate_words,
@@ -32,7 +26,13 @@ from workers.vad import (
     trim_to_speech,
     window_energy_db,
 )
-from workers.vad_gate import decoder_endpoint_ms
+from workers.audio.vad_gate import decoder_endpoint_ms
+from workers.decoding.decoder import CtcDecoder, DecoderConfig, WordTiming
+from workers.decoding.stage import build_decoder, phrase_decoder_factory
+from workers.features.config import frames_for_ms  # noqa: F401  (re-exported)
+from workers.features.mfcc import MfccExtractor
+from workers.model.bundle import Bundle, load_bundle, pick_device
+from workers.stages import AcousticStage, DecoderStage, FeatureStage, IngestStage, RecognitionResult, StreamOptions
 
 #: A long recording is read in blocks of this many 32 ms windows (32.8 s at 16 kHz) to find its cuts.
 LONG_BLOCK_WINDOWS = 1024
@@ -237,7 +237,7 @@ class Recognizer:
 
     def utterance_spans(self, wave: torch.Tensor, endpoint_ms: float) -> list[Utterance]:
         """Where a stream of (samples,) at the model rate has its utterances, offline: the voice
-        activity of the whole signal walked by ``workers.endpoint.Endpointer``, the detector
+        activity of the whole signal walked by ``workers.audio.endpoint.Endpointer``, the detector
         restarted at each cut, as ``FeatureStage`` does chunk by chunk (the reference that the
         streaming path must equal). An utterance still open at the end ends there."""
         if self.vad is None:

@@ -3,10 +3,10 @@
 The in-process ``StreamingRecognizer`` chains them directly; the Ray pipeline wraps each
 one in an actor shared by many streams. Same classes, same numbers.
 
-    IngestStage    audio of any size/rate  -> fixed-size model-rate chunks (samples,)   workers.ingest
+    IngestStage    audio of any size/rate  -> fixed-size model-rate chunks (samples,)   workers.audio.ingest
     FeatureStage   model-rate chunk        -> normalised stacked MFCC (frames, feature_dim)
     AcousticStage  features of many streams -> CTC log-probs (frames, num_tokens), batched
-    DecoderStage   log-probs               -> partial / final ``RecognitionResult``      workers.decoder_stage
+    DecoderStage   log-probs               -> partial / final ``RecognitionResult``      workers.decoding.stage
 
 The ingest and decoder stages live in torch-free modules (numpy in, numpy out), re-exported here.
 """
@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.decoder_stage import MAX_ALTERNATIVES, PHRASE_DECODER_CACHE, DecoderStage, RecognitionResult, StreamOptions
-from workers.endpoint import EndpointState, endpointer
-from workers.features import FeatureState, MfccExtractor, StreamingFeatures
-from workers.ingest import IngestStage
-from workers.model import BiLSTMCTC
-from workers.vad import WINDOW_SAMPLES, SpeechDetector, VadState
+from workers.audio.endpoint import EndpointState, endpointer
+from workers.audio.ingest import IngestStage
+from workers.audio.vad import WINDOW_SAMPLES, SpeechDetector, VadState
+from workers.decoding.stage import MAX_ALTERNATIVES, PHRASE_DECODER_CACHE, DecoderStage, RecognitionResult, StreamOptions
+from workers.features.mfcc import FeatureState, MfccExtractor, StreamingFeatures
+from workers.model.bilstm import BiLSTMCTC
 
 __all__ = [  # the ingest and decoder stages are torch-free modules' (the Ray actors of those stages never load torch)
     "MAX_ALTERNATIVES", "PHRASE_DECODER_CACHE", "AcousticStage", "DecoderStage", "FeatureStage", "IngestStage", "RecognitionResult",
@@ -76,7 +76,7 @@ class _FeatureStream:
 
 class FeatureStage:
     """MFCC of each stream's utterances and, with a ``SpeechDetector``, its voice activity per
-    32 ms window and its utterances' edges (``workers.endpoint``): each utterance's features
+    32 ms window and its utterances' edges (``workers.audio.endpoint``): each utterance's features
     start from a fresh running mean, as a file's would, and idle audio between utterances is
     not extracted. Without a detector, or with ``endpoint_ms=0``, the stream is one utterance."""
 

@@ -15,7 +15,7 @@ streams (waiting up to ``max_submit_wait_ms`` for every open stream to have one)
 them as one *chain*: one call per stage actor, linked by object refs, so audio never
 returns to the driver between stages. Ray's per-call cost is then paid per chain, not per
 stream: at 16 streams this cut the calls from 640 to about 60 a second, and the p95
-latency on 2 cores from ~1.8 s to ~0.14 s (README, Speed). Arrays travel between stages
+latency on 2 cores from ~1.8 s to ~0.14 s (docs/RESULTS.md, "Performance on 2 cores"). Arrays travel between stages
 as numpy, which Ray serialises ~20x faster than torch tensors. A stage that fails on one stream's item marks that item
 (``StageItem.error``) and the other streams of the chain go on.
 
@@ -43,7 +43,7 @@ failed, raises ``StreamError`` and is dropped, while new streams use the restart
 
 Modules: ``items`` (what travels between the actors, stream errors), ``actors`` (ingest and
 decoder, torch-free), ``feature_actor``, ``acoustic_actor`` (the batching acoustic actor), ``placement`` (actor
-counts and options, shipping the bundle; connecting to Ray is ``pipeline.ray_session``), ``session``
+counts and options, shipping the bundle; connecting to Ray is ``pipeline.cluster.session``), ``session``
 (``StreamingPipeline``: submitter thread, backpressure), ``recovery`` (its replay of a stream
 on restarted actors, or the stream's end when that cannot be done), ``chain`` (what it keeps
 per chain, push and stream; a chain's results are taken as they arrive, and futures let an
@@ -57,7 +57,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {  # public name -> the module that defines it, imported on first use (PEP 562)
-    "connect_ray": "pipeline.ray_session",
+    "connect_ray": "pipeline.cluster.session",
     "TURN_TIMEOUT_S": "pipeline.streaming.acoustic_actor",
     "AcousticActor": "pipeline.streaming.acoustic_actor",
     "DecoderActor": "pipeline.streaming.actors",
@@ -80,7 +80,7 @@ _EXPORTS = {  # public name -> the module that defines it, imported on first use
     "feature_actor_count": "pipeline.streaming.placement",
     "read_bundle_files": "pipeline.streaming.placement",
     "unpacked_bundle": "pipeline.streaming.placement",
-    "PipelineStats": "pipeline.streaming.session",
+    "PipelineStats": "pipeline.streaming.chain",
     "PushHandle": "pipeline.streaming.chain",
     "StreamingPipeline": "pipeline.streaming.session",
     "MIC_NO_AUDIO_TIMEOUT_S": "pipeline.streaming.sources",

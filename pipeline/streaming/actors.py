@@ -18,11 +18,11 @@ import psutil
 
 from pipeline.streaming.items import StageItem, StateLostError, StreamOrderError
 from pipeline.streaming.placement import unpacked_files
-from workers.bundle_config import load_bundle_files
-from workers.decoder import DecoderConfig
-from workers.decoder_stage import DecoderStage, RecognitionResult, build_decoder, phrase_decoder_factory
-from workers.ingest import IngestStage
-from workers.vad_gate import VadConfig
+from workers.audio.ingest import IngestStage
+from workers.audio.vad_gate import VadConfig
+from workers.decoding.decoder import DecoderConfig
+from workers.decoding.stage import DecoderStage, RecognitionResult, build_decoder, phrase_decoder_factory
+from workers.model.bundle_config import load_bundle_files
 
 #: The bundle files a decoder actor unpacks (not the model's weights).
 DECODER_FILES = ("config.json", "tokens.txt", "lexicon.txt", "lm.arpa")

@@ -168,3 +168,15 @@ class PushHandle:
             raise RuntimeError(f"stream {self.stream_id}: push {self.seq} has not been submitted yet")
         item = self._push.chain.item(self._push.key, self.seq)
         return item if isinstance(item, StageItem) else None
+
+
+@dataclass
+class PipelineStats:
+    """Backpressure and submission counters over all streams of a pipeline."""
+
+    max_inflight: int = 0  # most pushes of one stream in flight at once (bounded by max_inflight_chunks)
+    blocked_pushes: int = 0  # pushes that had to wait for an earlier push of their stream
+    chains: int = 0  # chains submitted (each carries the pushes of one or more streams)
+    max_pushes_per_chain: int = 0
+    recoveries: int = 0  # streams replayed on restarted actors after a stage actor crashed
+    lost_streams: int = 0  # streams that could not be replayed (StreamError)

@@ -13,15 +13,15 @@ from typing import TextIO
 
 import numpy as np
 
+from pipeline.cluster.session import ray_log_dir
 from pipeline.config import AppConfig, ConfigError, load_config
-from pipeline.ray_session import ray_log_dir
 from pipeline.streaming.items import StreamError
 from pipeline.streaming.session import StreamingPipeline
 from pipeline.streaming.sources import MicError, _audio_source, _list_devices
-from workers.audio_checks import AudioError
-from workers.bundle_config import BundleError
-from workers.decoder import DecoderConfig
-from workers.decoder_stage import RecognitionResult
+from workers.audio.checks import AudioError
+from workers.decoding.decoder import DecoderConfig
+from workers.decoding.stage import RecognitionResult
+from workers.model.bundle_config import BundleError
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser, config_options: bool = False) -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ class ResultPrinter:
 
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is when written to: a local Ray points file
-    descriptor 2 at its log and ``sys.stderr`` at the terminal (``pipeline.ray_session``) after
+    descriptor 2 at its log and ``sys.stderr`` at the terminal (``pipeline.cluster.session``) after
     the audio source is made, so the source must not keep the ``sys.stderr`` of before."""
 
     def write(self, text: str) -> int:
@@ -151,7 +151,7 @@ def run_stream(args: argparse.Namespace, config: AppConfig | None = None, out: T
 def run_server_session(url: str, blocks: Iterator[np.ndarray], rate_hz: int, printer: ResultPrinter) -> int:
     """Stream the blocks to a Vosk-protocol server (``asr serve``) and print its replies as
     ``asr stream`` prints results; Ctrl-C ends the capture and asks for the last result."""
-    from pipeline.vosk_client import ServerError, VoskClient, reply_result
+    from pipeline.serve.client import ServerError, VoskClient, reply_result
 
     try:
         with VoskClient(url, sample_rate_hz=rate_hz) as client:

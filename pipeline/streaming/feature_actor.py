@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pipeline.streaming.actors import _Introspection, _SequenceCheck
 from pipeline.streaming.items import StageItem, _tensor
 from pipeline.streaming.placement import unpacked_bundle
-from workers.vad_gate import VadConfig
+from workers.audio.vad_gate import VadConfig
 
 if TYPE_CHECKING:
     import torch
@@ -25,9 +25,9 @@ class FeatureActor(_Introspection):
     """Wraps ``FeatureStage``: model-rate chunks -> normalised stacked MFCC (frames, feature_dim)."""
 
     def __init__(self, bundle_files: dict[str, bytes], vad: VadConfig | None = None, endpoint_silence_ms: float = 0.0) -> None:
-        from workers.features import MfccExtractor
+        from workers.audio.vad import speech_detector
+        from workers.features.mfcc import MfccExtractor
         from workers.stages import FeatureStage
-        from workers.vad import speech_detector
 
         vad = vad or VadConfig()
         with unpacked_bundle(bundle_files) as bundle:

@@ -1,8 +1,8 @@
 """Where and how the stage actors run: GPUs and actor counts, actor options, and shipping
-the model bundle's files to the actors. (Connecting to Ray: ``pipeline.ray_session``.)
+the model bundle's files to the actors. (Connecting to Ray: ``pipeline.cluster.session``.)
 
 Torch-free at import (the ingest and decoder actors import it): ``unpacked_bundle``, which
-loads the model, imports ``workers.bundle`` when called."""
+loads the model, imports ``workers.model.bundle`` when called."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import ray
 
 if TYPE_CHECKING:
     from pipeline.config import StreamingConfig
-    from workers.bundle import Bundle
+    from workers.model.bundle import Bundle
 
 ACTOR_MAX_RESTARTS = 3  # a crashed stage actor comes back; the driver replays its streams there (recovery.StreamRecovery._recover)
 ACOUSTIC_MAX_CONCURRENCY = 10_000  # concurrent calls the batching actor accepts (held ones included)
@@ -42,7 +42,7 @@ def unpacked_files(files: dict[str, bytes], names: tuple[str, ...] | None = None
 @contextlib.contextmanager
 def unpacked_bundle(files: dict[str, bytes], device: str = "cpu", quantize: str = "none") -> Iterator[Bundle]:
     """``unpacked_files`` loaded as a bundle (model included: torch); see ``unpacked_files``."""
-    from workers.bundle import load_bundle  # here, not at the top: the torch-free actors import this module
+    from workers.model.bundle import load_bundle  # here, not at the top: the torch-free actors import this module
 
     with unpacked_files(files) as path:
         yield load_bundle(path, device, quantize)
@@ -72,8 +72,8 @@ def feature_actor_count(streaming: StreamingConfig) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // 4)
 
 
-STREAMS_PER_CPU = 8  # real-time streams per CPU core the stage actors kept within their latency target (README, Speed)
-STREAMS_PER_GPU = 64  # and per GPU (README, Performance on a GPU: 64 streams p95 170 ms on one H100)
+STREAMS_PER_CPU = 8  # real-time streams per CPU core the stage actors kept within their latency target (docs/RESULTS.md, "Performance on 2 cores")
+STREAMS_PER_GPU = 64  # and per GPU (docs/RESULTS.md, "Performance on a GPU": 64 streams p95 170 ms on one H100)
 
 
 def max_stream_count(streaming: StreamingConfig) -> int:

@@ -16,7 +16,7 @@ from pipeline.streaming.items import StateLostError, StreamError, StreamOrderErr
 
 if TYPE_CHECKING:
     from pipeline.config import StreamingConfig
-    from pipeline.streaming.session import PipelineStats
+    from pipeline.streaming.chain import PipelineStats
 
 MAX_RECOVERIES_PER_STREAM = 5  # replays of one stream before it is given up (a crash loop)
 # Errors (as the stage actors report them, "Name: message") that mean a stage actor lost the

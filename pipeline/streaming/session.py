@@ -9,37 +9,24 @@ import time
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
+from pipeline.cluster.session import connect_ray, shutdown_ray
 from pipeline.config import AppConfig
-from pipeline.ray_session import connect_ray, shutdown_ray
-from pipeline.streaming.chain import Chain, Push, PushHandle, StreamState, settle
+from pipeline.streaming.chain import Chain, PipelineStats, Push, PushHandle, StreamState, settle
 from pipeline.streaming.items import StageItem, StreamError
 from pipeline.streaming.placement import ACTOR_START_TIMEOUT_S
 from pipeline.streaming.recovery import StreamRecovery, state_lost
 from pipeline.streaming.replay import ReplayBuffer
 from pipeline.streaming.stage_actors import StageActors, start_stage_actors
-from workers.audio_checks import validate_samples
-from workers.bundle_config import check_bundle
-from workers.decoder import DecoderConfig
-from workers.decoder_stage import RecognitionResult
-
-
-@dataclass
-class PipelineStats:
-    """Backpressure and submission counters over all streams of a pipeline."""
-
-    max_inflight: int = 0  # most pushes of one stream in flight at once (bounded by max_inflight_chunks)
-    blocked_pushes: int = 0  # pushes that had to wait for an earlier push of their stream
-    chains: int = 0  # chains submitted (each carries the pushes of one or more streams)
-    max_pushes_per_chain: int = 0
-    recoveries: int = 0  # streams replayed on restarted actors after a stage actor crashed
-    lost_streams: int = 0  # streams that could not be replayed (StreamError)
+from workers.audio.checks import validate_samples
+from workers.decoding.decoder import DecoderConfig
+from workers.decoding.stage import RecognitionResult
+from workers.model.bundle_config import check_bundle
 
 
 class StreamingPipeline(StreamRecovery):

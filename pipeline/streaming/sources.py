@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from pipeline.config import AppConfig
-from workers.audio import RAW_SUFFIXES, RawFormat, read_audio
+from workers.audio.reader import RAW_SUFFIXES, RawFormat, read_audio
 
 MIC_RATE_HZ = 16000  # capture rate: 16 kHz mono
 MIC_NO_AUDIO_TIMEOUT_S = 5.0  # an input device that delivers nothing for this long is an error

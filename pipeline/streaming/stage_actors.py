@@ -28,10 +28,10 @@ from pipeline.streaming.placement import (
     feature_actor_count,
     read_bundle_files,
 )
-from workers.bundle_config import BundleError, BundleFiles
-from workers.decoder import DecoderConfig
-from workers.feature_config import frames_for_ms
-from workers.vad_gate import decoder_endpoint_ms
+from workers.audio.vad_gate import decoder_endpoint_ms
+from workers.decoding.decoder import DecoderConfig
+from workers.features.config import frames_for_ms
+from workers.model.bundle_config import BundleError, BundleFiles
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""`asr transcribe`: the batch job on Ray Data, its inputs and outputs."""

@@ -1,0 +1,1 @@
+"""`asr bench`: throughput, latency and memory figures."""

@@ -1,0 +1,1 @@
+"""Ray: the local session on loopback, its reaper, and Ray Jobs on a cluster."""

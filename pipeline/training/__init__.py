@@ -1,0 +1,1 @@
+"""`asr train`: the split, the run, Ray Data feeding and Ray Train workers."""

@@ -1,0 +1,1 @@
+"""Corpora (readers, manifests), augmentation, perturbations and continuous test streams."""

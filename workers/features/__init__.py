@@ -1,0 +1,1 @@
+"""MFCC features, their normalisation and their config."""

@@ -1,0 +1,1 @@
+"""The one training loop: its config, its epochs and the trainer."""
