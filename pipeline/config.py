@@ -104,6 +104,13 @@ class DataConfig:
     fsdd_root: str = "../shared/data/fsdd"
     an4_dev_speakers: tuple[str, ...] = ("fbbh", "ftal", "mcfl", "mdxs", "mgah", "mmkw", "mrcb", "mtos")
     fsdd_dev_speakers: tuple[str, ...] = ("theo",)
+    speechocean_root: str = "../shared/data/speechocean762"
+    # 20 whole speakers of speechocean762's test partition held out for dev (never trained on):
+    # 10 children aged 6-15 and 10 adults, about half of each gender (spk2age, spk2gender)
+    speechocean_dev_speakers: tuple[str, ...] = (
+        "0044", "0049", "0122", "1061", "1422", "2007", "3014", "5017", "5432", "8584",
+        "0024", "0461", "0567", "1039", "1181", "1334", "2116", "2355", "2488", "9622",
+    )
     use_fsdd: bool = True
     use_an4: bool = True  # False: FSDD only (e.g. leave-one-speaker-out runs); no AN4 dev set, so the best epoch is picked by loss
     max_train_utterances: int = 0  # 0: all; a small number makes smoke-test runs

@@ -211,7 +211,7 @@ def select_split(utterances: list[Utterance], config: AppConfig, split: str, spe
     if speakers:
         keep = set(speakers.split(","))
         return [u for u in utterances if u.speaker in keep]
-    held = set(config.data.an4_dev_speakers) | set(config.data.fsdd_dev_speakers)
+    held = set(config.data.an4_dev_speakers) | set(config.data.fsdd_dev_speakers) | set(config.data.speechocean_dev_speakers)
     if split == "dev":
         return [u for u in utterances if u.speaker in held]
     if split == "train":

@@ -315,3 +315,23 @@ def test_read_speechocean762() -> None:
     assert Path(first.audio).suffix == ".opus" and Path(first.audio).is_file()
     data, rate = sf.read(first.audio)
     assert rate == 16000 and abs(len(data) / rate - first.duration_s) < 0.01
+
+
+def test_speechocean762_dev_speakers_are_whole_test_partition_speakers() -> None:
+    """The configured dev speakers: 20 speakers of the test partition, children and adults; ``asr
+    eval --split dev`` selects exactly their utterances."""
+    from pipeline.config import load_config
+    from pipeline.evaluate import select_split
+
+    root = SHARED_DATA / "speechocean762"
+    if not root.is_dir():
+        pytest.skip("shared speechocean762 data not present")
+    config = load_config()
+    dev = set(config.data.speechocean_dev_speakers)
+    ages = dict(line.split() for line in (root / "test" / "spk2age").read_text().splitlines())
+    assert len(dev) == 20 and dev <= set(ages)
+    assert sum(int(ages[s]) <= 15 for s in dev) == 10
+    utts = read_corpus(root).utterances
+    picked = select_split(utts, config, "dev", None)
+    assert {u.speaker for u in picked} == dev and len(picked) == 20 * 20
+    assert not {u.speaker for u in select_split(utts, config, "train", None)} & dev
