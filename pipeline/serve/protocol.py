@@ -231,6 +231,8 @@ class VoskConnection:
                 or alternatives < 0:
             raise ProtocolError(f"max_alternatives must be a whole number >= 0, got {alternatives!r}", CloseCode.INVALID_DATA)
         alternatives = min(int(alternatives), MAX_ALTERNATIVES)  # Vosk's test_alternatives.py asks for 20
+        if not (isinstance(words, bool) or (isinstance(words, int) and words in (0, 1))):
+            raise ProtocolError(f"words must be true, false, 1 or 0, got {words!r}", CloseCode.INVALID_DATA)
         phrase_list: tuple[str, ...] = ()
         if phrases is not None:
             if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):

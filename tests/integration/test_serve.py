@@ -287,6 +287,7 @@ BAD_INPUTS = [
     ("frame over 1 MB", "bytes", b"\x00" * ((1 << 20) + 2), 1009),
     ("phrase with characters outside the model's tokens", "text", '{"config": {"phrase_list": ["call 911"]}}', 1007),
     ("negative max_alternatives", "text", '{"config": {"max_alternatives": -1}}', 1007),
+    ("words neither a boolean nor 0/1", "text", '{"config": {"words": "x"}}', 1007),
 ]
 
 

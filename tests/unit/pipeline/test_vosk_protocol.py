@@ -68,3 +68,19 @@ def test_clock_without_audio_does_not_flag() -> None:
     clock = ChunkClock(300.0, 150.0, 30.0, 45.0, 100.0)
     assert not clock.advance(0.0)
     assert [clock.advance(100.0) for _ in range(12)].count(True) >= 3
+
+
+@pytest.mark.parametrize(("words", "ok"), [(True, True), (False, True), (1, True), (0, True), ("x", False), (2, False), (None, False)])
+def test_config_words_must_be_a_boolean_or_0_or_1(words, ok: bool) -> None:
+    """``words`` takes what Vosk's clients send (true/false, 1/0); anything else is refused with
+    close code 1007 and a message naming it, before any audio."""
+    import json
+
+    from pipeline.serve.protocol import VoskConnection
+
+    connection = VoskConnection(session=None)  # a config frame never reaches the session
+    reply = connection.on_text(json.dumps({"config": {"words": words}}))
+    if ok:
+        assert reply.message is None and reply.close_code is None and connection.words is bool(words)
+    else:
+        assert reply.close_code == 1007 and "words must be" in reply.message["error"]
