@@ -91,9 +91,6 @@ TASK_RETRIES = 1
 #: (real-time factor about 0.03 in-process). ``--ray``/``--address`` force Ray, ``--local`` forbids it.
 LOCAL_MAX_AUDIO_S = 300.0
 BACKENDS = ("auto", "local", "ray")
-#: Test hook, read only in the batch actors: a batch holding a file of this name makes its worker
-#: process exit at once, as a kill for memory would (tests/test_batch.py arms it).
-TEST_EXIT_ENV = "ASR_TEST_ONLY_EXIT_ON"
 
 
 def plan_batches(items: Sequence[InputFile], batch_seconds: float = BATCH_SECONDS, batch_size: int = 16) -> list[list[InputFile]]:
@@ -178,16 +175,17 @@ class TranscribeBatch:
     ) -> None:
         self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad, quantize)
         self.raw_format = raw_format
-        self._test_exit_on = os.environ.get(TEST_EXIT_ENV)
+
+    @staticmethod
+    def batch_paths(batch: dict[str, np.ndarray]) -> list[str]:
+        """The input paths of a batch (one row per file, or one row per planned batch)."""
+        if "paths" in batch:
+            return [str(p) for row in batch["paths"] for p in json.loads(row)]
+        return [str(p) for p in batch["path"]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        if "paths" in batch:
-            paths = [str(p) for row in batch["paths"] for p in json.loads(row)]
-        else:
-            paths = [str(p) for p in batch["path"]]
-        if self._test_exit_on and any(Path(p).name == self._test_exit_on for p in paths):
-            os._exit(1)  # test only (TEST_EXIT_ENV): the worker dies as if killed for memory
+        paths = self.batch_paths(batch)
         records = transcribe_batch(self.recognizer, paths, self.raw_format)
         share_s = (time.perf_counter() - t0) / max(1, len(paths))
         return {

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,6 @@ import pipeline.batch.job as batch_mod
 from pipeline.batch.cli import add_transcribe_arguments, format_summary, run_transcribe
 from pipeline.batch.job import (
     PARTIAL_NAME,
-    TEST_EXIT_ENV,
     TRANSCRIPTS_NAME,
     discover_inputs,
     to_srt,
@@ -85,19 +85,27 @@ def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / TRANSCRIPTS_NAME).read_text().splitlines()]
 
 
-CRASH_NAME = "crash_me.raw"  # a batch holding a file of this name kills its worker (the test hook, armed below)
+CRASH_NAME = "crash_me.raw"  # a batch holding a file of this name kills its worker (CrashingTranscribeBatch)
+
+
+class CrashingTranscribeBatch(batch_mod.TranscribeBatch):
+    """The batch UDF with a fault injected: a batch holding a file named ``CRASH_NAME`` makes its
+    worker process exit at once, as a kill for memory would. Shipped to Ray's workers by value
+    (this module is registered with cloudpickle below); the production UDF has no such hook."""
+
+    def __call__(self, batch):
+        if any(Path(p).name == CRASH_NAME for p in self.batch_paths(batch)):
+            os._exit(1)
+        return super().__call__(batch)
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
 def batch_ray():
-    """A local Ray of its own (not conftest.local_ray: Ray Data actors of its jobs can outlive them);
-    its workers inherit the environment it starts with, which arms the test hook
-    ``TEST_EXIT_ENV`` for files named ``CRASH_NAME`` (no other input is affected)."""
-    os.environ[TEST_EXIT_ENV] = CRASH_NAME
-    try:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=150 * 1024**2)
-    finally:
-        del os.environ[TEST_EXIT_ENV]
+    """A local Ray of its own (not conftest.local_ray: Ray Data actors of its jobs can outlive them)."""
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=150 * 1024**2)
     yield
     ray.shutdown()
 
@@ -278,8 +286,8 @@ BATCH, RETRIES = 2, 0  # the job's defaults are 16 and 1: each extra round or re
 
 
 def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(batch_ray, tiny_bundle, tmp_path, monkeypatch):
-    """A worker process that dies on one input (the test hook calls os._exit, as a kill for
-    memory would end it) among real AN4 files: the job ends, that input has an error record,
+    """A worker process that dies on one input (``CrashingTranscribeBatch`` calls os._exit, as a
+    kill for memory would end it) among real AN4 files: the job ends, that input has an error record,
     every other one is transcribed exactly once and as in-process."""
     good = sorted((AN4 / "wav" / "an4_clstk").rglob("*.raw"))[:7]
     if len(good) < 7:
@@ -295,6 +303,7 @@ def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(batch_ra
             yield path, record, actor_s
 
     monkeypatch.setattr(batch_mod, "run_dataset", counting)
+    monkeypatch.setattr(batch_mod, "TranscribeBatch", CrashingTranscribeBatch)
     t0 = time.perf_counter()
     summary = transcribe_inputs([str(f) for f in good] + [str(crash)], tmp_path / "out", bundle_path=tiny_bundle,
                                 decoder_config=DecoderConfig(kind="greedy"), vad=NO_VAD, batch_size=BATCH, batch_seconds=1e6,
