@@ -31,7 +31,7 @@ from ray import serve
 from starlette.websockets import WebSocketDisconnect
 
 from pipeline.config import AppConfig
-from pipeline.serve.protocol import ChunkClock, CloseCode, Reply, VoskConnection
+from pipeline.serve.protocol import ChunkClock, CloseCode, Reply, VoskConnection, presented_token, token_accepted
 
 app = FastAPI(title="asr serve", description="Streaming speech recognition over the Vosk websocket protocol")
 
@@ -45,7 +45,8 @@ class AsrIngress:
     must wait) run on a thread of a pool sized for ``max_streams`` connections. A connection
     beyond ``max_streams`` is refused."""
 
-    def __init__(self, config: AppConfig, actors: Any, max_streams: int, front_door: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: AppConfig, actors: Any, max_streams: int, front_door: dict[str, Any] | None = None,
+                 token_digest: str | None = None) -> None:
         from pipeline.streaming.session import StreamingPipeline
 
         self.front_door = front_door or {}  # how clients reach this replica ("direct", "proxy_port"), for /stats
@@ -56,6 +57,8 @@ class AsrIngress:
         self.max_streams = max_streams
         self.connections = 0
         self.refused = 0
+        self.unauthorized = 0
+        self._token_digest = token_digest  # SHA-256 of the access token (None: none needed)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="asr-conn")
         # The clock predicts model chunks from the audio's duration; with utterances cut by voice
@@ -75,7 +78,8 @@ class AsrIngress:
         from pipeline.streaming.actors import process_rss_mb
 
         return JSONResponse({
-            "connections": self.connections, "max_streams": self.max_streams, "refused": self.refused, **self.front_door,
+            "connections": self.connections, "max_streams": self.max_streams, "refused": self.refused,
+            "unauthorized": self.unauthorized, **self.front_door,
             "open_streams": self.pipe.open_streams(), "stage_streams": self.actors.stream_counts(),
             "actor_rss_mb": {**self.actors.rss_mb(), "ingress": round(process_rss_mb(), 1)},
             "recoveries": self.pipe.stats.recoveries, "lost_streams": self.pipe.stats.lost_streams,
@@ -84,6 +88,12 @@ class AsrIngress:
     @app.websocket("/")
     async def recognize(self, websocket: WebSocket) -> None:
         await websocket.accept()
+        if not token_accepted(self._token_digest, presented_token(websocket.headers, websocket.query_params)):
+            with self._lock:
+                self.unauthorized += 1
+            await self._send(websocket, Reply({"error": "unauthorized: this server needs its access token, as "
+                                                        "'Authorization: Bearer TOKEN' or '?token=TOKEN'"}, CloseCode.POLICY))
+            return
         with self._lock:
             admitted = self.connections < self.max_streams
             self.connections += admitted

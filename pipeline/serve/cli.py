@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AppConfig
+from pipeline.serve.protocol import token_digest
 
 APP_NAME = "asr"
+TOKEN_VARIABLE = "ASR_SERVE_TOKEN"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 2700
 
 
@@ -28,6 +31,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--address", default=None, help="Ray cluster to deploy on (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="decoder kind (default: from config)")
     parser.add_argument("--replicas", type=int, default=1, help="ingress replicas (front doors; recognition is shared)")
+    parser.add_argument("--token", default=None,
+                        help=f"clients must present this access token ('Authorization: Bearer TOKEN' or '?token=TOKEN'); "
+                             f"default: ${TOKEN_VARIABLE}, else none")
     return parser
 
 
@@ -52,7 +58,7 @@ def direct_ingress_environment(port: int) -> dict[str, str]:
 
 
 def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-           replicas: int = 1, verbose: bool = False, direct: bool = False) -> Deployment:
+           replicas: int = 1, verbose: bool = False, direct: bool = False, token: str | None = None) -> Deployment:
     """Start the stage actors and deploy the websocket ingress on the connected Ray; returns
     once ``/healthz`` would answer. ``take_down`` undoes it. ``direct``: the Ray was started
     with ``direct_ingress_environment(port)`` and one replica serves ``port`` itself (the Serve
@@ -76,7 +82,8 @@ def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOS
         serve.start(http_options={"host": host, "port": proxy_port}, logging_config=_serve_logging(verbose))
         ingress = AsrIngress.options(num_replicas=replicas, logging_config=_serve_logging(verbose))
         front_door = {"direct": direct, "proxy_port": proxy_port}
-        serve.run(ingress.bind(config, actors, deployment.max_streams, front_door), name=APP_NAME, route_prefix="/")
+        digest = token_digest(token) if token else None
+        serve.run(ingress.bind(config, actors, deployment.max_streams, front_door, digest), name=APP_NAME, route_prefix="/")
         if direct:
             _wait_for_health(host, port)
     except BaseException:
@@ -160,6 +167,10 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
         print(f"error: {exc}", file=sys.stderr)
         return 1
     decoder = dataclasses.replace(config.decoder, kind=args.decoder) if args.decoder else config.decoder
+    token = args.token if args.token is not None else os.environ.get(TOKEN_VARIABLE) or None
+    if args.host not in LOOPBACK_HOSTS and not token:
+        print(f"warning: listening on {args.host} with no access token and no TLS: anyone who reaches this port can stream "
+              f"(--token or ${TOKEN_VARIABLE}; TLS: a reverse proxy, docs/serving.md)", file=sys.stderr, flush=True)
     import ray
 
     # A Ray started here serves one replica's websocket straight from that replica (direct
@@ -172,7 +183,7 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
     deployment = None
     try:
         try:
-            deployment = deploy(config, bundle, decoder, args.host, args.port, args.replicas, VERBOSE, direct)
+            deployment = deploy(config, bundle, decoder, args.host, args.port, args.replicas, VERBOSE, direct, token)
         except RuntimeError as exc:  # actors that did not start, a port in use
             print(f"error: {exc}", file=sys.stderr)
             return 1

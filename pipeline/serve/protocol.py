@@ -24,6 +24,8 @@ the connection is closed with a websocket error code (``CloseCode``).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 from collections.abc import Callable
@@ -49,6 +51,30 @@ class CloseCode:
     TOO_BIG = 1009  # a frame over MAX_FRAME_BYTES
     INTERNAL = 1011  # the pipeline lost the stream
     TRY_AGAIN_LATER = 1013  # the server is at streaming.max_streams
+
+
+def token_digest(token: str) -> str:
+    """What a server keeps of its access token: its SHA-256 (the token itself never reaches a
+    replica's arguments or a log)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def presented_token(headers: Any, query: Any) -> str | None:
+    """The token a client presents: ``Authorization: Bearer TOKEN``, else ``?token=TOKEN`` on
+    the websocket URL (a browser cannot set headers); None when neither is there."""
+    auth = headers.get("authorization") or ""
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return query.get("token") or None
+
+
+def token_accepted(digest: str | None, presented: str | None) -> bool:
+    """Whether ``presented`` is the token of ``digest`` (None: the server needs none), compared
+    in constant time."""
+    if digest is None:
+        return True
+    return presented is not None and hmac.compare_digest(token_digest(presented), digest)
 
 
 class ProtocolError(ValueError):

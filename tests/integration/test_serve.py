@@ -45,6 +45,7 @@ MAX_STREAMS = 16
 START_TIMEOUT_S = 240
 FRAME_S = 0.2  # what Vosk's test clients send
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TOKEN = "test-token-7f3a9c"  # the module's server needs it (from ASR_SERVE_TOKEN); its url carries it as ?token=
 DIGITS = ["zero one two three four five", "six seven eight nine oh"]
 #: One acoustic and one decoder actor (2 CPUs: two of each by default): every stage still has an
 #: actor, and the server starts 2 fewer (each imports torch and loads the model or the LM).
@@ -59,11 +60,12 @@ class Server:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 self.port = s.getsockname()[1]
-        self.url = f"ws://127.0.0.1:{self.port}"
+        self.base_url = f"ws://127.0.0.1:{self.port}"
+        self.url = f"{self.base_url}/?token={TOKEN}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}",
              *STAGE_ACTORS],
-            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, env={**ENV, "ASR_SERVE_TOKEN": TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -194,7 +196,7 @@ def test_finals_equal_the_in_process_recogniser(server: Server, utterances) -> N
     file, through the Serve proxy, which is how clients reach the replicas on a cluster."""
     stats = server.get("/stats")[1]
     assert stats["direct"] is True and stats["proxy_port"] != server.port
-    urls = [server.url] * 3 + [f"ws://127.0.0.1:{stats['proxy_port']}"]
+    urls = [server.url] * 3 + [f"ws://127.0.0.1:{stats['proxy_port']}/?token={TOKEN}"]
     for url, (uid, pcm) in zip(urls, utterances[:4], strict=True):
         replies = transcribe(url, pcm)
         assert_one_reply_per_frame_and_valid(replies, len(blocks(pcm, 16000)), len(pcm) / 16000)
@@ -474,6 +476,45 @@ def test_a_continuous_stream_with_pauses_gets_the_in_process_finals(server: Serv
                           capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=ENV)
     assert done.returncode == 0, done.stderr
     assert [line.split("] ", 1)[1] for line in final_lines(done.stdout)] == texts(want)
+
+
+def test_a_client_needs_the_token_by_header_or_query(server: Server, utterances) -> None:
+    """The module's server needs its token: without it, or with another, the handshake is answered
+    with an error and close 1008 (counted in /stats); by query (the module's url) or as a Bearer
+    header a client is served. The token appears in none of the server's output."""
+    uid, pcm = utterances[3]
+    before = _settled_stats(server)["unauthorized"]
+    for url in (server.base_url, f"{server.base_url}/?token=wrong"):
+        with connect(url, open_timeout=30) as ws:
+            reply = json.loads(ws.recv(timeout=30))
+            assert "unauthorized" in reply["error"] and TOKEN not in reply["error"]
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=30)
+            assert ws.close_code == 1008
+    with connect(server.base_url, open_timeout=30, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+        for block in blocks(pcm, 16000):
+            ws.send(block.astype("<i2").tobytes())
+            ws.recv(timeout=120)
+        ws.send('{"eof" : 1}')
+        final = json.loads(ws.recv(timeout=120))
+    assert final["text"] == " ".join(texts(reference(pcm))), uid
+    assert _settled_stats(server)["unauthorized"] == before + 2
+    assert TOKEN not in "".join(server.stdout + server.stderr)
+
+
+def test_a_public_host_without_a_token_gets_a_warning() -> None:
+    """``--host`` other than loopback and no token: one warning line on stderr at start-up (read,
+    then the server is stopped before it needs Ray)."""
+    env = {k: v for k, v in ENV.items() if k != "ASR_SERVE_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--host", "0.0.0.0", "--port", "1"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert line.startswith("warning: listening on 0.0.0.0 with no access token and no TLS"), line
 
 
 def test_a_second_server_on_a_port_in_use_fails_clearly(server: Server) -> None:

@@ -84,3 +84,16 @@ def test_config_words_must_be_a_boolean_or_0_or_1(words, ok: bool) -> None:
         assert reply.message is None and reply.close_code is None and connection.words is bool(words)
     else:
         assert reply.close_code == 1007 and "words must be" in reply.message["error"]
+
+
+def test_the_token_is_taken_from_the_header_or_the_query_and_compared_by_digest() -> None:
+    from pipeline.serve.protocol import presented_token, token_accepted, token_digest
+
+    digest = token_digest("s3cret")
+    assert "s3cret" not in digest and len(digest) == 64
+    assert presented_token({"authorization": "Bearer s3cret"}, {}) == "s3cret"
+    assert presented_token({"authorization": "bearer  s3cret "}, {"token": "other"}) == "s3cret"  # the header wins
+    assert presented_token({}, {"token": "s3cret"}) == "s3cret"
+    assert presented_token({"authorization": "Basic abc"}, {}) is None and presented_token({}, {}) is None
+    assert token_accepted(digest, "s3cret") and not token_accepted(digest, "s3cre") and not token_accepted(digest, None)
+    assert token_accepted(None, None) and token_accepted(None, "anything")  # no token configured: open
