@@ -49,6 +49,8 @@ VERBOSE = False  # the CLI's --verbose: Ray's output as Ray prints it
 REAPER = Path(__file__).with_name("reaper.py")
 REAPER_WAIT_S = 10.0  # how long shutdown_ray waits for the watchdog to end what is left
 DRIVER_STDERR_NAME = "driver-stderr.log"
+RAYLET_ERRORS_NAME = "driver-raylet-errors.log"  # the raylet's messages to this driver (see _route_raylet_errors)
+_print_to_stdstream = None  # Ray's own, while _route_raylet_errors has replaced it
 METRICS_VARIABLE = "RAY_enable_metrics_collection"
 
 
@@ -98,6 +100,8 @@ def connect_ray(address: str | None = None, verbose: bool | None = None, environ
     ray.init(address=address, logging_level=_logging_level(verbose), log_to_driver=verbose)
     _owned = True
     exit_on_sigterm()
+    if not verbose:
+        _route_raylet_errors(None)
     return True
 
 
@@ -124,6 +128,44 @@ def start_local_ray(verbose: bool | None = None, environment: dict[str, str] | N
     _last_log_dir = log_dir
     if not verbose:
         _local.native_stderr = _native_stderr_to(Path(log_dir) / DRIVER_STDERR_NAME)
+        _route_raylet_errors(Path(log_dir) / RAYLET_ERRORS_NAME)
+
+
+def _route_raylet_errors(path: Path | None) -> None:
+    """Ray's driver prints the raylet's error messages ("(raylet) A worker died or was killed",
+    "Task ... will be retried") to stdout, from a thread that ``ray.init`` starts in every
+    driver (``ray._private.worker.listen_error_messages``); ``log_to_driver=False`` does not
+    stop it and Ray offers no option that does. So, unless verbose, the module function it
+    calls is replaced: the messages go to ``path`` (a local Ray's log directory) or, on a
+    cluster, to stderr; never to stdout, which holds the command's results. Undone by
+    ``shutdown_ray``."""
+    import ray._private.worker as ray_worker
+
+    global _print_to_stdstream
+    if _print_to_stdstream is None:
+        _print_to_stdstream = ray_worker.print_to_stdstream
+
+    def quiet(data: dict, ignore_prefix: bool = False) -> None:
+        if data.get("pid") != "raylet":
+            return _print_to_stdstream(data, ignore_prefix=ignore_prefix)
+        text = "".join(f"(raylet) {line}\n" for line in data.get("lines", []))
+        if path is None:
+            sys.stderr.write(text)
+            return None
+        with contextlib.suppress(OSError), path.open("a") as log:
+            log.write(text)
+        return None
+
+    ray_worker.print_to_stdstream = quiet
+
+
+def _restore_raylet_errors() -> None:
+    global _print_to_stdstream
+    if _print_to_stdstream is not None:
+        import ray._private.worker as ray_worker
+
+        ray_worker.print_to_stdstream = _print_to_stdstream
+        _print_to_stdstream = None
 
 
 def shutdown_ray() -> None:
@@ -133,6 +175,8 @@ def shutdown_ray() -> None:
     global _owned, _local
     if _owned and ray.is_initialized():
         ray.shutdown()
+    if _owned:
+        _restore_raylet_errors()
     _owned = False
     local, _local = _local, None
     if local is None:

@@ -22,6 +22,7 @@ stream counts and memory).
 import asyncio
 import functools
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,7 +47,7 @@ class AsrIngress:
     beyond ``max_streams`` is refused."""
 
     def __init__(self, config: AppConfig, actors: Any, max_streams: int, front_door: dict[str, Any] | None = None,
-                 token_digest: str | None = None) -> None:
+                 token_digest: str | None = None, idle_timeout_s: float = 0.0) -> None:
         from pipeline.streaming.session import StreamingPipeline
 
         self.front_door = front_door or {}  # how clients reach this replica ("direct", "proxy_port"), for /stats
@@ -58,6 +59,8 @@ class AsrIngress:
         self.connections = 0
         self.refused = 0
         self.unauthorized = 0
+        self.idle_closed = 0
+        self.idle_timeout_s = idle_timeout_s  # a connection that sends no audio this long is closed (0: never)
         self._token_digest = token_digest  # SHA-256 of the access token (None: none needed)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="asr-conn")
@@ -79,7 +82,7 @@ class AsrIngress:
 
         return JSONResponse({
             "connections": self.connections, "max_streams": self.max_streams, "refused": self.refused,
-            "unauthorized": self.unauthorized, **self.front_door,
+            "unauthorized": self.unauthorized, "idle_closed": self.idle_closed, **self.front_door,
             "open_streams": self.pipe.open_streams(), "stage_streams": self.actors.stream_counts(),
             "actor_rss_mb": {**self.actors.rss_mb(), "ingress": round(process_rss_mb(), 1)},
             "recoveries": self.pipe.stats.recoveries, "lost_streams": self.pipe.stats.lost_streams,
@@ -104,12 +107,21 @@ class AsrIngress:
             return
         connection = VoskConnection(self.pipe, self._clock)
         loop = asyncio.get_running_loop()
+        last_audio = time.monotonic()
         try:
             while True:
-                message = await websocket.receive()
+                try:
+                    message = await asyncio.wait_for(websocket.receive(), self._idle_left(last_audio))
+                except asyncio.TimeoutError:
+                    with self._lock:
+                        self.idle_closed += 1
+                    await self._send(websocket, Reply({"error": f"no audio for {self.idle_timeout_s:g} s (--idle-timeout-s): "
+                                                                "closing this connection"}, CloseCode.POLICY))
+                    break
                 if message["type"] == "websocket.disconnect":
                     break
                 if message.get("bytes") is not None:
+                    last_audio = time.monotonic()
                     reply = await self._on_audio(connection, message["bytes"], loop)
                 else:
                     reply = await loop.run_in_executor(self._pool, connection.on_text, message.get("text") or "")
@@ -127,6 +139,12 @@ class AsrIngress:
             finally:
                 with self._lock:
                     self.connections -= 1
+
+    def _idle_left(self, last_audio: float) -> float | None:
+        """Seconds the connection may still go without audio (None: no limit)."""
+        if self.idle_timeout_s <= 0:
+            return None
+        return max(0.0, last_audio + self.idle_timeout_s - time.monotonic())
 
     async def _on_audio(self, connection: VoskConnection, data: bytes, loop: asyncio.AbstractEventLoop) -> Reply:
         """A binary frame, on the event loop: the push returns at once, and a reply that waits

@@ -20,6 +20,7 @@ from pipeline.serve.protocol import token_digest
 
 APP_NAME = "asr"
 TOKEN_VARIABLE = "ASR_SERVE_TOKEN"
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # a client that holds a slot and sends nothing is let go after 5 minutes
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 2700
 
@@ -31,6 +32,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--address", default=None, help="Ray cluster to deploy on (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="decoder kind (default: from config)")
     parser.add_argument("--replicas", type=int, default=1, help="ingress replicas (front doors; recognition is shared)")
+    parser.add_argument("--idle-timeout-s", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                        help=f"close a connection that sends no audio this long (default {DEFAULT_IDLE_TIMEOUT_S:g}; 0: never)")
     parser.add_argument("--token", default=None,
                         help=f"clients must present this access token ('Authorization: Bearer TOKEN' or '?token=TOKEN'); "
                              f"default: ${TOKEN_VARIABLE}, else none")
@@ -58,7 +61,8 @@ def direct_ingress_environment(port: int) -> dict[str, str]:
 
 
 def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-           replicas: int = 1, verbose: bool = False, direct: bool = False, token: str | None = None) -> Deployment:
+           replicas: int = 1, verbose: bool = False, direct: bool = False, token: str | None = None,
+           idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> Deployment:
     """Start the stage actors and deploy the websocket ingress on the connected Ray; returns
     once ``/healthz`` would answer. ``take_down`` undoes it. ``direct``: the Ray was started
     with ``direct_ingress_environment(port)`` and one replica serves ``port`` itself (the Serve
@@ -83,7 +87,8 @@ def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOS
         ingress = AsrIngress.options(num_replicas=replicas, logging_config=_serve_logging(verbose))
         front_door = {"direct": direct, "proxy_port": proxy_port}
         digest = token_digest(token) if token else None
-        serve.run(ingress.bind(config, actors, deployment.max_streams, front_door, digest), name=APP_NAME, route_prefix="/")
+        serve.run(ingress.bind(config, actors, deployment.max_streams, front_door, digest, idle_timeout_s), name=APP_NAME,
+                  route_prefix="/")
         if direct:
             _wait_for_health(host, port)
     except BaseException:
@@ -158,6 +163,7 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
 
     problems = [f"--port must be in 1-65535, got {args.port}"] * (not 1 <= args.port <= 65535)
     problems += [f"--replicas must be >= 1, got {args.replicas}"] * (args.replicas < 1)
+    problems += [f"--idle-timeout-s must be >= 0, got {args.idle_timeout_s:g}"] * (not args.idle_timeout_s >= 0)
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
@@ -183,7 +189,8 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
     deployment = None
     try:
         try:
-            deployment = deploy(config, bundle, decoder, args.host, args.port, args.replicas, VERBOSE, direct, token)
+            deployment = deploy(config, bundle, decoder, args.host, args.port, args.replicas, VERBOSE, direct, token,
+                                args.idle_timeout_s)
         except RuntimeError as exc:  # actors that did not start, a port in use
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -127,3 +127,25 @@ def test_killed_transcribes_leave_no_process(an4_root, tmp_path):
             assert not _alive(procs), sig
         term, _ = runs[0]
         assert term.stdout.read() == ""  # no stack dump of the signal, no traceback
+
+
+def test_the_raylets_error_messages_never_reach_stdout(tmp_path) -> None:
+    """Ray's driver prints the raylet's errors ("A worker died or was killed", "Task ... will be
+    retried") to stdout from a thread of its own; a command's local Ray sends them to its log
+    directory instead (stdout holds the results), and Ray's function is back after shutdown."""
+    code = (
+        "import contextlib, io, pathlib\n"
+        "import ray._private.worker as rw\n"
+        "from pipeline.cluster import session\n"
+        "original = rw.print_to_stdstream\n"
+        "session.start_local_ray(False, num_cpus=1)\n"
+        "rw.print_to_stdstream({'lines': ['A worker died or was killed while executing a task'], 'pid': 'raylet', 'is_err': False})\n"
+        "log = pathlib.Path(session.ray_log_dir()) / session.RAYLET_ERRORS_NAME\n"
+        "assert 'A worker died' in log.read_text(), log\n"
+        "session.shutdown_ray()\n"
+        "assert rw.print_to_stdstream is original\n"
+        "print('done')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "done\n", done.stdout

@@ -45,6 +45,7 @@ MAX_STREAMS = 16
 START_TIMEOUT_S = 240
 FRAME_S = 0.2  # what Vosk's test clients send
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+IDLE_TIMEOUT_S = 20  # the module's server closes a connection that sends no audio this long
 TOKEN = "test-token-7f3a9c"  # the module's server needs it (from ASR_SERVE_TOKEN); its url carries it as ?token=
 DIGITS = ["zero one two three four five", "six seven eight nine oh"]
 #: One acoustic and one decoder actor (2 CPUs: two of each by default): every stage still has an
@@ -64,7 +65,7 @@ class Server:
         self.url = f"{self.base_url}/?token={TOKEN}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port), "--set", f"streaming.max_streams={MAX_STREAMS}",
-             *STAGE_ACTORS],
+             "--idle-timeout-s", str(IDLE_TIMEOUT_S), *STAGE_ACTORS],
             cwd=REPO, env={**ENV, "ASR_SERVE_TOKEN": TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.stdout: list[str] = []
@@ -501,6 +502,22 @@ def test_a_client_needs_the_token_by_header_or_query(server: Server, utterances)
     assert final["text"] == " ".join(texts(reference(pcm))), uid
     assert _settled_stats(server)["unauthorized"] == before + 2
     assert TOKEN not in "".join(server.stdout + server.stderr)
+
+
+def test_a_connection_that_sends_no_audio_is_closed_after_the_idle_timeout(server: Server) -> None:
+    """A client that sends its config and then nothing (it may answer pings) holds its slot for
+    ``--idle-timeout-s`` at most: then an error reply that says why, close 1008, and /stats counts it."""
+    before = _settled_stats(server)["idle_closed"]
+    with connect(server.url, open_timeout=30) as ws:
+        ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+        t0 = time.monotonic()
+        reply = json.loads(ws.recv(timeout=IDLE_TIMEOUT_S + 30))
+        waited = time.monotonic() - t0
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+    assert "no audio for 20 s" in reply["error"] and ws.close_code == 1008
+    assert IDLE_TIMEOUT_S - 1 <= waited <= IDLE_TIMEOUT_S + 15, waited
+    assert _settled_stats(server)["idle_closed"] == before + 1
 
 
 def test_a_public_host_without_a_token_gets_a_warning() -> None:
