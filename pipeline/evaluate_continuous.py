@@ -79,49 +79,38 @@ def recognize_offline(rec: Recognizer, stream: JoinedStream) -> list[Final]:
     return [Final(transcript.text, tuple(transcript.words))]
 
 
-def recognize_streaming(rec: StreamingRecognizer, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
+def blocks(stream: JoinedStream, push_ms: float = PUSH_MS) -> list[np.ndarray]:
+    """The stream's samples (float32) in the pieces a client pushes, ``push_ms`` each."""
     step = max(1, int(stream.rate_hz * push_ms / 1000))
-    wave = stream.wave.numpy()
-    results: list[RecognitionResult] = []
-    for start in range(0, len(wave), step):
-        results += rec.push(wave[start : start + step], stream.rate_hz)
-    results += rec.finish()
-    return finals_of(results)
+    wave = stream.wave.numpy().astype(np.float32)
+    return [wave[start : start + step] for start in range(0, len(wave), step)]
+
+
+def recognize_streaming(rec: StreamingRecognizer, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
+    results = [r for block in blocks(stream, push_ms) for r in rec.push(block, stream.rate_hz)]
+    return finals_of(results + rec.finish())
 
 
 def recognize_actors(pipeline: object, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
     """Through a ``pipeline.streaming.StreamingPipeline`` (Ray actors)."""
-    step = max(1, int(stream.rate_hz * push_ms / 1000))
-    wave = stream.wave.numpy().astype(np.float32)
     sid = pipeline.open_stream()
-    results: list[RecognitionResult] = []
-    for start in range(0, len(wave), step):
-        results += pipeline.push(sid, wave[start : start + step], stream.rate_hz)
-    results += pipeline.close(sid)
-    return finals_of(results)
+    results = [r for block in blocks(stream, push_ms) for r in pipeline.push(sid, block, stream.rate_hz)]
+    return finals_of(results + pipeline.close(sid))
 
 
 def recognize_server(url: str, stream: JoinedStream, push_ms: float = PUSH_MS) -> list[Final]:
-    """Through a Vosk-protocol server (``asr serve``): its ``result`` replies are the finals."""
+    """Through a Vosk-protocol server (``asr serve``): its ``result`` replies are the finals (the
+    client sends 16-bit PCM: ``pipeline.serve.client.pcm16``)."""
     from pipeline.serve.client import VoskClient, reply_result
 
-    step = max(1, int(stream.rate_hz * push_ms / 1000))
-    pcm = pcm16_samples(stream.wave.numpy())
     finals: list[Final] = []
     with VoskClient(url, sample_rate_hz=stream.rate_hz) as client:
-        for start in range(0, len(pcm), step):
-            result = reply_result(client.send_audio(pcm[start : start + step].tobytes()))
-            if result is not None and result.is_final:
-                finals.append(Final(result.text, tuple(result.words)))
-        result = reply_result(client.eof())
-        if result is not None:
+        replies = [client.send_audio(block) for block in blocks(stream, push_ms)] + [client.eof()]
+    for i, reply in enumerate(replies):
+        result = reply_result(reply)
+        if result is not None and (result.is_final or i == len(replies) - 1):
             finals.append(Final(result.text, tuple(result.words)))
     return finals
-
-
-def pcm16_samples(wave: np.ndarray) -> np.ndarray:
-    """(samples,) float in [-1, 1] -> little-endian 16-bit PCM samples (what a client sends)."""
-    return np.clip(np.round(wave * 32768.0), -32768, 32767).astype("<i2")
 
 
 def lexicon_words(lexicon_path: str | Path | None) -> set[str] | None:

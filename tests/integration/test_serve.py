@@ -456,14 +456,15 @@ def test_a_continuous_stream_with_pauses_gets_the_in_process_finals(server: Serv
     import soundfile as sf
     from test_stream_mic import SCRIPT, SCRIPT_TIMEOUT_S, final_lines
 
-    from pipeline.evaluate_continuous import lexicon_words, pcm16_samples, recognize_server
+    from pipeline.evaluate_continuous import lexicon_words, recognize_server
+    from pipeline.serve.client import pcm16
     from workers.data.continuous import join_utterances
 
     _, dev = split_by_speaker(read_an4(an4_root).utterances, CONFIG.data.an4_dev_speakers)
     utts = [u for u in dev if u.speaker == "mtos"][:8]
     joined = join_utterances("mtos", [(u.id, u.text, torch.from_numpy(read_audio(u.audio)[0][:, 0].astype(np.float32)))
                                       for u in utts], 16000, seed=1)
-    pcm = pcm16_samples(joined.wave.numpy())
+    pcm = np.frombuffer(pcm16(joined.wave.numpy()), dtype="<i2")
     joined = dataclasses.replace(joined, wave=torch.from_numpy(pcm.astype(np.float32) / 32768.0))  # what the server hears
     want = reference(pcm)
     got = recognize_server(server.url, joined, push_ms=1000 * FRAME_S)

@@ -345,7 +345,7 @@ class DecoderStage:
             seg = self._segments.get(stream_id)
             if seg is not None and len(log_probs) and seg.frames:
                 results.append(self._result(stream_id, seg, seg.latest))
-        return [r for r in results if r is not None]
+        return results
 
     def _feed(self, stream_id: str, log_probs: np.ndarray) -> list[RecognitionResult]:
         """Step the open utterance (one opens where the last ended when none is) through these
