@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pipeline.cluster import session as ray_session
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, add_words_argument, load_config
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +15,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set decoder.beam_size=64 (repeatable)")
     if not any(a.dest == "model" for a in parser._actions):
         parser.add_argument("--model", default=None, help="model bundle directory (default: the shipped models/default)")
+    if not any(a.dest == "words" for a in parser._actions) and parser.prog.split()[-1] != "train":
+        add_words_argument(parser)
 
 
 def _verbose(parser: argparse.ArgumentParser) -> None:

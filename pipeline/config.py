@@ -6,7 +6,9 @@ unknown section or key, or a value of the wrong type, raises ``ConfigError`` nam
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -112,16 +114,22 @@ class DataConfig:
         "0024", "0461", "0567", "1039", "1181", "1334", "2116", "2355", "2488", "9622",
     )
     use_fsdd: bool = True
+    use_speechocean: bool = False  # configs/default.yaml turns it on (the shipped model's recipe)
     use_an4: bool = True  # False: FSDD only (e.g. leave-one-speaker-out runs); no AN4 dev set, so the best epoch is picked by loss
     max_train_utterances: int = 0  # 0: all; a small number makes smoke-test runs
     max_dev_utterances: int = 0
     lm_order: int = 3  # word n-gram order of the LM estimated from the training transcripts
+    # "cmudict": the bundle's lexicon also spells the CMU dictionary's ~125,000 English words, each
+    # with the LM's unigram floor (workers/decoding/english.py); "": the training words only
+    dictionary: str = ""
 
     def __post_init__(self) -> None:
         if self.lm_order < 1:
             raise ValueError(f"data.lm_order must be >= 1, got {self.lm_order}")
-        if not (self.use_an4 or self.use_fsdd):
-            raise ValueError("data.use_an4 and data.use_fsdd are both false: no training data")
+        if self.dictionary not in ("", "cmudict"):
+            raise ValueError(f"data.dictionary must be 'cmudict' or '' (training words only), got {self.dictionary!r}")
+        if not (self.use_an4 or self.use_fsdd or self.use_speechocean):
+            raise ValueError("data.use_an4, data.use_fsdd and data.use_speechocean are all false: no training data")
 
 
 @dataclass(frozen=True)
@@ -224,3 +232,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: section {section} must be a mapping")
         raw[section].update(values)
     return build_config(raw)
+
+
+class WordsFileAction(argparse.Action):
+    """``--words FILE``: the file's words (``workers.decoding.english.read_word_list``) become the
+    override ``decoder.extra_words``, so every mode's decoder spells them; a missing file or a word
+    the model cannot spell is a usage error naming the file."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, path: Any, option_string: str | None = None) -> None:
+        from workers.decoding.english import read_word_list
+
+        try:
+            words = read_word_list(str(path))
+        except (OSError, ValueError) as exc:
+            parser.error(f"{option_string} {path}: {exc}" if isinstance(exc, OSError) else f"{option_string} {exc}")
+        overrides = list(getattr(namespace, "overrides", None) or [])
+        namespace.overrides = [*overrides, f"decoder.extra_words={json.dumps(list(words))}"]
+
+
+def add_words_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--words", action=WordsFileAction, metavar="FILE",
+                        help="more words to recognise (one or more per line, # comments): added to the model's lexicon, "
+                             "scored at the LM's floor for unseen words")

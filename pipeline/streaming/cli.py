@@ -14,7 +14,7 @@ from typing import TextIO
 import numpy as np
 
 from pipeline.cluster.session import ray_log_dir
-from pipeline.config import AppConfig, ConfigError, load_config
+from pipeline.config import AppConfig, ConfigError, add_words_argument, load_config
 from pipeline.streaming.items import StreamError
 from pipeline.streaming.session import StreamingPipeline
 from pipeline.streaming.sources import MicError, _audio_source, _list_devices
@@ -47,6 +47,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser, config_options: bool =
         parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                             help="override a config value, e.g. --set streaming.max_inflight_chunks=4 (repeatable)")
+        add_words_argument(parser)
     return parser
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import AppConfig
-from workers.data.corpus import Utterance, read_an4, read_fsdd, split_by_speaker, write_manifest
+from workers.data.corpus import Utterance, read_an4, read_fsdd, read_kaldi, split_by_speaker, write_manifest
 
 
 class DataError(ValueError):
@@ -46,22 +46,35 @@ def check_speaker_disjoint(train: list[Utterance], dev: list[Utterance]) -> None
 
 def build_split(config: AppConfig, log=print, train_sources: list[str] | None = None,
                 dev_sources: list[str] | None = None) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
-    """-> (train, an4_dev, fsdd_dev). Dev speakers never appear in train.
+    """-> (train, dev, extra_dev). Dev speakers never appear in train.
 
-    With ``train_sources`` (``asr train --train DATA ... [--dev DATA ...]``) the data are
-    those: (train, dev, []); ``data.max_*_utterances`` still apply. Otherwise the AN4 +
-    FSDD split of ``config.data``."""
+    ``dev`` picks the exported epoch; ``extra_dev`` is held out and recorded but not used for
+    picking. With ``train_sources`` (``asr train --train DATA ... [--dev DATA ...]``) the data are
+    those: (train, dev, []); ``data.max_*_utterances`` still apply. Otherwise the corpora of
+    ``config.data``: dev is AN4's held-out speakers plus speechocean762's, extra_dev FSDD's."""
+    train, dev_sets = _split_sources(config, log, train_sources, dev_sources)
+    data = config.data
+    if data.max_train_utterances:
+        train = train[:: max(1, len(train) // data.max_train_utterances)][: data.max_train_utterances]
+    if data.max_dev_utterances:
+        dev_sets = {name: utts[: data.max_dev_utterances] for name, utts in dev_sets.items()}
+    return train, dev_sets.get("an4", []) + dev_sets.get("speechocean", []), dev_sets.get("fsdd", [])
+
+
+def dev_sets_of(config: AppConfig, log=print) -> dict[str, list[Utterance]]:
+    """The held-out speakers' utterances of each corpus of ``config.data`` (name -> utterances)."""
+    return _split_sources(config, log, None, None)[1]
+
+
+def _split_sources(config: AppConfig, log, train_sources: list[str] | None,
+                   dev_sources: list[str] | None) -> tuple[list[Utterance], dict[str, list[Utterance]]]:
     data = config.data
     if train_sources:
         train, dev = read_sources(train_sources, log), read_sources(dev_sources or [], log)
         check_speaker_disjoint(train, dev)
         if not dev:
             log("no --dev data: the exported epoch is the one with the lowest training loss, and no WER is measured")
-        if data.max_train_utterances:
-            train = train[:: max(1, len(train) // data.max_train_utterances)][: data.max_train_utterances]
-        if data.max_dev_utterances:
-            dev = dev[: data.max_dev_utterances]
-        return train, dev, []
+        return train, {"an4": dev}
 
     def split(reader, root: str, dev_speakers: tuple[str, ...]) -> tuple[list[Utterance], list[Utterance]]:
         corpus = reader(root)
@@ -69,14 +82,16 @@ def build_split(config: AppConfig, log=print, train_sources: list[str] | None = 
             log(f"skipped {source}: {reason}")
         return split_by_speaker(corpus.utterances, dev_speakers)
 
-    an4_train, an4_dev = split(read_an4, data.an4_root, data.an4_dev_speakers) if data.use_an4 else ([], [])
-    fsdd_train, fsdd_dev = split(read_fsdd, data.fsdd_root, data.fsdd_dev_speakers) if data.use_fsdd else ([], [])
-    train = an4_train + fsdd_train
-    if data.max_train_utterances:
-        train = train[:: max(1, len(train) // data.max_train_utterances)][: data.max_train_utterances]
-    if data.max_dev_utterances:
-        an4_dev, fsdd_dev = an4_dev[: data.max_dev_utterances], fsdd_dev[: data.max_dev_utterances]
-    return train, an4_dev, fsdd_dev
+    corpora = [("an4", data.use_an4, read_an4, data.an4_root, data.an4_dev_speakers),
+               ("fsdd", data.use_fsdd, read_fsdd, data.fsdd_root, data.fsdd_dev_speakers),
+               ("speechocean", data.use_speechocean, read_kaldi, data.speechocean_root, data.speechocean_dev_speakers)]
+    train: list[Utterance] = []
+    dev_sets: dict[str, list[Utterance]] = {}
+    for name, used, reader, root, dev_speakers in corpora:
+        if used:
+            corpus_train, dev_sets[name] = split(reader, root, dev_speakers)
+            train += corpus_train
+    return train, dev_sets
 
 
 def data_info(train: list[Utterance], dev: list[Utterance]) -> dict:
@@ -89,14 +104,22 @@ def data_info(train: list[Utterance], dev: list[Utterance]) -> dict:
     }
 
 
-def language_model_files(run_dir: Path, texts: list[str], order: int = 3) -> dict:
-    """Lexicon and ARPA LM estimated from the training transcripts only (cached in the run dir, per order)."""
+def language_model_files(run_dir: Path, texts: list[str], order: int = 3, dictionary: str = "") -> dict:
+    """Lexicon and ARPA LM estimated from the training transcripts (cached in the run dir, per order
+    and dictionary); with ``dictionary="cmudict"`` both also hold the CMU dictionary's words, which
+    the LM predicts at its unigram floor."""
     from workers.decoding.lm import build_arpa, vocabulary, write_lexicon
 
-    lexicon, arpa = run_dir / "lexicon.txt", run_dir / f"lm_{order}gram.arpa"
+    suffix = f"_{dictionary}" if dictionary else ""
+    lexicon, arpa = run_dir / f"lexicon{suffix}.txt", run_dir / f"lm_{order}gram{suffix}.arpa"
     if not (lexicon.is_file() and arpa.is_file()):
-        write_lexicon(vocabulary(texts), lexicon)
-        build_arpa(texts, order=order, path=arpa)
+        extra: list[str] = []
+        if dictionary == "cmudict":
+            from workers.decoding.english import dictionary_words
+
+            extra = dictionary_words()
+        write_lexicon(set(vocabulary(texts)) | set(extra), lexicon)
+        build_arpa(texts, order=order, path=arpa, vocabulary=extra)
     return {"lexicon_path": lexicon, "lm_path": arpa}
 
 
@@ -106,21 +129,21 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
     from workers.training.trainer import Trainer
 
     run_dir = Path(run_dir)
-    train, an4_dev, fsdd_dev = build_split(config, log, train_sources, dev_sources)
+    train, dev, extra_dev = build_split(config, log, train_sources, dev_sources)
     write_manifest(train, run_dir / "train.jsonl")
-    write_manifest(an4_dev, run_dir / "dev_an4.jsonl")
-    write_manifest(fsdd_dev, run_dir / "dev_fsdd.jsonl")
+    write_manifest(dev, run_dir / "dev.jsonl")
+    write_manifest(extra_dev, run_dir / "dev_extra.jsonl")
     texts = [u.text for u in train]
-    trainer = Trainer(run_dir, train, an4_dev, config.features, config.model, config.train, log)
+    trainer = Trainer(run_dir, train, dev, config.features, config.model, config.train, log)
 
     def extras(_run_dir: Path) -> dict:
         try:
-            return language_model_files(run_dir, texts, config.data.lm_order)
+            return language_model_files(run_dir, texts, config.data.lm_order, config.data.dictionary)
         except Exception as exc:  # the acoustic model is still worth exporting without an LM
             log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
             return {}
 
-    info = data_info(train, an4_dev + fsdd_dev)
+    info = data_info(train, dev + extra_dev)
     progress = trainer.run(resume, Path(export_dir) if export_dir else None, max_steps_per_epoch, show_progress, extras, info)
     (run_dir / "history.json").write_text(json.dumps(progress.history, indent=1))
     if progress.averaged:
@@ -136,18 +159,18 @@ def run_training_distributed(config: AppConfig, run_dir: str | Path, workers: in
     from pipeline.training.distributed import train_distributed
 
     run_dir = Path(run_dir)
-    train, an4_dev, fsdd_dev = build_split(config, log, train_sources, dev_sources)
+    train, dev, extra_dev = build_split(config, log, train_sources, dev_sources)
     write_manifest(train, run_dir / "train.jsonl")
-    write_manifest(an4_dev, run_dir / "dev_an4.jsonl")
-    write_manifest(fsdd_dev, run_dir / "dev_fsdd.jsonl")
+    write_manifest(dev, run_dir / "dev.jsonl")
+    write_manifest(extra_dev, run_dir / "dev_extra.jsonl")
     try:
-        lm_files = language_model_files(run_dir, [u.text for u in train], config.data.lm_order)
+        lm_files = language_model_files(run_dir, [u.text for u in train], config.data.lm_order, config.data.dictionary)
     except Exception as exc:  # the acoustic model is still worth exporting without an LM
         log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
         lm_files = None
     return train_distributed(train, config.features, config.model, config.train, workers,
                              export_dir or run_dir / "bundle", use_gpu=use_gpu, storage_path=run_dir / "ray_train",
-                             dev=an4_dev, resume=resume, lm_files=lm_files, bundle_info=data_info(train, an4_dev + fsdd_dev),
+                             dev=dev, resume=resume, lm_files=lm_files, bundle_info=data_info(train, dev + extra_dev),
                              max_steps_per_epoch=max_steps_per_epoch, cache_dir=run_dir.parent / "feature_cache",
                              pid_dir=pid_dir, log=log)
 
@@ -185,22 +208,29 @@ def _run_training(args, config: AppConfig, train_sources: list[str] | None, dev_
     return 0
 
 
-def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int | None = None) -> Path:
-    """Re-export ``RUN_DIR/bundle`` to ``out_dir`` with the lexicon, LM and speaker lists of the run.
+def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int | None = None, dictionary: str | None = None,
+                    bundle_dir: str | Path | None = None) -> Path:
+    """Re-export ``RUN_DIR/bundle`` (or ``bundle_dir``) to ``out_dir`` with the lexicon, LM and speaker
+    lists of the run.
 
-    ``lm_order`` defaults to ``data.lm_order`` of ``configs/default.yaml``.
+    ``lm_order`` and ``dictionary`` default to ``data.lm_order`` / ``data.dictionary`` of
+    ``configs/default.yaml``.
     """
     from workers.data.corpus import read_manifest
     from workers.model.bundle import load_bundle, save_bundle
 
     run_dir = Path(run_dir)
     train = list(read_manifest(run_dir / "train.jsonl"))
-    dev = list(read_manifest(run_dir / "dev_an4.jsonl")) + list(read_manifest(run_dir / "dev_fsdd.jsonl"))
-    bundle = load_bundle(run_dir / "bundle")
-    if lm_order is None:
+    # dev.jsonl / dev_extra.jsonl; runs from before 2026-12-05 named them dev_an4.jsonl / dev_fsdd.jsonl
+    names = ("dev.jsonl", "dev_extra.jsonl", "dev_an4.jsonl", "dev_fsdd.jsonl")
+    dev = [u for name in names if (run_dir / name).is_file() for u in read_manifest(run_dir / name)]
+    bundle = load_bundle(bundle_dir or run_dir / "bundle")
+    if lm_order is None or dictionary is None:
         from pipeline.config import load_config
 
-        lm_order = load_config().data.lm_order
-    files = language_model_files(run_dir, [u.text for u in train], lm_order)
+        data = load_config().data
+        lm_order = data.lm_order if lm_order is None else lm_order
+        dictionary = data.dictionary if dictionary is None else dictionary
+    files = language_model_files(run_dir, [u.text for u in train], lm_order, dictionary)
     info = {**bundle.info, **data_info(train, dev)}
     return save_bundle(out_dir, bundle.model, bundle.features, bundle.normalizer, info=info, **files)

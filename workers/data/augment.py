@@ -112,8 +112,17 @@ def reverberate(wave: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
     return wet * scale
 
 
+def pad_with_background(wave: torch.Tensor, lead_samples: int, tail_samples: int, level_dbfs: float,
+                        exponent: float, generator: torch.Generator) -> torch.Tensor:
+    """(samples,) -> (lead + samples + tail,): the wave with ``lead_samples`` before and ``tail_samples``
+    after it, and coloured noise (1/f**exponent) at ``level_dbfs`` RMS under all of it."""
+    padded = torch.nn.functional.pad(wave, (lead_samples, tail_samples))
+    return padded + colored_noise(padded.numel(), exponent, generator) * (10.0 ** (level_dbfs / 20.0))
+
+
 class Augmenter:
-    """Draws a random degradation chain per call: reverberation, then noise, then telephone band, then gain."""
+    """Draws a random degradation chain per call: a faint-noise lead-in and tail, reverberation, then
+    noise, then telephone band, then gain."""
 
     def __init__(self, config: AugmentConfig, rate_hz: int, babble_pool: list[torch.Tensor], seed: int = 0,
                  rirs: list[torch.Tensor] | None = None) -> None:
@@ -137,8 +146,13 @@ class Augmenter:
         self.generator.manual_seed(seed)
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
-        """(samples,) -> (samples,): one random degradation chain."""
+        """(samples,) -> (samples',): one random degradation chain (longer than the input when a
+        lead-in or tail is drawn)."""
         cfg, rng = self.config, self.rng
+        if cfg.pad_prob > 0 and rng.random() < cfg.pad_prob:
+            lead, tail = (int(rng.uniform(*cfg.pad_s_range) * self.rate_hz) for _ in range(2))
+            wave = pad_with_background(wave, lead, tail, rng.uniform(*cfg.pad_noise_dbfs_range), rng.uniform(0.0, 2.0),
+                                       self.generator)
         if self.rirs and rng.random() < cfg.reverb_prob:
             wave = reverberate(wave, self.rirs[rng.randrange(len(self.rirs))])
         if rng.random() < cfg.noise_prob:

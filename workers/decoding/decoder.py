@@ -56,8 +56,18 @@ class DecoderConfig:
     word_score: float = 1.0  # added per word (insertion bonus); lexicon search only; see models/README.md
     unk_score: float = float("-inf")  # added per out-of-lexicon word; -inf forbids them
     sil_score: float = 0.0  # added per word separator / silence token
+    # Words added to the bundle's lexicon (`--words FILE`): spelled by the search even when no
+    # training text has them; an LM scores them as it scores <unk> (its unigram floor).
+    extra_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.extra_words:
+            if isinstance(self.extra_words, str):
+                raise ValueError(f"decoder.extra_words must be a list of words, got the string {self.extra_words!r}")
+            words = tuple(dict.fromkeys(w for phrase in normalize_phrases(self.extra_words) for w in phrase.split()))
+            object.__setattr__(self, "extra_words", words)
+        else:
+            object.__setattr__(self, "extra_words", ())
         if self.kind not in ("greedy", "beam"):
             raise ValueError(f"decoder.kind must be 'greedy' or 'beam', got {self.kind!r}")
         if self.beam_size < 1:
@@ -309,7 +319,7 @@ class CtcDecoder:
         """Start a stream; the state is this stream's alone."""
         if self.config.kind == "greedy":
             return StreamState()
-        search = BeamSearch(self._models)  # costs one pass over the lexicon (its trie)
+        search = BeamSearch(self._models)
         search.begin()
         return StreamState(search=search)
 

@@ -58,18 +58,21 @@ def write_lexicon(words: Iterable[str], path: str | Path) -> Path:
     return path
 
 
-def build_arpa(sentences: Iterable[str], order: int = 3, *, path: str | Path) -> Path:
+def build_arpa(sentences: Iterable[str], order: int = 3, *, path: str | Path, vocabulary: Iterable[str] = ()) -> Path:
     """Estimate an interpolated Kneser-Ney word ``order``-gram model and write it as ARPA.
 
     ``sentences`` are normalised text (lower-case, single spaces); empty ones are
-    skipped. Raises ``ValueError`` for ``order < 1`` or when no sentence has a word.
+    skipped. ``vocabulary``: more words the model predicts though no sentence has them (a
+    dictionary): each gets the unigram floor, the share of the uniform distribution that
+    Kneser-Ney's unigram level interpolates with (``gamma / |V|``, as ``<unk>`` has). Raises
+    ``ValueError`` for ``order < 1`` or when no sentence has a word.
     """
     if order < 1:
         raise ValueError(f"lm order must be >= 1, got {order}")
     counts = _count_ngrams([s.split() for s in sentences], order)
     if not counts[1]:
         raise ValueError("cannot build a language model from no words")
-    probs, backoffs = _kneser_ney(counts, order)
+    probs, backoffs = _kneser_ney(counts, order, vocabulary)
     return _write_arpa(probs, backoffs, order, Path(path))
 
 
@@ -109,7 +112,8 @@ def _discount(adjusted: Counter[NGram]) -> float:
     return min(max(n1 / (n1 + 2 * n2), 0.1), 0.9)
 
 
-def _kneser_ney(counts: list[Counter[NGram]], order: int) -> tuple[list[dict[NGram, float]], dict[NGram, float]]:
+def _kneser_ney(counts: list[Counter[NGram]], order: int,
+                vocabulary: Iterable[str] = ()) -> tuple[list[dict[NGram, float]], dict[NGram, float]]:
     """Interpolated probabilities of every seen n-gram, and each context's backoff weight.
 
     ``p(w | h) = (a(hw) - D) / a(h.) + gamma(h) p(w | h[1:])`` with
@@ -119,6 +123,8 @@ def _kneser_ney(counts: list[Counter[NGram]], order: int) -> tuple[list[dict[NGr
     adjusted = _adjusted_counts(counts, order)
     adjusted[1].pop((BOS,), None)  # never predicted
     adjusted[1].setdefault((UNK,), 0)
+    for word in vocabulary:
+        adjusted[1].setdefault((word,), 0)
     probs: list[dict[NGram, float]] = [{} for _ in range(order + 1)]
     backoffs: dict[NGram, float] = {}
     for n in range(1, order + 1):

@@ -99,8 +99,15 @@ class DecoderFiles(Protocol):
 
 
 def build_decoder(bundle: DecoderFiles, config: DecoderConfig) -> CtcDecoder:
-    """A decoder for this bundle: beam search uses the bundle's lexicon and LM when present."""
-    return CtcDecoder(config, bundle.features.frame_ms, bundle.lexicon_path, bundle.lm_path, bundle.tokens_path)
+    """A decoder for this bundle: beam search uses the bundle's lexicon and LM when present, the
+    lexicon with ``config.extra_words`` added (written to a temporary file flashlight reads once)."""
+    frame_ms = bundle.features.frame_ms
+    if not (config.extra_words and config.kind == "beam" and bundle.lexicon_path):
+        return CtcDecoder(config, frame_ms, bundle.lexicon_path, bundle.lm_path, bundle.tokens_path)
+    known = [line.split("\t", 1)[0] for line in Path(bundle.lexicon_path).read_text(encoding="utf-8").splitlines() if line]
+    with tempfile.TemporaryDirectory(prefix="asr-words-") as tmp:
+        lexicon = write_lexicon({*known, *config.extra_words}, Path(tmp) / "lexicon.txt")
+        return CtcDecoder(config, frame_ms, lexicon, bundle.lm_path, bundle.tokens_path)
 
 
 def phrase_decoder_factory(bundle: DecoderFiles, config: DecoderConfig) -> Callable[[Sequence[str]], CtcDecoder]:

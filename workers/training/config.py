@@ -20,6 +20,12 @@ class AugmentConfig:
     reverb_prob: float = 0.3
     reverb_rt60_s_range: tuple[float, float] = (0.2, 0.9)
     rir_pool_size: int = 48  # simulated rooms, drawn once per run
+    # Lead-in and tail: some utterances get stretches of faint background noise before and after them,
+    # as a stream's utterance has once the endpointer cut it with its pre-roll (a model trained on
+    # tightly cut files took faint noise before an utterance badly: issue 25).
+    pad_prob: float = 0.0
+    pad_s_range: tuple[float, float] = (0.0, 1.0)  # drawn for the lead-in and for the tail
+    pad_noise_dbfs_range: tuple[float, float] = (-80.0, -45.0)  # the background's level (before the gain)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class TrainConfig:
     augment_reverb_prob: float = 0.3  # simulated room (pyroomacoustics)
     augment_reverb_rt60_s_range: tuple[float, float] = (0.2, 0.9)
     augment_rir_pool_size: int = 48  # simulated rooms, drawn once per run from the seed
+    augment_pad_prob: float = 0.0  # faint-noise lead-in and tail (AugmentConfig.pad_*)
+    augment_pad_s_range: tuple[float, float] = (0.0, 1.0)
+    augment_pad_noise_dbfs_range: tuple[float, float] = (-80.0, -45.0)
     # `asr train --workers N` only (pipeline/training/distributed.py): "ray_data" streams each worker's share of an
     # epoch through Ray Data (no process holds the corpus's features); "shared" puts the raw MFCC of the
     # whole corpus in the object store (every worker can read all of it; same batches as single-process).
@@ -75,13 +84,17 @@ class TrainConfig:
             raise ValueError(f"train.chunk_frames_range must be 1 <= lo <= hi, got {self.chunk_frames_range}")
         if self.average_last_epochs < 0:
             raise ValueError(f"train.average_last_epochs must be >= 0, got {self.average_last_epochs}")
-        for name in ("augment_prob", "augment_band_limit_prob", "augment_noise_prob", "augment_babble_share", "augment_reverb_prob"):
+        for name in ("augment_prob", "augment_band_limit_prob", "augment_noise_prob", "augment_babble_share", "augment_reverb_prob",
+                     "augment_pad_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("augment_gain_db_range", "augment_noise_snr_db_range", "augment_reverb_rt60_s_range"):
+        for name in ("augment_gain_db_range", "augment_noise_snr_db_range", "augment_reverb_rt60_s_range", "augment_pad_s_range",
+                     "augment_pad_noise_dbfs_range"):
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"train.{name} must be [lo, hi] with lo <= hi, got {getattr(self, name)}")
+        if self.augment_pad_s_range[0] < 0:
+            raise ValueError(f"train.augment_pad_s_range must be >= 0, got {self.augment_pad_s_range}")
         if self.augment_reverb_rt60_s_range[0] <= 0:
             raise ValueError(f"train.augment_reverb_rt60_s_range must be > 0, got {self.augment_reverb_rt60_s_range}")
 
@@ -96,4 +109,7 @@ class TrainConfig:
             reverb_prob=self.augment_reverb_prob,
             reverb_rt60_s_range=self.augment_reverb_rt60_s_range,
             rir_pool_size=self.augment_rir_pool_size,
+            pad_prob=self.augment_pad_prob,
+            pad_s_range=self.augment_pad_s_range,
+            pad_noise_dbfs_range=self.augment_pad_noise_dbfs_range,
         )

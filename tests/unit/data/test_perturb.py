@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workers.audio.reader import load_audio
-from workers.data.augment import AugmentConfig, Augmenter, band_limit, colored_noise, simulate_rir
+from workers.data.augment import AugmentConfig, Augmenter, band_limit, colored_noise, pad_with_background, simulate_rir
 from workers.data.perturb import Perturbation, perturb, removes_speech
 
 AN4 = Path(__file__).resolve().parents[4] / "shared" / "data" / "an4"
@@ -166,3 +166,21 @@ def test_non_finite_values_are_rejected() -> None:
     for text in ("gain_db=nan", "noise_snr_db=inf"):
         with pytest.raises(ValueError, match="finite"):
             Perturbation.parse(text)
+
+
+def test_lead_in_and_tail_surround_the_utterance_with_faint_noise(speech: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(0)
+    lead, tail = RATE // 2, RATE // 4
+    out = pad_with_background(speech, lead, tail, -60.0, 1.0, gen)
+    assert out.numel() == lead + speech.numel() + tail
+    assert -62 < power_db(out[:lead]) < -58 and -62 < power_db(out[-tail:]) < -58
+    assert torch.allclose(out[lead : lead + speech.numel()], speech, atol=0.01)  # the speech itself is untouched
+
+
+def test_augmenter_pads_the_share_it_is_told_to(speech: torch.Tensor, pool: list[torch.Tensor]) -> None:
+    """pad_prob 1: every draw is longer by at most two pad_s_range maxima; pad_prob 0: never."""
+    padded = Augmenter(AugmentConfig(rir_pool_size=0, reverb_prob=0, pad_prob=1.0, pad_s_range=(0.2, 0.5)), RATE, pool, seed=3)
+    lengths = [padded(speech).numel() - speech.numel() for _ in range(8)]
+    assert all(0.4 * RATE <= n <= 1.0 * RATE for n in lengths) and len(set(lengths)) > 1
+    plain = Augmenter(AugmentConfig(rir_pool_size=0, reverb_prob=0, pad_prob=0.0), RATE, pool, seed=3)
+    assert all(plain(speech).numel() == speech.numel() for _ in range(8))

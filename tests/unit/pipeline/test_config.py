@@ -153,3 +153,26 @@ def test_bad_file_contents(tmp_path: Path, text: str, reason: str) -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_words_file_becomes_the_decoders_extra_words(tmp_path) -> None:
+    """``--words FILE`` on every recognising command: its words (comments dropped, lower-cased,
+    deduplicated) are ``decoder.extra_words``; a missing file or an unspellable word is a usage
+    error naming the file."""
+    import pytest
+
+    from pipeline.cli import build_parser
+    from pipeline.config import load_config
+
+    words = tmp_path / "words.txt"
+    words.write_text("Zebra giraffe  # animals\n\nzebra okapi\n")
+    parser = build_parser()
+    for command in (["transcribe", "x"], ["stream", "--file", "x"], ["serve"], ["eval", "x"]):
+        args = parser.parse_args([*command, "--words", str(words), "--set", "decoder.beam_size=8"])
+        config = load_config(None, args.overrides)
+        assert config.decoder.extra_words == ("zebra", "giraffe", "okapi") and config.decoder.beam_size == 8
+    bad = tmp_path / "bad.txt"
+    bad.write_text("caf\u00e9\n")
+    for path in (bad, tmp_path / "missing.txt"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["transcribe", "x", "--words", str(path)])

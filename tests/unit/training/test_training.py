@@ -109,3 +109,24 @@ def test_augmented_warm_started_epoch(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="init_from"):
         bad = dataclasses.replace(config.model, hidden_size=config.model.hidden_size + 1)
         Trainer(tmp_path / "c", train, dev, config.features, bad, cfg, log=lambda _: None)
+
+
+def test_split_with_speechocean_holds_out_whole_speakers_of_every_corpus():
+    """data.use_speechocean adds speechocean762 (Kaldi data dirs): its 20 dev speakers join AN4's in
+    the dev set that picks the epoch, FSDD's held-out speaker is the extra dev set, and no dev
+    speaker has an utterance in train."""
+    from pipeline.config import load_config
+    from pipeline.training.run import build_split, dev_sets_of
+
+    ocean = AN4.parent / "speechocean762"
+    if not ocean.is_dir():
+        pytest.skip("speechocean762 not present")
+    config = load_config(None, [f"data.an4_root={AN4}", f"data.fsdd_root={AN4.parent / 'fsdd'}",
+                                f"data.speechocean_root={ocean}", "data.use_speechocean=true"])
+    train, dev, extra = build_split(config, log=lambda _: None)
+    sets = dev_sets_of(config, log=lambda _: None)
+    assert {u.speaker for u in sets["speechocean"]} == set(config.data.speechocean_dev_speakers)
+    assert len(dev) == len(sets["an4"]) + len(sets["speechocean"]) and len(extra) == len(sets["fsdd"])
+    assert not {u.speaker for u in train} & {u.speaker for u in dev + extra}
+    assert sum(u.duration_s for u in train) / 3600 > 5.0  # AN4 + FSDD + speechocean762's other 205 speakers
+    assert any(u.audio.endswith(".opus") for u in train)

