@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the AN4 + FSDD split of the config)")
     p.add_argument("--dev", nargs="+", default=None, metavar="DATA",
                    help="held-out data (other speakers than --train), for dev WER and choosing the exported epoch")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with an error (exit 2) if any line of --train/--dev data is unusable (by default: skipped and counted)")
     _common(p)
     p = sub.add_parser("bench", help="throughput and latency benchmark (prints JSON)")
     add_bench_arguments(p)

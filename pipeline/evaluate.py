@@ -238,6 +238,10 @@ def format_report(report: EvalReport) -> str:
     lines += [
         f"real-time factor {report.real_time_factor:.4f} ({report.compute_s:.1f} s for {report.audio_s:.1f} s of audio)",
     ]
+    skipped = report.settings.get("skipped") or []
+    if skipped:
+        lines.append(f"{len(skipped)} lines of the corpus skipped (not counted in the WER):")
+        lines += [f"  {k['source']}: {k['reason']}" for k in skipped]
     if report.failed:
         lines.append(f"{len(report.failed)} utterances failed to load:")
         lines += [f"  {f['audio']}: {f['error']}" for f in report.failed]
@@ -296,7 +300,7 @@ class Selection:
     """What ``asr eval``'s arguments select: the utterances and the settings to run them with."""
 
     utterances: list[Utterance]
-    skipped: int
+    skipped: list[tuple[str, str]]  # (source, reason) of the lines the corpus reader could not use
     decoder: DecoderConfig
     chunk_ms: float | None
     lookahead_ms: float
@@ -341,7 +345,7 @@ def select(args: argparse.Namespace, config: AppConfig) -> Selection | int:
             return 2
     vad = dataclasses.replace(config.vad, enabled=False) if args.no_vad else config.vad
     endpoint_ms = config.streaming.endpoint_silence_ms if args.endpoint_ms is None else args.endpoint_ms
-    return Selection(utts, len(corpus.skipped), decoder_config, chunk_ms, lookahead_ms, vad, perturbations, pool, endpoint_ms)
+    return Selection(utts, corpus.skipped, decoder_config, chunk_ms, lookahead_ms, vad, perturbations, pool, endpoint_ms)
 
 
 def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
@@ -355,7 +359,8 @@ def run_eval(args: argparse.Namespace, config: AppConfig) -> int:
     report = evaluate(sel.utterances, args.model, sel.decoder, args.mode, sel.chunk_ms, sel.lookahead_ms, args.worst,
                       perturbations=sel.perturbations, seed=args.seed, babble_pool=sel.babble_pool, vad=sel.vad,
                       quantize=config.inference.quantize, endpoint_ms=sel.endpoint_ms)
-    report.settings["skipped_transcripts"] = sel.skipped
+    report.settings["skipped_transcripts"] = len(sel.skipped)
+    report.settings["skipped"] = [{"source": source, "reason": reason} for source, reason in sel.skipped]
     print(format_report(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")

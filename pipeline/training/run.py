@@ -14,9 +14,11 @@ class DataError(ValueError):
     """``--train`` / ``--dev`` data that cannot be used (unreadable, empty, speakers shared)."""
 
 
-def read_sources(sources: list[str], log=print) -> list[Utterance]:
+def read_sources(sources: list[str], log=print, strict: bool = False) -> list[Utterance]:
     """The utterances of every source (anything ``asr eval`` reads: a corpus root of a known
-    layout, a folder of audio + ``.txt``, a ``.jsonl`` manifest), skipped files logged."""
+    layout, a folder of audio + ``.txt``, a ``.jsonl`` manifest). Skipped lines (the rule of
+    ``workers.data.corpus``) are logged one by one and counted by reason; with ``strict`` any
+    skip is a ``DataError``."""
     from workers.data.corpus import read_corpus
 
     utts: list[Utterance] = []
@@ -27,6 +29,13 @@ def read_sources(sources: list[str], log=print) -> list[Utterance]:
             raise DataError(f"{source}: {exc}") from None
         for path, reason in corpus.skipped:
             log(f"skipped {path}: {reason}")
+        if corpus.skipped:
+            counts = ", ".join(f"{n} {reason}" for reason, n in corpus.skip_counts().items())
+            log(f"{source}: skipped {len(corpus.skipped)} ({counts})")
+            if strict:
+                first, why = corpus.skipped[0]
+                raise DataError(f"{source}: {len(corpus.skipped)} unusable ({counts}); first: {first}: {why} "
+                                "(without --strict they are skipped and counted)")
         if not corpus.utterances:
             raise DataError(f"{source}: no utterances with transcripts")
         log(f"{source}: {len(corpus.utterances)} utterances, {sum(u.duration_s for u in corpus.utterances) / 3600:.2f} h")
@@ -45,14 +54,15 @@ def check_speaker_disjoint(train: list[Utterance], dev: list[Utterance]) -> None
 
 
 def build_split(config: AppConfig, log=print, train_sources: list[str] | None = None,
-                dev_sources: list[str] | None = None) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
+                dev_sources: list[str] | None = None, strict: bool = False) -> tuple[list[Utterance], list[Utterance], list[Utterance]]:
     """-> (train, dev, extra_dev). Dev speakers never appear in train.
 
     ``dev`` picks the exported epoch; ``extra_dev`` is held out and recorded but not used for
     picking. With ``train_sources`` (``asr train --train DATA ... [--dev DATA ...]``) the data are
-    those: (train, dev, []); ``data.max_*_utterances`` still apply. Otherwise the corpora of
+    those: (train, dev, []); ``data.max_*_utterances`` still apply; ``strict``: any unusable line
+    in them is a ``DataError`` (``asr train --strict``). Otherwise the corpora of
     ``config.data``: dev is AN4's held-out speakers plus speechocean762's, extra_dev FSDD's."""
-    train, dev_sets = _split_sources(config, log, train_sources, dev_sources)
+    train, dev_sets = _split_sources(config, log, train_sources, dev_sources, strict)
     data = config.data
     if data.max_train_utterances:
         train = train[:: max(1, len(train) // data.max_train_utterances)][: data.max_train_utterances]
@@ -67,13 +77,13 @@ def dev_sets_of(config: AppConfig, log=print) -> dict[str, list[Utterance]]:
 
 
 def _split_sources(config: AppConfig, log, train_sources: list[str] | None,
-                   dev_sources: list[str] | None) -> tuple[list[Utterance], dict[str, list[Utterance]]]:
+                   dev_sources: list[str] | None, strict: bool = False) -> tuple[list[Utterance], dict[str, list[Utterance]]]:
     data = config.data
     if train_sources:
-        train, dev = read_sources(train_sources, log), read_sources(dev_sources or [], log)
+        train, dev = read_sources(train_sources, log, strict), read_sources(dev_sources or [], log, strict)
         check_speaker_disjoint(train, dev)
         if not dev:
-            log("no --dev data: the exported epoch is the one with the lowest training loss, and no WER is measured")
+            log("no --dev data: the exported epoch is the one with the lowest training loss (nothing held out is measured)")
         return train, {"an4": dev}
 
     def split(reader, root: str, dev_speakers: tuple[str, ...]) -> tuple[list[Utterance], list[Utterance]]:
@@ -125,11 +135,11 @@ def language_model_files(run_dir: Path, texts: list[str], order: int = 3, dictio
 
 def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, export_dir: str | Path | None = None,
                  max_steps_per_epoch: int | None = None, show_progress: bool = True, log=print,
-                 train_sources: list[str] | None = None, dev_sources: list[str] | None = None):
+                 train_sources: list[str] | None = None, dev_sources: list[str] | None = None, strict: bool = False):
     from workers.training.trainer import Trainer
 
     run_dir = Path(run_dir)
-    train, dev, extra_dev = build_split(config, log, train_sources, dev_sources)
+    train, dev, extra_dev = build_split(config, log, train_sources, dev_sources, strict)
     write_manifest(train, run_dir / "train.jsonl")
     write_manifest(dev, run_dir / "dev.jsonl")
     write_manifest(extra_dev, run_dir / "dev_extra.jsonl")
@@ -188,7 +198,7 @@ def run_training_cli(args, config: AppConfig) -> int:
         return 2
     try:
         if args.workers > 0:
-            build_split(config, lambda _: None, train_sources, dev_sources)  # bad data fails here, before Ray starts
+            build_split(config, lambda _: None, train_sources, dev_sources, args.strict)  # bad data fails here, before Ray starts
         return _run_training(args, config, train_sources, dev_sources)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -203,8 +213,12 @@ def _run_training(args, config: AppConfig, train_sources: list[str] | None, dev_
         print(f"exported {path}")
         return 0
     progress = run_training(config, args.run_dir, resume=args.resume, export_dir=args.export,
-                            max_steps_per_epoch=args.max_steps_per_epoch, train_sources=train_sources, dev_sources=dev_sources)
-    print(f"done: {progress.epoch} epochs, best dev WER (greedy, streaming) {progress.best_wer:.4f}")
+                            max_steps_per_epoch=args.max_steps_per_epoch, train_sources=train_sources, dev_sources=dev_sources,
+                            strict=args.strict)
+    if progress.history and "dev_wer_greedy_streaming" in progress.history[-1]:
+        print(f"done: {progress.epoch} epochs, best dev WER (greedy, streaming) {progress.best_wer:.4f}")
+    else:
+        print(f"done: {progress.epoch} epochs, no dev data: exported the epoch with the lowest training loss ({progress.best_wer:.4f})")
     return 0
 
 

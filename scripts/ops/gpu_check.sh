@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path in one command, for anyone with a CUDA GPU (a few minutes):
-#   1. the CUDA tests (tests/test_cuda.py): the shipped model on the GPU gives the CPU's
+#   1. the CUDA tests (tests/integration/test_cuda.py): the shipped model on the GPU gives the CPU's
 #      transcripts in-process, chunked streaming, through the streaming actors and the Ray Data job;
 #   2. `asr bench` with the acoustic model on the GPU: batch in-process and through Ray Data
 #      (RTFx, and RTFx per stage so the limiting stage shows) and real-time streams at $STREAMS;
@@ -34,8 +34,8 @@ mkdir -p "$OUT_DIR"
 echo "gpu_check: $gpu, $CORES CPU cores, torch $("$PY" -c 'import torch; print(torch.__version__)'), corpus $CORPUS"
 
 status=0
-echo "== 1/2 CUDA tests (tests/test_cuda.py)"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT_DIR/cuda_tests.log" || status=1
+echo "== 1/2 CUDA tests (tests/integration/test_cuda.py)"
+"$PY" -m pytest -q -p no:cacheprovider tests/integration/test_cuda.py 2>&1 | tee "$OUT_DIR/cuda_tests.log" || status=1
 
 echo "== 2/2 asr bench on the GPU: batch ${BATCH_SECONDS} s x ${BATCH_ACTORS} actors, streams: ${STREAMS}"
 # shellcheck disable=SC2086  # STREAMS is a list

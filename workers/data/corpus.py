@@ -3,8 +3,12 @@
 A manifest is JSONL, one utterance per line:
 ``{"id": str, "audio": path, "duration_s": float, "text": str, "speaker": str}``.
 ``text`` is normalised to the model's characters (``workers.model.tokens.normalize_text``).
-A transcript that cannot be normalised is returned in ``skipped`` with its reason,
-never silently dropped.
+
+One rule for every layout (``Corpus.add``): an utterance whose audio file is missing, empty
+(0 bytes or no samples) or unreadable, whose transcript is empty, or whose transcript has
+characters outside the alphabet is skipped, and so is a transcript with no audio or audio
+with no transcript. Each skip is kept in ``Corpus.skipped`` with its source and reason, and
+counted by reason (``Corpus.skip_counts``); nothing is dropped silently and nothing raises.
 """
 
 from __future__ import annotations
@@ -34,18 +38,60 @@ class Utterance:
     speaker: str
 
 
+# The reasons an utterance is skipped (the first words of every skip's reason, what is counted).
+MISSING_AUDIO = "audio file missing"
+EMPTY_AUDIO = "audio file empty"
+UNREADABLE_AUDIO = "audio not readable"
+EMPTY_TRANSCRIPT = "empty transcript"
+BAD_CHARACTERS = "characters outside the alphabet"
+NO_TRANSCRIPT = "audio without transcript"
+NO_AUDIO = "transcript without audio"
+BAD_LINE = "unusable line"
+SKIP_REASONS = (MISSING_AUDIO, EMPTY_AUDIO, UNREADABLE_AUDIO, EMPTY_TRANSCRIPT, BAD_CHARACTERS, NO_TRANSCRIPT, NO_AUDIO, BAD_LINE)
+
+
 @dataclass
 class Corpus:
     """Utterances read from a corpus, and the lines that could not be used, with reasons."""
 
     utterances: list[Utterance] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason); reason starts with a SKIP_REASONS entry
 
-    def add(self, uid: str, audio: Path, duration_s: float, text: str, speaker: str) -> None:
+    def skip(self, source: str | Path, reason: str, detail: str = "") -> None:
+        self.skipped.append((str(source), f"{reason} ({detail})" if detail else reason))
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped lines per reason (``SKIP_REASONS``), only the reasons that occurred."""
+        counts = {reason: sum(1 for _, r in self.skipped if r.startswith(reason)) for reason in SKIP_REASONS}
+        return {reason: n for reason, n in counts.items() if n}
+
+    def add(self, uid: str, audio: Path, text: str, speaker: str, duration_s: float | None = None, source: str | None = None) -> None:
+        """Add the utterance, or skip it by the one rule (module docstring). ``duration_s``: known
+        (a manifest's), else read from the file's header; ``source``: what a skip names (default the audio path)."""
+        source = source or str(audio)
         try:
-            self.utterances.append(Utterance(uid, str(audio), round(duration_s, 4), normalize_text(text), speaker))
+            clean = normalize_text(text)
         except TextNormalizationError as exc:
-            self.skipped.append((str(audio), str(exc)))
+            self.skip(source, BAD_CHARACTERS, str(exc))
+            return
+        if not clean:
+            self.skip(source, EMPTY_TRANSCRIPT)
+            return
+        if not audio.is_file():
+            self.skip(source, MISSING_AUDIO, str(audio))
+            return
+        if audio.stat().st_size == 0:
+            self.skip(source, EMPTY_AUDIO, f"{audio}: 0 bytes")
+            return
+        try:
+            probed = _duration_s(audio)
+        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+            self.skip(source, UNREADABLE_AUDIO, f"{audio}: {exc}")
+            return
+        if probed <= 0:
+            self.skip(source, EMPTY_AUDIO, f"{audio}: no samples")
+            return
+        self.utterances.append(Utterance(uid, str(audio), round(duration_s or probed, 4), clean, speaker))
 
 
 def _duration_s(path: Path) -> float:
@@ -66,13 +112,9 @@ def read_an4(root: str | Path, partition: str = "train") -> Corpus:
         match = _AN4_LINE.match(line.strip())
         audio = root / "wav" / f"{fileid}.raw"
         if not match or Path(fileid).name != match.group(2):
-            corpus.skipped.append((str(audio), f"transcript line does not match file id: {line!r}"))
+            corpus.skip(audio, BAD_LINE, f"transcript line does not match file id: {line!r}")
             continue
-        if not audio.is_file():
-            corpus.skipped.append((str(audio), "audio file missing"))
-            continue
-        speaker = Path(fileid).parent.name
-        corpus.add(match.group(2), audio, _duration_s(audio), match.group(1), speaker)
+        corpus.add(match.group(2), audio, match.group(1), Path(fileid).parent.name)
     return corpus
 
 
@@ -84,25 +126,26 @@ def read_fsdd(root: str | Path) -> Corpus:
     for audio in sorted(rec.glob("*.wav")):
         parts = audio.stem.split("_")
         if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) > 9:
-            corpus.skipped.append((str(audio), "file name is not <digit>_<speaker>_<take>.wav"))
+            corpus.skip(audio, NO_TRANSCRIPT, "file name is not <digit>_<speaker>_<take>.wav")
             continue
-        corpus.add(audio.stem, audio, _duration_s(audio), FSDD_DIGITS[int(parts[0])], parts[1])
+        corpus.add(audio.stem, audio, FSDD_DIGITS[int(parts[0])], parts[1])
     return corpus
 
 
 def read_librispeech(root: str | Path) -> Corpus:
     """LibriSpeech layout: ``<speaker>/<chapter>/<speaker>-<chapter>.trans.txt`` beside FLAC files."""
     corpus = Corpus()
+    listed: set[Path] = set()
     for trans in sorted(Path(root).rglob("*.trans.txt")):
         for line in trans.read_text().splitlines():
             if not line.strip():
                 continue
             uid, _, text = line.strip().partition(" ")
             audio = trans.parent / f"{uid}.flac"
-            if not audio.is_file():
-                corpus.skipped.append((str(audio), "audio file missing"))
-                continue
-            corpus.add(uid, audio, _duration_s(audio), text, uid.split("-")[0])
+            listed.add(audio)
+            corpus.add(uid, audio, text, uid.split("-")[0])
+    for audio in sorted(set(Path(root).rglob("*.flac")) - listed):
+        corpus.skip(audio, NO_TRANSCRIPT, "in no .trans.txt")
     return corpus
 
 
@@ -110,17 +153,17 @@ def read_folder(root: str | Path) -> Corpus:
     """A folder of audio files, each with a ``.txt`` transcript of the same stem beside it."""
     root = Path(root)
     corpus = Corpus()
-    for audio in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
+    audio_files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    for audio in audio_files:
         txt = audio.with_suffix(".txt")
         if not txt.is_file():
-            corpus.skipped.append((str(audio), "no transcript (.txt) beside the audio file"))
+            corpus.skip(audio, NO_TRANSCRIPT, "no .txt of the same name beside it")
             continue
-        try:
-            duration = _duration_s(audio)
-        except (sf.LibsndfileError, RuntimeError) as exc:
-            corpus.skipped.append((str(audio), f"not readable audio ({exc})"))
-            continue
-        corpus.add(str(audio.relative_to(root)), audio, duration, txt.read_text(), audio.parent.name)
+        corpus.add(str(audio.relative_to(root)), audio, txt.read_text(), audio.parent.name)
+    stems = {a.with_suffix("") for a in audio_files}
+    for txt in sorted(root.rglob("*.txt")):
+        if txt.with_suffix("") not in stems:
+            corpus.skip(txt, NO_AUDIO, "no audio file of the same name beside it")
     return corpus
 
 
@@ -164,7 +207,7 @@ def read_kaldi(root: str | Path) -> Corpus:
         spk = _kaldi_table(data_dir / "utt2spk") if (data_dir / "utt2spk").is_file() else {}
         for uid, (text, _) in texts.items():
             if uid not in wavs:
-                corpus.skipped.append((f"{data_dir / 'text'}:{texts[uid][1]}", f"utterance {uid!r} has no line in wav.scp"))
+                corpus.skip(f"{data_dir / 'text'}:{texts[uid][1]}", NO_AUDIO, f"utterance {uid!r} has no line in wav.scp")
                 continue
             value, n = wavs[uid]
             if not value or value.endswith("|"):
@@ -172,13 +215,13 @@ def read_kaldi(root: str | Path) -> Corpus:
                                  f"{'a piped command (not supported: convert the audio to files)' if value else 'no path'}")
             audio = next((c for c in (Path(value), data_dir / value, data_dir.parent / value) if c.is_file()), None)
             if audio is None:
-                corpus.skipped.append((f"{data_dir / 'wav.scp'}:{n}", f"audio file {value} not found (absolute, or under "
-                                                                       f"{data_dir} or {data_dir.parent})"))
+                corpus.skip(f"{data_dir / 'wav.scp'}:{n}", MISSING_AUDIO, f"{value}: not found (absolute, or under "
+                                                                            f"{data_dir} or {data_dir.parent})")
                 continue
-            corpus.add(uid, audio, _duration_s(audio), text, spk[uid][0] if uid in spk else uid)
+            corpus.add(uid, audio, text, spk[uid][0] if uid in spk else uid, source=f"{data_dir / 'wav.scp'}:{n}")
         for uid, (_, n) in wavs.items():
             if uid not in texts:
-                corpus.skipped.append((f"{data_dir / 'wav.scp'}:{n}", f"utterance {uid!r} has no transcript in text"))
+                corpus.skip(f"{data_dir / 'wav.scp'}:{n}", NO_TRANSCRIPT, f"utterance {uid!r} has no line in text")
     return corpus
 
 
@@ -187,7 +230,7 @@ def read_corpus(root: str | Path) -> Corpus:
     .jsonl manifest)."""
     root = Path(root)
     if root.is_file() and root.suffix == ".jsonl":
-        return Corpus(utterances=list(read_manifest(root)))
+        return read_manifest_checked(root)
     if root.is_dir() and (is_kaldi_dir(root) or any(d.is_dir() and is_kaldi_dir(d) for d in root.iterdir())):
         return read_kaldi(root)
     if (root / "etc").is_dir() and any((root / "etc").glob("an4_*.transcription")):
@@ -217,6 +260,29 @@ def write_manifest(utterances: Iterable[Utterance], path: str | Path) -> Path:
             f.write(json.dumps({**asdict(u), "audio": str(Path(u.audio).resolve())}) + "\n")
     tmp.replace(path)
     return path
+
+
+def read_manifest_checked(path: str | Path) -> Corpus:
+    """A user's ``.jsonl`` manifest read by the one rule: a line that is not a JSON object with
+    ``audio``, or whose utterance fails ``Corpus.add``'s checks, is skipped with ``path:line``."""
+    path = Path(path)
+    corpus = Corpus()
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            source = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+                audio = Path(row["audio"])
+                duration = float(row["duration_s"]) if "duration_s" in row else None
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                corpus.skip(source, BAD_LINE, f"not a JSON object with an \"audio\" path: {exc}")
+                continue
+            audio = audio if audio.is_absolute() else path.parent / audio
+            corpus.add(str(row.get("id", audio.stem)), audio, str(row.get("text", "")), str(row.get("speaker", "")),
+                       duration_s=duration, source=source)
+    return corpus
 
 
 def read_manifest(path: str | Path) -> Iterator[Utterance]:

@@ -260,9 +260,11 @@ class TrainLoop:
         keep a weights snapshot for averaging."""
         wer, wer_stream = self.evaluate(dev) if self.is_main else (math.nan, math.nan)
         self.progress.epoch += 1
-        record = {"epoch": self.progress.epoch, "loss": round(stats.loss, 4), "dev_wer_greedy": round(wer, 4),
-                  "dev_wer_greedy_streaming": round(wer_stream, 4), "epoch_s": round(time.time() - t0, 1),
-                  "steps": stats.steps, "chunked_batches": stats.chunked_batches, "whole_batches": stats.whole_batches}
+        record = {"epoch": self.progress.epoch, "loss": round(stats.loss, 4)}
+        if not math.isnan(wer_stream):  # without dev data no record speaks of WER
+            record.update(dev_wer_greedy=round(wer, 4), dev_wer_greedy_streaming=round(wer_stream, 4))
+        record.update(epoch_s=round(time.time() - t0, 1), steps=stats.steps, chunked_batches=stats.chunked_batches,
+                      whole_batches=stats.whole_batches)
         if self.world > 1:
             record["workers"] = self.world
         record.update(extra or {})

@@ -163,7 +163,7 @@ def test_read_folder(tmp_path: Path) -> None:
     reasons = {Path(src).name: reason for src, reason in corpus.skipped}
     assert set(reasons) == {"count.flac", "orphan.wav", "broken.wav"}
     assert "unsupported characters" in reasons["count.flac"] and "'3'" in reasons["count.flac"]
-    assert "no transcript" in reasons["orphan.wav"]
+    assert "without transcript" in reasons["orphan.wav"]
     assert "not readable" in reasons["broken.wav"]
     assert read_corpus(tmp_path).utterances == corpus.utterances
 
@@ -217,6 +217,9 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["id"] == "a"
     assert list(read_manifest(path)) == utts
+    assert read_corpus(path).skip_counts() == {"audio file missing": 2}  # a user's manifest is checked (no audio here)
+    write_tone(tmp_path / "a.wav", 1.25)
+    write_tone(tmp_path / "sub" / "c.flac", 0.3333, fmt="FLAC")
     assert read_corpus(path).utterances == utts
 
 
@@ -276,8 +279,8 @@ def test_read_kaldi_data_directories(tmp_path: Path) -> None:
                    "t1": ("stop", "spkC", 0.6)}
     reasons = sorted(reason for _, reason in corpus.skipped)
     assert len(reasons) == 3
-    assert "audio file audio/missing.wav not found" in reasons[0]
-    assert any("'u8' has no line in wav.scp" in r for r in reasons) and any("'t2' has no transcript" in r for r in reasons)
+    assert "audio file missing (audio/missing.wav: not found" in reasons[0]
+    assert any("'u8' has no line in wav.scp" in r for r in reasons) and any("'t2' has no line in text" in r for r in reasons)
     assert all(":" in source for source, _ in corpus.skipped)  # file:line
     one = read_kaldi(root / "test")  # a data directory itself
     assert [u.id for u in one.utterances] == ["t1"]
@@ -335,3 +338,73 @@ def test_speechocean762_dev_speakers_are_whole_test_partition_speakers() -> None
     picked = select_split(utts, config, "dev", None)
     assert {u.speaker for u in picked} == dev and len(picked) == 20 * 20
     assert not {u.speaker for u in select_split(utts, config, "train", None)} & dev
+
+
+# ---- one rule for training input in every layout (issue 29) ----------------------------------
+
+#: The cases every layout gets: (name, transcript, audio: "tone" | "missing" | "empty" | "garbage" | None).
+CASES = [("good", "hello there", "tone"), ("missing", "no audio file", "missing"), ("zero", "zero bytes", "empty"),
+         ("junk", "not audio", "garbage"), ("blank", "   ", "tone"), ("digits", "call 911", "tone")]
+EXPECTED = {"audio file missing": 1, "audio file empty": 1, "audio not readable": 1, "empty transcript": 1,
+            "characters outside the alphabet": 1}
+
+
+def _audio(path: Path, kind: str, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "tone":
+        write_tone(path, 0.5, fmt=fmt)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"this is not audio at all" * 10)
+
+
+def _folder(root: Path) -> Path:
+    for name, text, kind in CASES:
+        _audio(root / f"{name}.wav", kind)
+        (root / f"{name}.txt").write_text(text)
+    write_tone(root / "untranscribed.wav", 0.5)
+    return root
+
+
+def _manifest(root: Path) -> Path:
+    rows = []
+    for name, text, kind in CASES:
+        _audio(root / f"{name}.wav", kind)
+        rows.append(json.dumps({"id": name, "audio": f"{name}.wav", "text": text, "speaker": "s"}))
+    (root / "m.jsonl").write_text("\n".join([*rows, "{not json", json.dumps({"text": "no audio key"})]) + "\n")
+    return root / "m.jsonl"
+
+
+def _librispeech(root: Path) -> Path:
+    chapter = root / "1" / "2"
+    for i, (_, _, kind) in enumerate(CASES):
+        _audio(chapter / f"1-2-{i:04d}.flac", kind, fmt="FLAC")
+    (chapter / "1-2.trans.txt").write_text("".join(f"1-2-{i:04d} {text}\n" for i, (_, text, _) in enumerate(CASES)))
+    write_tone(chapter / "1-2-0099.flac", 0.5, fmt="FLAC")
+    return root
+
+
+def _kaldi(root: Path) -> Path:
+    data = root / "train"
+    data.mkdir(parents=True)
+    for name, _, kind in CASES:
+        _audio(root / "wav" / f"{name}.wav", kind)
+    (data / "wav.scp").write_text("".join(f"{name} wav/{name}.wav\n" for name, _, _ in CASES) + "extra wav/good.wav\n")
+    (data / "text").write_text("".join(f"{name} {text}\n" for name, text, _ in CASES) + "lonely some words\n")
+    return root
+
+
+@pytest.mark.parametrize("layout,extra", [
+    (_folder, {"audio without transcript": 1, "audio file missing": 0, "transcript without audio": 1}),  # a .txt alone
+    (_manifest, {"unusable line": 2}),
+    (_librispeech, {"audio without transcript": 1}),
+    (_kaldi, {"audio without transcript": 1, "transcript without audio": 1}),
+])
+def test_training_input_rule_is_the_same_in_every_layout(tmp_path: Path, layout, extra: dict[str, int]) -> None:
+    """Missing, empty or unreadable audio, an empty transcript, characters outside the alphabet,
+    orphans on either side: skipped and counted by reason, never a traceback; the good one is read."""
+    corpus = read_corpus(layout(tmp_path))
+    assert [u.text for u in corpus.utterances] == ["hello there"]
+    assert corpus.skip_counts() == {k: n for k, n in {**EXPECTED, **extra}.items() if n}
+    assert all(source for source, _ in corpus.skipped)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import jiwer
 import pytest
@@ -58,11 +59,13 @@ def test_run_eval_writes_json(tiny_bundle, small_manifest, tmp_path, capsys):
     args = parser.parse_args([str(manifest), "--decoder", "greedy", "--json", str(out), "--model", str(tiny_bundle)])
     assert run_eval(args, load_config()) == 0
     data = json.loads(out.read_text())
-    assert data["utterances"] == 5 and len(data["failed"]) == 1
+    assert data["utterances"] == 5 and data["failed"] == []  # the reader's rule skipped it, named with its reason:
+    [skip] = data["settings"]["skipped"]
+    assert Path(skip["source"]).name == "m.jsonl:6" and skip["reason"].startswith("audio not readable") and "broken.wav" in skip["reason"]
     for key in ("wer", "cer", "substitutions", "deletions", "insertions", "real_time_factor", "worst"):
         assert key in data
     printed = capsys.readouterr().out
-    assert "WER" in printed and "failed to load" in printed
+    assert "WER" in printed and "1 lines of the corpus skipped" in printed and "broken.wav" in printed
 
 
 def _eval_args(*argv: str) -> argparse.Namespace:

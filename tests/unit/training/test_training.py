@@ -130,3 +130,30 @@ def test_split_with_speechocean_holds_out_whole_speakers_of_every_corpus():
     assert not {u.speaker for u in train} & {u.speaker for u in dev + extra}
     assert sum(u.duration_s for u in train) / 3600 > 5.0  # AN4 + FSDD + speechocean762's other 205 speakers
     assert any(u.audio.endswith(".opus") for u in train)
+
+
+def test_train_input_is_skipped_and_counted_or_strict_stops_it(tmp_path):
+    """`asr train --train FOLDER`: an unusable line is skipped and counted by reason (the run goes on
+    and, with no --dev, no line speaks of WER); with --strict it is one clear error, exit 2."""
+    import numpy as np
+    import soundfile as sf
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, word in enumerate(["yes", "no", "stop", "go"]):
+        sf.write(data / f"u{i}.wav", (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
+        (data / f"u{i}.txt").write_text(word)
+    (data / "empty.wav").write_bytes(b"")
+    (data / "empty.txt").write_text("nothing")
+    strict = subprocess.run(_train_cmd(tmp_path / "strict", "--train", str(data), "--strict"), cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert strict.returncode == 2, strict.stderr[-2000:]
+    assert "1 unusable (1 audio file empty)" in strict.stderr and "empty.wav" in strict.stderr and "Traceback" not in strict.stderr
+    run = subprocess.run(_train_cmd(tmp_path / "lenient", "--train", str(data), "--set", "train.epochs=1"), cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout + run.stderr
+    assert "skipped 1 (1 audio file empty)" in out
+    assert "WER" not in out and "dev_wer" not in out
+    assert (tmp_path / "lenient" / "bundle" / "config.json").is_file()
