@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -35,6 +36,24 @@ from pipeline.config import AppConfig
 from pipeline.serve.protocol import ChunkClock, CloseCode, Reply, VoskConnection, presented_token, token_accepted
 
 app = FastAPI(title="asr serve", description="Streaming speech recognition over the Vosk websocket protocol")
+#: How often a connection waiting for its next frame looks whether the server is draining.
+DRAIN_POLL_S = 0.2
+
+
+@ray.remote(num_cpus=0)
+class DrainFlag:
+    """Set once by ``asr serve`` on SIGTERM / Ctrl-C; every ingress replica waits on it (one
+    pending call each), so all of them drain, however many there are."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    async def wait(self) -> bool:
+        await self._event.wait()
+        return True
+
+    async def set(self) -> None:
+        self._event.set()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000, graceful_shutdown_timeout_s=5)
@@ -47,7 +66,7 @@ class AsrIngress:
     beyond ``max_streams`` is refused."""
 
     def __init__(self, config: AppConfig, actors: Any, max_streams: int, front_door: dict[str, Any] | None = None,
-                 token_digest: str | None = None, idle_timeout_s: float = 0.0) -> None:
+                 token_digest: str | None = None, idle_timeout_s: float = 0.0, drain_flag: Any = None) -> None:
         from pipeline.streaming.session import StreamingPipeline
 
         self.front_door = front_door or {}  # how clients reach this replica ("direct", "proxy_port"), for /stats
@@ -62,6 +81,9 @@ class AsrIngress:
         self.idle_closed = 0
         self.idle_timeout_s = idle_timeout_s  # a connection that sends no audio this long is closed (0: never)
         self._token_digest = token_digest  # SHA-256 of the access token (None: none needed)
+        self.draining = False  # set when asr serve stops: /healthz says 503, connections get their final and 1001
+        if drain_flag is not None:
+            threading.Thread(target=self._wait_for_drain, args=(drain_flag,), daemon=True, name="asr-drain").start()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_streams + 4, thread_name_prefix="asr-conn")
         # The clock predicts model chunks from the audio's duration; with utterances cut by voice
@@ -70,10 +92,19 @@ class AsrIngress:
         self._clock = None if endpointed else functools.partial(
             ChunkClock, actors.chunk_ms, actors.lookahead_ms, actors.frame_ms, actors.feature_span_ms, config.streaming.ingest_chunk_ms)
 
+    def _wait_for_drain(self, drain_flag: Any) -> None:
+        try:
+            ray.get(drain_flag.wait.remote())
+        except Exception:  # the flag's actor is gone: the server is being taken down anyway
+            pass
+        self.draining = True
+
     @app.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
-        """200 once the pipeline is up (this replica exists only then)."""
-        return {"status": "ok", "connections": self.connections, "max_streams": self.max_streams}
+    def healthz(self) -> JSONResponse:
+        """200 once the pipeline is up (this replica exists only then); 503 from the moment the
+        server starts shutting down, so a load balancer sends no new clients."""
+        body = {"status": "draining" if self.draining else "ok", "connections": self.connections, "max_streams": self.max_streams}
+        return JSONResponse(body, status_code=503 if self.draining else 200)
 
     @app.get("/stats")
     def stats(self) -> JSONResponse:
@@ -101,6 +132,11 @@ class AsrIngress:
             admitted = self.connections < self.max_streams
             self.connections += admitted
             self.refused += not admitted
+        if self.draining:
+            with self._lock:
+                self.connections -= admitted
+            await self._send(websocket, Reply({"error": "server shutting down"}, CloseCode.GOING_AWAY))
+            return
         if not admitted:
             await self._send(websocket, Reply({"error": f"server at capacity: {self.max_streams} connections "
                                                    "(streaming.max_streams); try again later"}, CloseCode.TRY_AGAIN_LATER))
@@ -108,16 +144,27 @@ class AsrIngress:
         connection = VoskConnection(self.pipe, self._clock)
         loop = asyncio.get_running_loop()
         last_audio = time.monotonic()
+        receiving: asyncio.Future | None = None
         try:
             while True:
-                try:
-                    message = await asyncio.wait_for(websocket.receive(), self._idle_left(last_audio))
-                except asyncio.TimeoutError:
-                    with self._lock:
-                        self.idle_closed += 1
-                    await self._send(websocket, Reply({"error": f"no audio for {self.idle_timeout_s:g} s (--idle-timeout-s): "
-                                                                "closing this connection"}, CloseCode.POLICY))
+                if self.draining:  # the server is stopping: the final of what was sent, then 1001
+                    if receiving is not None:
+                        receiving.cancel()
+                    await self._send(websocket, await loop.run_in_executor(self._pool, connection.on_shutdown))
                     break
+                if receiving is None:
+                    receiving = asyncio.ensure_future(websocket.receive())
+                done, _ = await asyncio.wait({receiving}, timeout=min(DRAIN_POLL_S, self._idle_left(last_audio) or DRAIN_POLL_S))
+                if not done:
+                    if self._idle_left(last_audio) == 0:
+                        receiving.cancel()
+                        with self._lock:
+                            self.idle_closed += 1
+                        await self._send(websocket, Reply({"error": f"no audio for {self.idle_timeout_s:g} s (--idle-timeout-s): "
+                                                                    "closing this connection"}, CloseCode.POLICY))
+                        break
+                    continue
+                message, receiving = receiving.result(), None
                 if message["type"] == "websocket.disconnect":
                     break
                 if message.get("bytes") is not None:
@@ -131,6 +178,8 @@ class AsrIngress:
         except (WebSocketDisconnect, RuntimeError):  # the client went away mid-reply
             pass
         finally:
+            if receiving is not None and not receiving.done():
+                receiving.cancel()
             # Serve cancels this handler once it sees the client's side of the close (direct
             # ingress does, as soon as the close handshake ends): the stream's state is freed on
             # a pool thread whatever happens here, and the connection always stops counting.

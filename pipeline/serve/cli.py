@@ -34,6 +34,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--replicas", type=int, default=1, help="ingress replicas (front doors; recognition is shared)")
     parser.add_argument("--idle-timeout-s", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
                         help=f"close a connection that sends no audio this long (default {DEFAULT_IDLE_TIMEOUT_S:g}; 0: never)")
+    parser.add_argument("--grace-s", type=float, default=10.0,
+                        help="on SIGTERM / Ctrl-C: /healthz turns 503 at once, and open streams get this long to receive "
+                             "the final of what they sent and a 1001 close (default 10)")
     parser.add_argument("--token", default=None,
                         help=f"clients must present this access token ('Authorization: Bearer TOKEN' or '?token=TOKEN'); "
                              f"default: ${TOKEN_VARIABLE}, else none")
@@ -49,6 +52,7 @@ class Deployment:
     url: str  # where clients connect
     owns_serve: bool  # Serve was started here (take_down shuts it down, not just the app)
     proxy_url: str = ""  # the Serve proxy's address (with direct ingress, a second way in)
+    drain_flag: Any = None  # pipeline.serve.app.DrainFlag: set on shutdown, every replica drains
 
 
 def direct_ingress_environment(port: int) -> dict[str, str]:
@@ -70,7 +74,7 @@ def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOS
     import ray
     from ray import serve
 
-    from pipeline.serve.app import AsrIngress
+    from pipeline.serve.app import AsrIngress, DrainFlag
     from pipeline.streaming.placement import max_stream_count
     from pipeline.streaming.stage_actors import start_stage_actors
 
@@ -81,13 +85,15 @@ def deploy(config: AppConfig, bundle: Any, decoder: Any, host: str = DEFAULT_HOS
     owns_serve = not _serve_running(ray)
     actors = start_stage_actors(config, bundle, decoder)
     proxy_port = _free_port(host) if direct else port
-    deployment = Deployment(actors, max_stream_count(config.streaming), f"ws://{host}:{port}", owns_serve, f"ws://{host}:{proxy_port}")
+    deployment = Deployment(actors, max_stream_count(config.streaming), f"ws://{host}:{port}", owns_serve, f"ws://{host}:{proxy_port}",
+                            DrainFlag.remote())
     try:
         serve.start(http_options={"host": host, "port": proxy_port}, logging_config=_serve_logging(verbose))
         ingress = AsrIngress.options(num_replicas=replicas, logging_config=_serve_logging(verbose))
         front_door = {"direct": direct, "proxy_port": proxy_port}
         digest = token_digest(token) if token else None
-        serve.run(ingress.bind(config, actors, deployment.max_streams, front_door, digest, idle_timeout_s), name=APP_NAME,
+        serve.run(ingress.bind(config, actors, deployment.max_streams, front_door, digest, idle_timeout_s, deployment.drain_flag),
+                  name=APP_NAME,
                   route_prefix="/")
         if direct:
             _wait_for_health(host, port)
@@ -132,6 +138,36 @@ def _wait_for_health(host: str, port: int, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def drain(deployment: Deployment, grace_s: float) -> int:
+    """Stop taking clients and finish the open streams: every replica's ``/healthz`` turns 503,
+    each connection gets the final result of what it sent and a 1001 close. Waits until no
+    connection is left (as ``/healthz`` on the port counts them) or ``grace_s`` passed; returns
+    the connections still open then."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import ray
+
+    ray.get(deployment.drain_flag.set.remote())
+    host_port = deployment.url.split("://", 1)[1]
+    deadline = time.monotonic() + grace_s
+    left = -1
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{host_port}/healthz", timeout=2) as reply:
+                body = reply.read()
+        except urllib.error.HTTPError as exc:  # 503 while draining: its body still counts connections
+            body = exc.read()
+        except OSError:
+            break
+        left = json.loads(body or b"{}").get("connections", 0)
+        if left == 0:
+            return 0
+        time.sleep(0.1)
+    return max(left, 0)
+
+
 def take_down(deployment: Deployment | None) -> None:
     """Remove the app (all of Serve when it was started here), then the stage actors."""
     import ray
@@ -164,6 +200,7 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
     problems = [f"--port must be in 1-65535, got {args.port}"] * (not 1 <= args.port <= 65535)
     problems += [f"--replicas must be >= 1, got {args.replicas}"] * (args.replicas < 1)
     problems += [f"--idle-timeout-s must be >= 0, got {args.idle_timeout_s:g}"] * (not args.idle_timeout_s >= 0)
+    problems += [f"--grace-s must be >= 0, got {args.grace_s:g}"] * (not args.grace_s >= 0)
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
@@ -203,7 +240,10 @@ def run_serve(args: argparse.Namespace, config: AppConfig, stop: threading.Event
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
-        print("stopping", file=sys.stderr, flush=True)
+        print(f"stopping: finishing open streams (up to {args.grace_s:g} s)", file=sys.stderr, flush=True)
+        left = drain(deployment, args.grace_s)
+        if left:
+            print(f"stopping: {left} connections still open after {args.grace_s:g} s; closing them", file=sys.stderr, flush=True)
         return 0
     finally:
         take_down(deployment)

@@ -46,6 +46,7 @@ class CloseCode:
     """Websocket close codes (RFC 6455) the server ends a connection with."""
 
     NORMAL = 1000  # after eof
+    GOING_AWAY = 1001  # the server is shutting down (after the final of what the client sent)
     POLICY = 1008  # a message that is not allowed here (unknown text, config after audio)
     INVALID_DATA = 1007  # malformed JSON, odd-length PCM, a bad sample rate or phrase list
     TOO_BIG = 1009  # a frame over MAX_FRAME_BYTES
@@ -276,6 +277,13 @@ class VoskConnection:
         if len(data) % 2:
             raise ProtocolError(f"binary frame of {len(data)} bytes: 16-bit PCM needs an even number of bytes", CloseCode.INVALID_DATA)
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+    def on_shutdown(self) -> Reply:
+        """The server is stopping: the final result of what was sent, then close 1001."""
+        try:
+            return Reply(self._finish(), CloseCode.GOING_AWAY)
+        except Exception as exc:  # the pipeline lost the stream: still a close that says why
+            return Reply({"error": f"server shutting down; recognition failed: {exc}"}, CloseCode.GOING_AWAY)
 
     def _finish(self) -> dict[str, Any]:
         """End the current stream (if any) and return its final result message."""

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -545,8 +546,8 @@ def test_a_second_server_on_a_port_in_use_fails_clearly(server: Server) -> None:
     assert server.get("/healthz")[0] == 200
 
 
-def test_sigterm_stops_the_server_leaves_no_process_and_frees_the_port_at_once(server: Server, utterances) -> None:
-    """Last in this module: it ends the module's server. Right after, with the connections the
+def test_sigterm_drains_stops_the_server_leaves_no_process_and_frees_the_port_at_once(server: Server, utterances) -> None:
+    """Last in this module: it ends the module's server, draining two clients mid-stream first. Right after, with the connections the
     server closed still holding the port in TIME_WAIT, the port can be listened on again, so a
     restarted ``asr serve`` starts at once: its pre-start check (``_port_in_use``) and its
     replica's listener bind with SO_REUSEADDR, and Linux grants that only when the closed
@@ -558,8 +559,43 @@ def test_sigterm_stops_the_server_leaves_no_process_and_frees_the_port_at_once(s
     transcribe(server.url, pcm[: 16000])  # the server closes this one after eof: TIME_WAIT on its side
     procs = server.descendants()
     assert any("raylet" in " ".join(p.cmdline()) for p in procs if p.is_running())
-    server.proc.send_signal(signal.SIGTERM)
+    # Two clients mid-stream (audio sent, no eof) when SIGTERM comes: each gets the final of what
+    # it sent and a 1001 close, /healthz says 503 at once, and the server is gone in its grace period.
+    streamed = [utterances[1], utterances[2]]
+    ready = threading.Barrier(len(streamed) + 1)
+
+    def client(pcm: np.ndarray) -> tuple[dict, int | None]:
+        with connect(server.url, open_timeout=30) as ws:
+            ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+            for block in blocks(pcm, 16000):
+                ws.send(block.astype("<i2").tobytes())
+                ws.recv(timeout=120)
+            ready.wait(timeout=300)
+            final = json.loads(ws.recv(timeout=60))
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=30)
+            return final, ws.close_code
+
+    with concurrent.futures.ThreadPoolExecutor(len(streamed)) as pool:
+        futures = [pool.submit(client, pcm) for _, pcm in streamed]
+        ready.wait(timeout=300)
+        stopped_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        health = []
+        while time.monotonic() - stopped_at < 10 and 503 not in health:
+            try:
+                health.append(server.get("/healthz")[0])
+            except urllib.error.HTTPError as exc:
+                health.append(exc.code)
+            except OSError:
+                break
+        got = [f.result(timeout=120) for f in futures]
+    for (uid, pcm), (final, code) in zip(streamed, got):
+        assert code == 1001, (uid, code)
+        assert final.get("text") == " ".join(texts(reference(pcm))), (uid, final)
+    assert 503 in health, health
     assert server.proc.wait(90) == 0, "".join(server.stderr)[-3000:]
+    assert time.monotonic() - stopped_at < 10 + 60  # --grace-s (10) and the take-down
     deadline = time.monotonic() + 30
     alive = procs
     while alive and time.monotonic() < deadline:
