@@ -10,15 +10,18 @@ checked only with a trained bundle.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 import torch
@@ -287,3 +290,38 @@ def test_mic_capture_through_virtual_microphone(virtual_mic: dict[str, str], bun
     assert end_s >= max_seconds - 0.2  # all the captured audio went through the pipeline
     if trained:
         assert set(WORDS) <= set(final_text(printed).split()), printed
+
+
+def test_a_killed_stage_actor_puts_no_ray_text_on_stdout(bundle: Path, an4_wav: Path, tmp_path: Path) -> None:
+    """The acoustic actor killed mid-stream under ``stream_mic.py --file`` (paced): Ray restarts it
+    and the stream recovers; the raylet's "A worker died" message that Ray's driver prints goes to
+    the log directory, so stdout holds final lines only, and the script exits 0."""
+    samples, rate = sf.read(an4_wav, dtype="int16")
+    pause = np.zeros(rate, dtype=np.int16)
+    long_wav = tmp_path / "three.wav"
+    sf.write(long_wav, np.concatenate([samples, pause, samples, pause, samples]), rate, subtype="PCM_16")
+    run = _Running(script_args(bundle, "greedy", "--file", str(long_wav)), env=os.environ.copy())
+    try:
+        driver = psutil.Process(run.proc.pid)
+        deadline = time.monotonic() + SCRIPT_TIMEOUT_S
+        actor = None
+        while actor is None and time.monotonic() < deadline and run.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                actor = next((p for p in driver.children(recursive=True) if "AcousticActor" in " ".join(p.cmdline())), None)
+            time.sleep(0.2)
+        assert actor is not None, "".join(run.stderr)[-3000:]
+        while not any(FINAL_LINE.match(line) for line in run.stdout) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the stream is under way: its first utterance is final
+        actor.kill()
+        assert run.wait(SCRIPT_TIMEOUT_S) == 0, "".join(run.stderr)[-3000:]
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+    stdout = "".join(run.stdout)
+    assert [line for line in run.stdout if not FINAL_LINE.match(line.rstrip("\n"))] == [], stdout
+    assert len(final_lines(stdout)) >= 2, stdout  # finals after the crash too
+    assert "raylet" not in stdout and "worker died" not in stdout.lower()
+    ray_line = next(line for line in run.stderr if line.startswith("Ray's"))  # names the log directory
+    log_dir = Path(re.search(r"(/\S+)", ray_line).group(1).rstrip(".,;:)"))
+    errors = log_dir / "driver-raylet-errors.log"  # pipeline.cluster.session.RAYLET_ERRORS_NAME
+    assert errors.is_file() and "died" in errors.read_text().lower(), (ray_line, sorted(p.name for p in log_dir.glob("*"))[:20])
