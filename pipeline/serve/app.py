@@ -70,6 +70,7 @@ class AsrIngress:
         from pipeline.streaming.session import StreamingPipeline
 
         self.front_door = front_door or {}  # how clients reach this replica ("direct", "proxy_port"), for /stats
+        self._bind_internal_grpc_to_node_ip()
         if self.front_door.get("direct"):
             self._set_up_direct_listener()
         self.pipe = StreamingPipeline(config, actors=actors)
@@ -224,6 +225,29 @@ class AsrIngress:
             await websocket.send_text(text)
         if reply.close_code is not None:
             await websocket.close(code=reply.close_code)
+
+    @staticmethod  # (a method, not a module function: Serve pickles the ingress class by value)
+    def _bind_internal_grpc_to_node_ip() -> None:
+        """Ray Serve's replica starts its inter-deployment gRPC server on ``[::]:0``, every
+        interface (``ray/serve/_private/replica.py``, Ray 2.60; no option or variable sets that
+        host, and the server starts after this constructor). Every other Ray socket of a node
+        binds the node's IP address (127.0.0.1 on a Ray that ``asr serve`` starts), so this one
+        is bound there too, the address Ray itself gives this replica's node."""
+        import ray.serve._private.replica as replica_module
+
+        original = replica_module.add_port_to_grpc_server
+        if getattr(original, "node_ip", None):
+            return
+        node_ip = ray.util.get_node_ip_address()
+        host = f"[{node_ip}]" if ":" in node_ip else node_ip
+
+        def on_node_ip(server: Any, address: str) -> int:
+            if address.startswith("[::]:"):
+                address = f"{host}:{address[len('[::]:'):]}"
+            return original(server, address)
+
+        on_node_ip.node_ip = node_ip  # type: ignore[attr-defined]
+        replica_module.add_port_to_grpc_server = on_node_ip
 
     @staticmethod  # (a method, not a module function: Serve pickles the ingress class by value)
     def _set_up_direct_listener() -> None:

@@ -522,6 +522,27 @@ def test_a_connection_that_sends_no_audio_is_closed_after_the_idle_timeout(serve
     assert _settled_stats(server)["idle_closed"] == before + 1
 
 
+def test_every_socket_of_the_server_listens_on_loopback(server: Server) -> None:
+    """``asr serve`` with the default host: no process of the server (the driver, Ray's GCS,
+    raylet and workers, Serve's controller, proxy and replica) listens on another interface."""
+    import ipaddress
+
+    listening = []
+    for p in [psutil.Process(server.proc.pid), *server.descendants()]:
+        with contextlib.suppress(psutil.Error):
+            listening += [(" ".join(p.cmdline())[:60], c.laddr.ip, c.laddr.port)
+                          for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+    def loopback(host: str) -> bool:
+        ip = ipaddress.ip_address(host)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+    assert any(port == server.port for _, _, port in listening), listening
+    exposed = [entry for entry in listening if not loopback(entry[1])]
+    assert not exposed, exposed
+
+
 def test_a_public_host_without_a_token_gets_a_warning() -> None:
     """``--host`` other than loopback and no token: one warning line on stderr at start-up (read,
     then the server is stopped before it needs Ray)."""
