@@ -13,7 +13,7 @@ every message and reply as a Ray call.
 The driver (``asr serve``) starts one set of stage actors (``StageActors``) and deploys the
 ingress with their handles, so ingress replicas only translate the protocol while
 recognition (the batched acoustic model, per-stream state) stays in the shared stage
-actors: the two scale separately. Routes: ``/`` (websocket), ``GET /healthz`` (200 once
+actors: the two scale separately. Routes: ``/`` (websocket; ``GET /``: the live-captions page), ``GET /healthz`` (200 once
 the pipeline answers; for load balancers) and ``GET /stats`` (connections, per-actor
 stream counts and memory).
 """
@@ -21,6 +21,7 @@ stream counts and memory).
 
 import asyncio
 import functools
+import importlib.resources
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.websockets import WebSocketDisconnect
 
@@ -36,6 +37,10 @@ from pipeline.config import AppConfig
 from pipeline.serve.protocol import ChunkClock, CloseCode, Reply, VoskConnection, presented_token, token_accepted
 
 app = FastAPI(title="asr serve", description="Streaming speech recognition over the Vosk websocket protocol")
+#: What the page may load: itself, its inline script and style, its worklet (a blob: URL) and this
+#: server's websocket; nothing from another origin.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline' blob:; style-src 'unsafe-inline'; "
+               "connect-src 'self' ws: wss:; media-src 'self' blob:; img-src 'self' data:")
 #: How often a connection waiting for its next frame looks whether the server is draining.
 DRAIN_POLL_S = 0.2
 
@@ -82,6 +87,7 @@ class AsrIngress:
         self.idle_closed = 0
         self.idle_timeout_s = idle_timeout_s  # a connection that sends no audio this long is closed (0: never)
         self._token_digest = token_digest  # SHA-256 of the access token (None: none needed)
+        self._page = importlib.resources.files("pipeline.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         self.draining = False  # set when asr serve stops: /healthz says 503, connections get their final and 1001
         if drain_flag is not None:
             threading.Thread(target=self._wait_for_drain, args=(drain_flag,), daemon=True, name="asr-drain").start()
@@ -99,6 +105,13 @@ class AsrIngress:
         except Exception:  # the flag's actor is gone: the server is being taken down anyway
             pass
         self.draining = True
+
+    @app.get("/")
+    def page(self) -> HTMLResponse:
+        """The live-captions page (``pipeline/serve/static/index.html``): the microphone or a file,
+        streamed over this server's websocket. Everything it uses comes from here (the policy
+        header forbids anything else)."""
+        return HTMLResponse(self._page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-store"})
 
     @app.get("/healthz")
     def healthz(self) -> JSONResponse:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -567,7 +568,88 @@ def test_a_second_server_on_a_port_in_use_fails_clearly(server: Server) -> None:
     assert server.get("/healthz")[0] == 200
 
 
-def test_sigterm_drains_stops_the_server_leaves_no_process_and_frees_the_port_at_once(server: Server, utterances) -> None:
+# ---- the live-captions page in a real (headless) Chromium ----------------------------------------
+FINALS_JS = "Array.from(document.querySelectorAll('#finals > div')).map(d => d.firstChild.textContent)"
+#: Skipped without chromium, except in CI (.ci/run installs it), where its absence fails the tests.
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"),
+                                    reason="no chromium (Debian: apt-get install chromium)")
+
+
+def _page_wav(tmp_path: Path, pcm: np.ndarray, pause_s: float = 2.0) -> Path:
+    """The utterance and a pause (the fake microphone loops the file: the pause ends each pass)."""
+    import soundfile as sf
+
+    path = tmp_path / "utterance.wav"
+    sf.write(path, np.concatenate([pcm, np.zeros(int(pause_s * 16000), dtype=pcm.dtype)]), 16000, subtype="PCM_16")
+    return path
+
+
+def _only_this_server(requests: list[str], server: Server) -> list[str]:
+    own = (f"http://127.0.0.1:{server.port}/", f"ws://127.0.0.1:{server.port}/", "blob:", "data:", "about:")
+    return [url for url in requests if not url.startswith(own)]
+
+
+@needs_chromium
+def test_the_page_captions_the_microphone_in_chromium(server: Server, utterances, tmp_path: Path) -> None:
+    """``GET /`` with ``?autostart=1``: Chromium's fake microphone plays a held-out AN4 utterance;
+    the first final on the page is the in-process streaming recogniser's text, and the page
+    loads nothing from anywhere but this server."""
+    from browser import Chromium
+
+    uid, pcm = utterances[0]
+    expected = " ".join(texts(reference(pcm)))
+    browser = Chromium(fake_audio=_page_wav(tmp_path, pcm))
+    try:
+        browser.navigate(f"http://127.0.0.1:{server.port}/?token={TOKEN}&autostart=1")
+        finals = browser.wait_for(f"(f => f.length ? f : null)({FINALS_JS})", 120)
+        assert finals[0] == expected, (uid, finals, browser.console)
+        assert _only_this_server(browser.requests, server) == [], browser.requests
+        assert any(url.startswith(f"ws://127.0.0.1:{server.port}/") for url in browser.requests)
+    finally:
+        browser.close()
+
+
+@needs_chromium
+def test_the_page_captions_a_chosen_file_in_chromium(server: Server, utterances, tmp_path: Path) -> None:
+    """The file picker: the browser decodes the file and streams it (lock-step frames, eof); the
+    page's finals are the in-process recogniser's."""
+    from browser import Chromium
+
+    uid, pcm = utterances[1]
+    expected = texts(reference(pcm))
+    browser = Chromium()
+    try:
+        browser.navigate(f"http://127.0.0.1:{server.port}/?token={TOKEN}")
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('file')", 30)
+        browser.set_file("#file", _page_wav(tmp_path, pcm, pause_s=0.0))
+        browser.wait_for("document.getElementById('status').textContent === 'Done.'", 120)
+        assert browser.evaluate(FINALS_JS) == expected, (uid, browser.console)
+        assert _only_this_server(browser.requests, server) == [], browser.requests
+    finally:
+        browser.close()
+
+
+@needs_chromium
+def test_the_page_says_when_the_server_is_full(server: Server, utterances, tmp_path: Path) -> None:
+    """Every slot taken: the page's connection is refused (1013) and the page says so."""
+    from browser import Chromium
+
+    held = [connect(server.url, open_timeout=30) for _ in range(MAX_STREAMS - server.get("/healthz")[1]["connections"])]
+    browser = Chromium(fake_audio=_page_wav(tmp_path, utterances[0][1]))
+    try:
+        for ws in held:
+            ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+        browser.navigate(f"http://127.0.0.1:{server.port}/?token={TOKEN}&autostart=1")
+        status = browser.wait_for("(s => s.includes('full') ? s : null)(document.getElementById('status').textContent)", 60)
+        assert "server is full" in status and browser.evaluate("document.getElementById('status').className") == "error"
+    finally:
+        browser.close()
+        for ws in held:
+            ws.close()
+
+
+def test_sigterm_drains_stops_the_server_leaves_no_process_and_frees_the_port_at_once(server: Server, utterances,
+                                                                                      tmp_path: Path) -> None:
     """Last in this module: it ends the module's server, draining two clients mid-stream first. Right after, with the connections the
     server closed still holding the port in TIME_WAIT, the port can be listened on again, so a
     restarted ``asr serve`` starts at once: its pre-start check (``_port_in_use``) and its
@@ -597,6 +679,13 @@ def test_sigterm_drains_stops_the_server_leaves_no_process_and_frees_the_port_at
                 ws.recv(timeout=30)
             return final, ws.close_code
 
+    page = None
+    if shutil.which("chromium"):  # and the live-captions page, streaming its microphone: it says why it stopped
+        from browser import Chromium
+
+        page = Chromium(fake_audio=_page_wav(tmp_path, utterances[0][1]))
+        page.navigate(f"http://127.0.0.1:{server.port}/?token={TOKEN}&autostart=1")
+        page.wait_for(f"{FINALS_JS}.length > 0", 120)
     with concurrent.futures.ThreadPoolExecutor(len(streamed)) as pool:
         futures = [pool.submit(client, pcm) for _, pcm in streamed]
         ready.wait(timeout=300)
@@ -615,6 +704,12 @@ def test_sigterm_drains_stops_the_server_leaves_no_process_and_frees_the_port_at
         assert code == 1001, (uid, code)
         assert final.get("text") == " ".join(texts(reference(pcm))), (uid, final)
     assert 503 in health, health
+    if page is not None:
+        try:
+            status = page.wait_for("(s => s.includes('shutting down') ? s : null)(document.getElementById('status').textContent)", 30)
+            assert page.evaluate("document.getElementById('status').className") == "error", status
+        finally:
+            page.close()
     assert server.proc.wait(90) == 0, "".join(server.stderr)[-3000:]
     assert time.monotonic() - stopped_at < 10 + 60  # --grace-s (10) and the take-down
     deadline = time.monotonic() + 30
