@@ -634,18 +634,16 @@ def test_the_page_says_when_the_server_is_full(server: Server, utterances, tmp_p
     """Every slot taken: the page's connection is refused (1013) and the page says so."""
     from browser import Chromium
 
-    held = [connect(server.url, open_timeout=30) for _ in range(MAX_STREAMS - server.get("/healthz")[1]["connections"])]
-    browser = Chromium(fake_audio=_page_wav(tmp_path, utterances[0][1]))
-    try:
-        for ws in held:
-            ws.send(json.dumps({"config": {"sample_rate": 16000}}))
-        browser.navigate(f"http://127.0.0.1:{server.port}/?token={TOKEN}&autostart=1")
-        status = browser.wait_for("(s => s.includes('full') ? s : null)(document.getElementById('status').textContent)", 60)
-        assert "server is full" in status and browser.evaluate("document.getElementById('status').className") == "error"
-    finally:
-        browser.close()
-        for ws in held:
-            ws.close()
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_STREAMS - server.get("/healthz")[1]["connections"]):
+            held.enter_context(connect(server.url, open_timeout=30)).send(json.dumps({"config": {"sample_rate": 16000}}))
+        browser = Chromium(fake_audio=_page_wav(tmp_path, utterances[0][1]))
+        try:
+            browser.navigate(f"http://127.0.0.1:{server.port}/?token={TOKEN}&autostart=1")
+            status = browser.wait_for("(s => s.includes('full') ? s : null)(document.getElementById('status').textContent)", 60)
+            assert "server is full" in status and browser.evaluate("document.getElementById('status').className") == "error"
+        finally:
+            browser.close()
 
 
 def test_sigterm_drains_stops_the_server_leaves_no_process_and_frees_the_port_at_once(server: Server, utterances,
