@@ -9,13 +9,13 @@ from pipeline.cluster import session as ray_session
 from pipeline.config import ConfigError, add_words_argument, load_config
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, words: bool = True) -> None:
     parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set decoder.beam_size=64 (repeatable)")
     if not any(a.dest == "model" for a in parser._actions):
         parser.add_argument("--model", default=None, help="model bundle directory (default: the shipped models/default)")
-    if not any(a.dest == "words" for a in parser._actions) and parser.prog.split()[-1] != "train":
+    if words and not any(a.dest == "words" for a in parser._actions):
         add_words_argument(parser)
 
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out data (other speakers than --train), for dev WER and choosing the exported epoch")
     p.add_argument("--strict", action="store_true",
                    help="stop with an error (exit 2) if any line of --train/--dev data is unusable (by default: skipped and counted)")
-    _common(p)
+    _common(p, words=False)
     p = sub.add_parser("bench", help="throughput and latency benchmark (prints JSON)")
     add_bench_arguments(p)
     _common(p)

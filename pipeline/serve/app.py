@@ -142,15 +142,13 @@ class AsrIngress:
             await self._send(websocket, Reply({"error": "unauthorized: this server needs its access token, as "
                                                         "'Authorization: Bearer TOKEN' or '?token=TOKEN'"}, CloseCode.POLICY))
             return
+        if self.draining:
+            await self._send(websocket, Reply({"error": "server shutting down"}, CloseCode.GOING_AWAY))
+            return
         with self._lock:
             admitted = self.connections < self.max_streams
             self.connections += admitted
             self.refused += not admitted
-        if self.draining:
-            with self._lock:
-                self.connections -= admitted
-            await self._send(websocket, Reply({"error": "server shutting down"}, CloseCode.GOING_AWAY))
-            return
         if not admitted:
             await self._send(websocket, Reply({"error": f"server at capacity: {self.max_streams} connections "
                                                    "(streaming.max_streams); try again later"}, CloseCode.TRY_AGAIN_LATER))

@@ -71,11 +71,6 @@ def build_split(config: AppConfig, log=print, train_sources: list[str] | None = 
     return train, dev_sets.get("an4", []) + dev_sets.get("speechocean", []), dev_sets.get("fsdd", [])
 
 
-def dev_sets_of(config: AppConfig, log=print) -> dict[str, list[Utterance]]:
-    """The held-out speakers' utterances of each corpus of ``config.data`` (name -> utterances)."""
-    return _split_sources(config, log, None, None)[1]
-
-
 def _split_sources(config: AppConfig, log, train_sources: list[str] | None,
                    dev_sources: list[str] | None, strict: bool = False) -> tuple[list[Utterance], dict[str, list[Utterance]]]:
     data = config.data

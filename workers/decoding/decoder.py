@@ -64,8 +64,7 @@ class DecoderConfig:
         if self.extra_words:
             if isinstance(self.extra_words, str):
                 raise ValueError(f"decoder.extra_words must be a list of words, got the string {self.extra_words!r}")
-            words = tuple(dict.fromkeys(w for phrase in normalize_phrases(self.extra_words) for w in phrase.split()))
-            object.__setattr__(self, "extra_words", words)
+            object.__setattr__(self, "extra_words", normalize_words(self.extra_words))
         else:
             object.__setattr__(self, "extra_words", ())
         if self.kind not in ("greedy", "beam"):
@@ -174,6 +173,11 @@ def word_confidences(log_probs: Any, words: list[WordTiming], frame_ms: float, o
         best = emissions[first : last + 1, ids].max(axis=0)  # (letters,) log-probs
         out.append(min(1.0, max(0.0, math.exp(float(best.astype(np.float64).mean())))))
     return out
+
+
+def normalize_words(words: Iterable[str]) -> tuple[str, ...]:
+    """The distinct words of ``words`` (each may hold several), checked as ``normalize_phrases`` checks them, in order."""
+    return tuple(dict.fromkeys(w for phrase in normalize_phrases(words) for w in phrase.split()))
 
 
 def normalize_phrases(phrases: Iterable[str]) -> tuple[str, ...]:

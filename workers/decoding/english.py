@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from workers.decoding.decoder import normalize_phrases
+from workers.decoding.decoder import normalize_words
 
 #: Words the token set can spell: letters and apostrophes, starting with a letter.
 _SPELLABLE = re.compile(r"[a-z][a-z']*")
@@ -38,6 +38,6 @@ def read_word_list(path: str) -> tuple[str, ...]:
     if not words:
         raise ValueError(f"{path}: no words")
     try:
-        return tuple(dict.fromkeys(w for phrase in normalize_phrases(words) for w in phrase.split()))
+        return normalize_words(words)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None

@@ -116,7 +116,7 @@ def test_split_with_speechocean_holds_out_whole_speakers_of_every_corpus():
     the dev set that picks the epoch, FSDD's held-out speaker is the extra dev set, and no dev
     speaker has an utterance in train."""
     from pipeline.config import load_config
-    from pipeline.training.run import build_split, dev_sets_of
+    from pipeline.training.run import _split_sources, build_split
 
     ocean = AN4.parent / "speechocean762"
     if not ocean.is_dir():
@@ -124,7 +124,7 @@ def test_split_with_speechocean_holds_out_whole_speakers_of_every_corpus():
     config = load_config(None, [f"data.an4_root={AN4}", f"data.fsdd_root={AN4.parent / 'fsdd'}",
                                 f"data.speechocean_root={ocean}", "data.use_speechocean=true"])
     train, dev, extra = build_split(config, log=lambda _: None)
-    sets = dev_sets_of(config, log=lambda _: None)
+    sets = _split_sources(config, lambda _: None, None, None)[1]  # the dev sets by corpus
     assert {u.speaker for u in sets["speechocean"]} == set(config.data.speechocean_dev_speakers)
     assert len(dev) == len(sets["an4"]) + len(sets["speechocean"]) and len(extra) == len(sets["fsdd"])
     assert not {u.speaker for u in train} & {u.speaker for u in dev + extra}
