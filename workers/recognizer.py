@@ -135,20 +135,30 @@ class Recognizer:
         """(samples,) at the model rate -> features (frames, feature_dim) and speech flags (windows,) or None without VAD."""
         return self.extractor(wave), (self.vad.speech(wave) if self.vad is not None else None)
 
+    def analyse_many(self, waves: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``analyse`` of several recordings, the voice activity detector running over all of
+        them in one batch (``SpeechDetector.speech_many``): the same features and flags."""
+        flags = self.vad.speech_many(waves) if self.vad is not None else [None] * len(waves)
+        return [(self.extractor(w), f) for w, f in zip(waves, flags)]
+
+    def emissions(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A batch of (frames, feature_dim) -> CTC log-probs (frames', num_tokens) per item, in one
+        forward pass (whole utterances, or chunked as this recogniser is)."""
+        return self.acoustic.offline(features, self.chunk_frames, self.right_context_frames)
+
+    def decode(self, emission: torch.Tensor, speech: torch.Tensor | None = None) -> tuple[str, list[WordTiming]]:
+        """(frames, num_tokens) log-probs -> (text, words); with ``speech`` flags (windows,), only spoken words."""
+        hyp = self.decoder.decode(emission)
+        if speech is not None and self.vad is not None:
+            return gate_words(hyp.text, hyp.words, speech, self.vad.config.pad_ms)
+        return hyp.text, hyp.words
+
     def transcribe_features(
         self, features: list[torch.Tensor], speech: list[torch.Tensor | None] | None = None
     ) -> list[tuple[str, list[WordTiming]]]:
         """A batch of (frames, feature_dim) -> (text, words) per item; with ``speech`` flags, only spoken words."""
-        emissions = self.acoustic.offline(features, self.chunk_frames, self.right_context_frames)
-        out = []
-        for i, e in enumerate(emissions):
-            hyp = self.decoder.decode(e)
-            flags = speech[i] if speech is not None else None
-            if flags is not None and self.vad is not None:
-                out.append(gate_words(hyp.text, hyp.words, flags, self.vad.config.pad_ms))
-            else:
-                out.append((hyp.text, hyp.words))
-        return out
+        flags = speech if speech is not None else [None] * len(features)
+        return [self.decode(e, f) for e, f in zip(self.emissions(features), flags)]
 
     def is_long(self, wave: torch.Tensor | int) -> bool:
         """Whether a (samples,) recording, or one of that many samples, is longer than

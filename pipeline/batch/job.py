@@ -3,11 +3,13 @@
 ``asr transcribe INPUT --out OUTDIR`` where INPUT is an audio file, a directory (searched
 recursively for ``workers.data.corpus.AUDIO_SUFFIXES``) or a ``.jsonl`` manifest. Inputs are
 sorted by duration and cut into batches of at most ``--batch-size`` files whose padded audio
-(files x the longest) is at most ``--batch-seconds`` (a longer file is alone); an actor pool
-of ``TranscribeBatch`` UDFs (each holding one ``Recognizer``; one GPU each when the cluster
-has GPUs) reads audio, computes features, runs the acoustic model on the whole batch and
-decodes. A file longer than ``vad.max_segment_s`` is read and recognised piece by piece, so
-a worker's memory does not depend on file length. A batch whose worker process dies (killed
+(files x the longest) is at most ``--batch-seconds`` (a longer file is alone). Each batch
+goes through three Ray Data operators over the same stage code (``pipeline.batch.stages``):
+read + resample + MFCC + voice activity as CPU tasks over all cores, the acoustic model in an
+actor pool (a GPU share each when the cluster has GPUs) over the whole batch, and decoding in a
+CPU actor pool. A file longer than ``vad.max_segment_s`` is read and recognised piece by piece,
+so a worker's memory does not depend on file length. In-process (``--local``) the same three
+stages run one after the other. A batch whose worker process dies (killed
 for memory, crashed) is run again once, then split in halves, round after round, until the
 input that fails is alone and gets an error record: the job always ends.
 
@@ -50,7 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from tqdm import tqdm
@@ -72,11 +73,20 @@ from pipeline.batch.files import (  # noqa: F401  (re-exported: the job's files 
     write_formats,
     write_text_atomic,
 )
+from pipeline.batch.stages import (
+    AcousticRows,
+    DecodeRows,
+    acoustic_items,
+    analyse_paths,
+    analyse_rows,
+    decode_items,
+    transcribe_batch,  # noqa: F401  (re-exported: the stages in-process)
+)
 from pipeline.cluster import session as ray_session
 from pipeline.cluster.session import configure_ray_data_output, connect_ray, ray_log_dir
-from workers.audio.reader import RAW_SUFFIXES, AudioError, RawFormat
+from workers.audio.reader import RawFormat
 from workers.audio.vad import VadConfig
-from workers.decoding.decoder import DecoderConfig, WordTiming
+from workers.decoding.decoder import DecoderConfig
 from workers.model.bundle import load_bundle
 from workers.recognizer import Recognizer
 
@@ -107,103 +117,36 @@ def plan_batches(items: Sequence[InputFile], batch_seconds: float = BATCH_SECOND
     return batches
 
 
-def transcribe_batch(recognizer: Recognizer, paths: Sequence[str], raw_format: RawFormat | None = None) -> list[dict]:
-    """Transcribe ``paths`` with one acoustic forward pass over all readable short ones; a file
-    longer than ``vad.max_segment_s`` is read and recognised piece by piece on its own
-    (``Recognizer.transcribe_reader``), so memory does not grow with its length.
+@dataclass(frozen=True)
+class BatchJob:
+    """What every stage of a job is built from: the recogniser's settings and how raw PCM is read.
+    ``device``: where the acoustic stage runs (the analysis and decode stages run on the CPU)."""
 
-    Returns one record per path, in order; unreadable inputs give error records.
-    """
-    records: list[dict | None] = [None] * len(paths)
-    good: list[tuple[int, Any]] = []
-    for i, path in enumerate(paths):
-        try:
-            fmt = raw_format if Path(path).suffix.lower() in RAW_SUFFIXES else None
-            with recognizer.open(path, fmt) as reader:  # reads the header only
-                if recognizer.is_long(reader.num_samples):
-                    t = recognizer.transcribe_reader(reader)
-                    records[i] = transcript_record(path, t.text, t.duration_s, t.words)
-                else:
-                    good.append((i, recognizer.analyse(reader.read(0, reader.num_samples))))
-        except AudioError as exc:
-            records[i] = error_record(path, exc.reason)
-        except Exception as exc:  # a bug or odd file must cost one input, not the batch
-            records[i] = error_record(path, f"{type(exc).__name__}: {exc}")
-    frame_s = recognizer.bundle.features.frame_ms / 1000
-    for (i, (feats, _)), result in zip(good, _decode_all(recognizer, [analysed for _, analysed in good])):
-        if isinstance(result, str):
-            records[i] = error_record(paths[i], result)
-        else:
-            records[i] = transcript_record(paths[i], result[0], len(feats) * frame_s, result[1])
-    return [r for r in records if r is not None]
+    bundle_path: str | None
+    decoder_config: DecoderConfig | None
+    chunk_ms: float | None
+    lookahead_ms: float
+    device: str
+    raw_format: RawFormat | None = None
+    vad: VadConfig | None = None
+    quantize: str = "none"
+    decode_actors: int = 1
+
+    def recognizer_kwargs(self, device: str) -> dict:
+        """``Recognizer``'s keyword arguments for a stage on ``device``."""
+        return {"bundle": self.bundle_path, "decoder_config": self.decoder_config, "chunk_ms": self.chunk_ms,
+                "lookahead_ms": self.lookahead_ms, "device": device, "vad": self.vad, "quantize": self.quantize}
 
 
-def _decode_all(recognizer: Recognizer, analysed: list[Any]) -> list[tuple[str, list[WordTiming]] | str]:
-    """(features, speech flags) of the whole batch in one forward pass; if that fails, item by
-    item, a failure becoming its reason."""
-    if not analysed:
-        return []
-    try:
-        return list(recognizer.transcribe_features([f for f, _ in analysed], [s for _, s in analysed]))
-    except Exception:  # find the input that broke the batch; the others still get transcribed
-        pass
-    results: list[tuple[str, list[WordTiming]] | str] = []
-    for feats, speech in analysed:
-        try:
-            results.append(recognizer.transcribe_features([feats], [speech])[0])
-        except Exception as exc:  # one input that breaks the model must not lose the others
-            results.append(f"{type(exc).__name__}: {exc}")
-    return results
-
-
-class TranscribeBatch:
-    """Ray Data UDF: ``__init__`` loads the bundle once per actor; ``__call__`` maps a batch of
-    rows ``{"paths": [json list of paths, ...]}`` (each row one planned batch; or the plain
-    ``{"path": [...]}``) to ``{"path": [...], "record": [json line, ...], "actor_s": [...]}``
-    (``actor_s``: the call's wall seconds, shared equally by its items)."""
-
-    def __init__(
-        self,
-        bundle_path: str | None,
-        decoder_config: DecoderConfig | None,
-        chunk_ms: float | None,
-        lookahead_ms: float,
-        device: str,
-        raw_format: RawFormat | None = None,
-        vad: VadConfig | None = None,
-        quantize: str = "none",
-    ) -> None:
-        self.recognizer = Recognizer(bundle_path, decoder_config, chunk_ms, lookahead_ms, device, vad, quantize)
-        self.raw_format = raw_format
-
-    @staticmethod
-    def batch_paths(batch: dict[str, np.ndarray]) -> list[str]:
-        """The input paths of a batch (one row per file, or one row per planned batch)."""
-        if "paths" in batch:
-            return [str(p) for row in batch["paths"] for p in json.loads(row)]
-        return [str(p) for p in batch["path"]]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        paths = self.batch_paths(batch)
-        records = transcribe_batch(self.recognizer, paths, self.raw_format)
-        share_s = (time.perf_counter() - t0) / max(1, len(paths))
-        return {
-            "path": np.array(paths, dtype=object),
-            "record": np.array([json.dumps(r) for r in records], dtype=object),
-            "actor_s": np.full(len(paths), share_s),
-        }
-
-
-def run_in_process(batches: Sequence[Sequence[str]], udf_kwargs: dict, *_: Any) -> Iterator[tuple[str, dict, float]]:
-    """``run_dataset`` without Ray: the same UDF (one ``Recognizer``) called in this process on
-    each batch of paths in turn; yields (path, record, actor_s) as ``run_dataset`` does."""
+def run_in_process(batches: Sequence[Sequence[str]], job: BatchJob, *_: Any) -> Iterator[tuple[str, dict, float]]:
+    """``run_dataset`` without Ray: the same three stages (one ``Recognizer``) called in this
+    process on each batch of paths in turn; yields (path, record, actor_s) as ``run_dataset`` does."""
     with _native_stderr_silenced(not ray_session.VERBOSE):  # flashlight's LM banner, as Ray keeps it in its logs
-        udf = TranscribeBatch(**udf_kwargs)
+        rec = Recognizer(**job.recognizer_kwargs(job.device))
     for paths in batches:
-        out = udf({"paths": np.array([json.dumps(list(paths))], dtype=object)})
-        for path, rec, actor_s in zip(out["path"], out["record"], out["actor_s"]):
-            yield str(path), json.loads(rec), float(actor_s)
+        items = acoustic_items(rec, analyse_paths(rec, paths, job.raw_format), job.raw_format)
+        for item, record in zip(items, decode_items(rec, items)):
+            yield item.path, json.loads(json.dumps(record)), item.stage_s
 
 
 @contextlib.contextmanager
@@ -254,39 +197,55 @@ def acoustic_num_gpus(concurrency: int = 1) -> float:
     return 0.0 if gpus <= 0 else min(1.0, gpus / max(1, concurrency))
 
 
+#: Logical CPUs that an analysis task, a decode actor and an acoustic actor ask of Ray (each
+#: runs one thread): below one, so that on a small machine the actor pools leave room for the
+#: analysis tasks. With an acoustic actor at one CPU, on 2 CPUs a job whose acoustic actor was
+#: killed hung in a trial here (its restart waited for a CPU behind the next job's tasks).
+ANALYSE_TASK_CPUS = 0.25
+DECODE_ACTOR_CPUS = 0.25
+ACOUSTIC_ACTOR_CPUS = 0.5
+
+
 def run_dataset(
-    batches: Sequence[Sequence[str]], udf_kwargs: dict, concurrency: int, num_gpus: float, task_retries: int = TASK_RETRIES
+    batches: Sequence[Sequence[str]], job: BatchJob, concurrency: int, num_gpus: float, task_retries: int = TASK_RETRIES
 ) -> Iterator[tuple[str, dict, float]]:
-    """Run the UDF over ``batches`` of paths (one Ray Data row and task each); yield (path,
+    """Run the three stages over ``batches`` of paths as a Ray Data pipeline (one row per batch):
+    analysis as tasks over all CPUs, the acoustic model in a pool of ``concurrency`` actors
+    (``num_gpus`` each), decoding in a pool of ``job.decode_actors`` CPU actors; yield (path,
     record, actor_s) for the paths of every batch that finished.
 
-    A batch whose worker process died ``1 + task_retries`` times yields nothing and the run goes
-    on: Ray Data replaces a dead actor every time (``max_restarts=-1``; with a bound, a pool
-    of one actor that reached it dropped every later batch in a trial here), runs a task at
-    most ``1 + task_retries`` times (its default is forever), gives an actor one task at a
-    time (so a death fails no other batch) and, with ``max_errored_blocks=-1``, leaves a
-    failed task's batch out instead of failing the run.
-    The caller sees which paths did not come back (``_transcribe_todo`` splits their batches).
-    """
+    A batch whose worker process died ``1 + task_retries`` times in any stage yields nothing
+    and the run goes on: Ray Data runs a task at most ``1 + task_retries`` times (its default
+    is forever), replaces a dead actor every time (``max_restarts=-1``; with a bound, a pool of
+    one actor that reached it dropped every later batch in a trial here), gives an actor one
+    batch at a time (so a death fails no other batch) and, with ``max_errored_blocks=-1``,
+    leaves a failed batch out instead of failing the run. The caller sees which paths did not
+    come back (``_transcribe_todo`` splits their batches)."""
+    for row in build_dataset(batches, job, concurrency, num_gpus, task_retries).iter_rows():
+        yield str(row["path"]), json.loads(row["record"]), float(row["actor_s"])
+
+
+def build_dataset(batches: Sequence[Sequence[str]], job: BatchJob, concurrency: int, num_gpus: float,
+                  task_retries: int = TASK_RETRIES) -> ray.data.Dataset:
+    """The Ray Data pipeline of ``run_dataset``, not yet run. The operators differ in their
+    resources and retry options, so Ray Data does not fuse them into one (tested)."""
     configure_ray_data_output()
     ds = ray.data.from_items([{"paths": json.dumps(list(b))} for b in batches], override_num_blocks=max(1, len(batches)))
     ds.context.max_errored_blocks = -1  # this dataset's own copy of the context
+    cpu_kwargs = job.recognizer_kwargs("cpu")
+    one_at_a_time = {"batch_size": 1, "batch_format": "numpy", "max_restarts": -1, "max_task_retries": task_retries}
     with warnings.catch_warnings():  # Ray 2.60 takes actor options only as these (deprecated) keyword arguments
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        ds = ds.map_batches(
-            TranscribeBatch,
-            fn_constructor_kwargs=udf_kwargs,
-            batch_size=1,  # one planned batch per call
-            batch_format="numpy",
-            # one task at a time per actor: a worker that dies takes only its own batch with it
-            # (with tasks queued behind it, those failed too and used up their retries)
-            compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
-            num_gpus=num_gpus,
-            max_restarts=-1,
-            max_task_retries=task_retries,
-        )
-    for row in ds.iter_rows():
-        yield str(row["path"]), json.loads(row["record"]), float(row["actor_s"])
+        ds = ds.map_batches(analyse_rows, fn_kwargs={"recognizer_kwargs": cpu_kwargs, "raw_format": job.raw_format},
+                            batch_size=1, batch_format="numpy", num_cpus=ANALYSE_TASK_CPUS, max_retries=task_retries)
+        ds = ds.map_batches(AcousticRows, fn_constructor_kwargs={"recognizer_kwargs": job.recognizer_kwargs(job.device),
+                                                                 "raw_format": job.raw_format},
+                            compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
+                            num_gpus=num_gpus, num_cpus=ACOUSTIC_ACTOR_CPUS, **one_at_a_time)
+        ds = ds.map_batches(DecodeRows, fn_constructor_kwargs={"recognizer_kwargs": cpu_kwargs},
+                            compute=ray.data.ActorPoolStrategy(size=job.decode_actors, max_tasks_in_flight_per_actor=1),
+                            num_cpus=DECODE_ACTOR_CPUS, **one_at_a_time)
+    return ds
 
 
 # --------------------------------------------------------------------------- the job
@@ -334,7 +293,7 @@ def _transcribe_todo(
     out_dir: Path,
     rows: dict[str, dict],
     formats: Sequence[str],
-    udf_kwargs: dict,
+    job: BatchJob,
     batch_size: int,
     concurrency: int,
     num_gpus: float,
@@ -376,7 +335,7 @@ def _transcribe_todo(
         pending = [[item.path for item in batch] for batch in plan_batches(todo, batch_seconds, batch_size)]
         while pending:
             done: set[str] = set()
-            for path, rec, actor_s in (runner or run_dataset)(pending, udf_kwargs, concurrency, num_gpus, task_retries):
+            for path, rec, actor_s in (runner or run_dataset)(pending, job, concurrency, num_gpus, task_retries):
                 if path in rels and path not in done:
                     done.add(path)
                     record(path, rec, actor_s)
@@ -493,17 +452,8 @@ def transcribe_inputs(
         else:
             num_gpus = 0.0
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        udf_kwargs = {
-            "bundle_path": bundle,
-            "decoder_config": decoder_config,
-            "chunk_ms": chunk_ms,
-            "lookahead_ms": lookahead_ms,
-            "device": device,
-            "raw_format": raw_format,
-            "vad": vad,
-            "quantize": quantize,
-        }
-        stats = _transcribe_todo(todo, out_dir, rows, formats, udf_kwargs, batch_size, concurrency, num_gpus, settings,
+        job = BatchJob(bundle, decoder_config, chunk_ms, lookahead_ms, device, raw_format, vad, quantize)
+        stats = _transcribe_todo(todo, out_dir, rows, formats, job, batch_size, concurrency, num_gpus, settings,
                                  batch_seconds, task_retries, progress, run_dataset if ran == "ray" else run_in_process)
     _finish(out_dir, rows)
     missing = [item.path for item in items if item.path not in rows]

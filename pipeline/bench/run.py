@@ -45,6 +45,9 @@ from workers.data.corpus import read_corpus
 STAGE_ACTORS = ("ray::IngestActor", "ray::FeatureActor", "ray::AcousticActor", "ray::DecoderActor")
 # Where a push's latency goes: waits/transfers between stages and the time inside each stage
 # (the acoustic span includes waiting for its batch). From the stages' wall-clock stamps.
+# The streaming stages other than the acoustic one: their CPU time per stream-second is what the
+# cost model scales with the cores (pipeline/bench/cost.py).
+HOST_STAGE_ACTORS = ("ray::IngestActor", "ray::FeatureActor", "ray::DecoderActor")
 STAGE_SPANS = ("queue_and_send", "ingest", "to_features", "features", "to_acoustic", "acoustic", "to_decoder", "decoder", "to_driver")
 
 
@@ -95,52 +98,102 @@ def _percentiles(values_ms: list[float]) -> dict:
     return {"p50_ms": round(float(q[0]), 1), "p95_ms": round(float(q[1]), 1), "p99_ms": round(float(q[2]), 1), "n": len(values_ms)}
 
 
-def bench_batch(files: list[str], bundle: str | None, config: AppConfig, concurrency: int) -> dict:
+def measure_stage_costs(files: list[str], rec, batch_size: int = 16, batch_seconds: float | None = None) -> dict:
+    """The batch stages in-process on one thread over ``files`` (planned into batches as a job
+    plans them), each timed: CPU time (``time.thread_time``) of everything but the acoustic
+    forward pass (analysis, search, records as JSON lines) and wall time of the forward pass on
+    ``rec``'s device. Returns per audio second ``host_cpu_ms_per_audio_s``,
+    ``acoustic_ms_per_audio_s``, the analysis broken into load / features / vad (a second pass,
+    timed the same way), ``decode`` and the batch size the acoustic stage saw."""
+    from pipeline.batch.files import collect_inputs
+    from pipeline.batch.job import BATCH_SECONDS, plan_batches
+    from pipeline.batch.stages import acoustic_items, analyse_paths, decode_items
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu_s = dict.fromkeys(("load", "features", "vad", "analyse", "decode"), 0.0)
+    acoustic_s, audio_s, files_in_batches = 0.0, 0.0, []
+    try:
+        batches = [[i.path for i in b] for b in plan_batches(collect_inputs(files), batch_seconds or BATCH_SECONDS, batch_size)]
+        analyse_paths(rec, batches[0][:1])  # warm up: first calls allocate lazily
+        t_loop = time.perf_counter()
+        for paths in batches:
+            t = time.thread_time()
+            items = analyse_paths(rec, paths)
+            cpu_s["analyse"] += time.thread_time() - t
+            t = time.perf_counter()
+            items = acoustic_items(rec, items)
+            acoustic_s += time.perf_counter() - t
+            t = time.thread_time()
+            lines = [json.dumps(r) for r in decode_items(rec, items)]
+            cpu_s["decode"] += time.thread_time() - t
+            audio_s += sum(json.loads(line)["duration_s"] for line in lines)
+            files_in_batches.append(len(paths))
+        loop_wall_s = time.perf_counter() - t_loop
+        for paths in batches:  # the analysis again, its parts timed one by one
+            t = time.thread_time()
+            waves = [rec.load(p) for p in paths]
+            cpu_s["load"] += time.thread_time() - t
+            t = time.thread_time()
+            [rec.extractor(w) for w in waves]
+            cpu_s["features"] += time.thread_time() - t
+            t = time.thread_time()
+            rec.vad.speech_many(waves) if rec.vad is not None else None
+            cpu_s["vad"] += time.thread_time() - t
+    finally:
+        torch.set_num_threads(threads)
+    per_s = {k: round(1000 * v / audio_s, 3) for k, v in cpu_s.items()}
+    return {
+        "audio_s": round(audio_s, 1),
+        "host_cpu_ms_per_audio_s": round(per_s["analyse"] + per_s["decode"], 3),
+        "acoustic_ms_per_audio_s": round(1000 * acoustic_s / audio_s, 3),
+        "acoustic_device": str(rec.device),
+        "acoustic_batch_files_mean": round(float(np.mean(files_in_batches)), 1),
+        "in_process_one_thread_rtfx": round(audio_s / loop_wall_s, 1),  # the same loop's wall time
+        "host_cpu_ms_per_audio_s_by_stage": per_s,  # analyse = load + features + vad (+ reading headers, planning)
+    }
+
+
+def bench_batch(files: list[str], bundle: str | None, config: AppConfig, concurrency: int, predict_cpus: int = 16) -> dict:
+    """Stage costs (``measure_stage_costs``), the cost model's predictions (and how far the one for
+    the measured loop is off), and the same files transcribed end to end in-process (``--local``,
+    all threads) and through Ray Data."""
     from pipeline.batch.job import transcribe_inputs
+    from pipeline.bench import cost
     from workers.recognizer import Recognizer
 
     rec = Recognizer(bundle, config.decoder, vad=config.vad, quantize=config.inference.quantize)
-    stage_s = dict.fromkeys(("load", "features", "vad", "acoustic", "decode"), 0.0)
+    costs = measure_stage_costs(files, rec)
+    audio_s = costs["audio_s"]
+    host, acoustic = costs["host_cpu_ms_per_audio_s"], costs["acoustic_ms_per_audio_s"]
 
-    def timed(stage: str, fn, *args):
-        t = time.perf_counter()
-        out = fn(*args)
-        stage_s[stage] += time.perf_counter() - t
-        return out
+    def job(backend: str) -> tuple[float, dict]:
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            summary = transcribe_inputs(files, out, bundle, config.decoder, concurrency=concurrency, vad=config.vad,
+                                        backend=backend, quantize=config.inference.quantize, progress=False)
+            return time.perf_counter() - t0, summary
 
-    t0 = time.perf_counter()
-    analysed = []
-    for f in files:
-        wave = timed("load", rec.load, f)
-        feats = timed("features", rec.extractor, wave)
-        analysed.append((feats, timed("vad", rec.vad.speech, wave) if rec.vad is not None else None))
-    analysed.sort(key=lambda a: len(a[0]))
-    audio_s = sum(len(f) for f, _ in analysed) * rec.bundle.features.frame_ms / 1000
-    for start in range(0, len(analysed), 16):  # what Recognizer.transcribe_features does, timed per stage
-        emissions = timed("acoustic", rec.acoustic.offline, [f for f, _ in analysed[start : start + 16]])
-        for e in emissions:  # (word gating by the speech flags is negligible and left out)
-            timed("decode", rec.decoder.decode, e)
-    inproc_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
-        summary = transcribe_inputs(files, out, bundle, config.decoder, concurrency=concurrency, vad=config.vad,
-                                    backend="ray", quantize=config.inference.quantize)  # what it measures is the Ray Data job
-        ray_s = time.perf_counter() - t0
+    inproc_s, _ = job("local")
+    ray_s, summary = job("ray")  # what it measures is the Ray Data job (Ray already started)
+    measured_one_thread_rtfx = costs["in_process_one_thread_rtfx"]
+    predicted_one_thread_rtfx = cost.in_process_rtfx(host, acoustic)
     return {
         "files": len(files),
-        "audio_s": round(audio_s, 1),
+        "audio_s": audio_s,
+        **{k: v for k, v in costs.items() if k != "audio_s"},
+        "predict_cpus": predict_cpus,
+        "host_capacity_rtfx": round(cost.host_capacity_rtfx(host, predict_cpus), 1),
+        "predicted_cpu_node_rtfx": round(cost.node_rtfx(host, acoustic, predict_cpus), 1),
+        "predicted_in_process_one_thread_rtfx": round(predicted_one_thread_rtfx, 1),
+        "prediction_error": round(cost.agreement(predicted_one_thread_rtfx, measured_one_thread_rtfx), 3),
         "in_process_s": round(inproc_s, 2),
-        "in_process_rtf": round(inproc_s / audio_s, 4),
         "in_process_rtfx": round(audio_s / inproc_s, 1),
         "in_process_torch_threads": torch.get_num_threads(),
         "in_process_device": str(rec.device),
-        # seconds in each stage and its real-time factor inverse (audio seconds per second): the smallest limits
-        "in_process_stage_s": {k: round(v, 3) for k, v in stage_s.items()},
-        "in_process_stage_rtfx": {k: round(audio_s / v, 1) if v > 0 else None for k, v in stage_s.items()},
         "ray_s": round(ray_s, 2),
-        "ray_rtf": round(ray_s / audio_s, 4),
         "ray_rtfx": round(audio_s / ray_s, 1),
-        "ray_actors": concurrency,
+        "ray_acoustic_actors": concurrency,
         "ray_errors": summary["errors"],
         "ray_vs_in_process_speed": round(inproc_s / ray_s, 3),
         # start-up (worker processes, imports, model loading) is a fixed cost; after it:
@@ -200,9 +253,28 @@ class _CompletionWatcher:
         return time.perf_counter() - t0
 
 
-def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float, rate_hz: int, push_ms: float = 100.0) -> dict:
-    """N real-time streams for ``seconds``; latency from each push to its chain's results."""
+def processes_cpu_s(patterns: tuple[str, ...]) -> float:
+    """CPU seconds (user + system) used so far by the processes whose command line holds a pattern."""
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(p in " ".join(proc.info["cmdline"] or []) for p in patterns):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:  # gone meanwhile
+            pass
+    return total
+
+
+def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float, rate_hz: int, push_ms: float = 100.0,
+                  predict_cpus: int = 16) -> dict:
+    """N real-time streams for ``seconds``; latency from each push to its chain's results, and the
+    CPU time of the stage actors other than the acoustic one per second of one stream (with the
+    streams ``predict_cpus`` cores would carry on it)."""
+    from pipeline.bench import cost
+
     block = int(rate_hz * push_ms / 1000)
+    cpu0 = processes_cpu_s(HOST_STAGE_ACTORS)
     sids = [pipe.open_stream() for _ in range(n_streams)]
     sources = [np.concatenate([waves[(i + k) % len(waves)] for k in range(len(waves))]) for i in range(n_streams)]
     watcher = _CompletionWatcher(pipe)
@@ -221,6 +293,7 @@ def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float,
             pipe.push(sid, src[offset : offset + block], rate_hz)
             watcher.add(pipe.last_push(sid), t_sent)
     drain_s = watcher.finish()
+    stream_cpu_ms = 1000 * (processes_cpu_s(HOST_STAGE_ACTORS) - cpu0) / (n_streams * n_push * push_ms / 1000)
     for sid in sids:
         pipe.close(sid)
     spans = np.array(watcher.breakdowns_ms).reshape(-1, len(STAGE_SPANS))
@@ -228,7 +301,9 @@ def bench_streams(pipe, waves: list[np.ndarray], n_streams: int, seconds: float,
                  for i, name in enumerate(STAGE_SPANS)}
     return {"streams": n_streams, "audio_s_per_stream": seconds, **_percentiles(watcher.latencies_ms),
             "late_pushes": late_pushes, "pushes": n_push * n_streams, "drain_after_audio_s": round(drain_s, 3),
-            "latency_breakdown": breakdown}
+            "latency_breakdown": breakdown, "stream_cpu_ms_per_stream_s": round(stream_cpu_ms, 2),
+            "predicted_streams": cost.streams_sustained(stream_cpu_ms, predict_cpus) if stream_cpu_ms > 0 else None,
+            "predict_cpus": predict_cpus}
 
 
 def bench_long_stream(pipe, waves: list[np.ndarray], minutes: float, rate_hz: int) -> dict:
@@ -304,13 +379,13 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
         with RssSampler() as sampler:
             # The batch job runs alone: on a GPU host the streaming acoustic actor holds the GPU, and the
             # Ray Data actors (which ask for a share of it) would wait for it forever.
-            result["batch"] = bench_batch(files, args.model, config, args.batch_actors)
+            result["batch"] = bench_batch(files, args.model, config, args.batch_actors, args.predict_cpus)
             pipe = StreamingPipeline(config, args.model)
             result["streaming_settings"] = {"chunk_ms": config.streaming.chunk_ms, "lookahead_ms": config.streaming.lookahead_ms,
                                             "push_ms": 100}
             runs = []
             for n in args.streams:
-                r = bench_streams(pipe, waves, n, args.stream_seconds, rate)
+                r = bench_streams(pipe, waves, n, args.stream_seconds, rate, predict_cpus=args.predict_cpus)
                 r["kept_real_time"] = stream_kept_real_time(r, args.max_p95_ms)
                 runs.append(r)
                 print(json.dumps(r), flush=True)
@@ -345,7 +420,8 @@ def stream_kept_real_time(run: dict, max_p95_ms: float) -> bool:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="../shared/data/an4", help="corpus root or manifest to benchmark on")
     parser.add_argument("--seconds", type=float, default=600.0, help="audio seconds for the batch benchmark")
-    parser.add_argument("--batch-actors", type=int, default=2, help="Ray Data actors for the batch benchmark")
+    parser.add_argument("--batch-actors", type=int, default=1, help="acoustic actors of the Ray Data batch job")
+    parser.add_argument("--predict-cpus", type=int, default=16, help="cores of the node the cost model predicts for")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16, 32], help="concurrent stream counts to try")
     parser.add_argument("--stream-seconds", type=float, default=20.0, help="audio seconds per stream per run")
     parser.add_argument("--max-p95-ms", type=float, default=150.0, help="p95 latency bound for 'kept in real time'")

@@ -3,7 +3,7 @@
 Builds a recording of ``--minutes`` from the AN4 dev speakers' utterances (cycled, joined
 with 0.3-0.8 s of silence, seeded), written piece by piece to a temporary headerless
 big-endian ``.raw`` file (as AN4 ships) or ``.wav``; then, in this process, transcribes it
-with the batch UDF (``pipeline.batch.job.TranscribeBatch``, one thread) while a thread samples
+with the batch stages in-process (``pipeline.batch.stages.transcribe_batch``, one thread) while a thread samples
 the resident set size every 20 ms. Prints the RSS when idle (model loaded, one short
 utterance transcribed), the peak during the long file, the difference, the time, and the
 WER of the long file's transcript against the references and against the same utterances
@@ -29,13 +29,14 @@ import psutil
 import soundfile as sf
 import torch
 
-from pipeline.batch.job import TranscribeBatch
+from pipeline.batch.stages import transcribe_batch
 from pipeline.bench.run import RssSampler
 from pipeline.config import load_config
 from workers.audio.reader import RawFormat, load_audio
 from workers.audio.vad import VadConfig
 from workers.data.corpus import read_corpus
 from workers.decoding.decoder import DecoderConfig
+from workers.recognizer import Recognizer
 
 RATE_HZ = 16000
 
@@ -75,25 +76,24 @@ def main() -> None:
     utts = [u for u in read_corpus(args.an4).utterances if u.speaker in dev]
     waves = [load_audio(u.audio).numpy() for u in utts]
     vad = VadConfig(enabled=not args.no_vad)
-    udf = TranscribeBatch(args.model, DecoderConfig(kind="beam"), None, 0.0, "cpu", RawFormat(), vad)
+    rec = Recognizer(args.model, DecoderConfig(kind="beam"), None, 0.0, "cpu", vad)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"long.{args.format}"
         order = build_recording(path, waves, args.minutes)
         short = Path(tmp) / "short.wav"
         sf.write(short, waves[0], RATE_HZ)
-        udf({"path": np.array([str(short)], dtype=object)})  # warm up: first calls allocate lazily
+        transcribe_batch(rec, [str(short)], RawFormat())  # warm up: first calls allocate lazily
         idle = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
         with RssSampler(interval_s=0.02, patterns=()) as peak:  # this process alone
-            out = udf({"path": np.array([str(path)], dtype=object)})
+            (record,) = transcribe_batch(rec, [str(path)], RawFormat())
         wall_s = time.perf_counter() - t0
-    record = json.loads(out["record"][0])
     if record["error"]:
         sys.exit(f"transcription failed: {record['error']}")
     ref = " ".join(utts[i].text for i in order)
     texts = {}
     for i in sorted(set(order)):  # each distinct utterance transcribed as a file of its own
-        texts[i] = udf.recognizer.transcribe_wave(torch.from_numpy(waves[i])).text
+        texts[i] = rec.transcribe_wave(torch.from_numpy(waves[i])).text
     separate = " ".join(texts[i] for i in order)
     figures = {
         "minutes": round(record["duration_s"] / 60, 2), "format": args.format, "vad": not args.no_vad,

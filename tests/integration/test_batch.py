@@ -20,6 +20,7 @@ import torch
 from conftest import NO_VAD
 
 import pipeline.batch.job as batch_mod
+import pipeline.batch.stages as batch_stages
 from pipeline.batch.cli import add_transcribe_arguments, format_summary, run_transcribe
 from pipeline.batch.job import (
     PARTIAL_NAME,
@@ -85,16 +86,16 @@ def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / TRANSCRIPTS_NAME).read_text().splitlines()]
 
 
-CRASH_NAME = "crash_me.raw"  # a batch holding a file of this name kills its worker (CrashingTranscribeBatch)
+CRASH_NAME = "crash_me.raw"  # a batch holding a file of this name kills its acoustic actor (CrashingAcousticRows)
 
 
-class CrashingTranscribeBatch(batch_mod.TranscribeBatch):
-    """The batch UDF with a fault injected: a batch holding a file named ``CRASH_NAME`` makes its
-    worker process exit at once, as a kill for memory would. Shipped to Ray's workers by value
-    (this module is registered with cloudpickle below); the production UDF has no such hook."""
+class CrashingAcousticRows(batch_mod.AcousticRows):
+    """The acoustic stage with a fault injected: a batch holding a file named ``CRASH_NAME`` makes
+    its actor's process exit at once, as a kill for memory would. Shipped to Ray's workers by
+    value (this module is registered with cloudpickle below); the production stage has no such hook."""
 
     def __call__(self, batch):
-        if any(Path(p).name == CRASH_NAME for p in self.batch_paths(batch)):
+        if any(Path(item.path).name == CRASH_NAME for item in batch_stages.unpack(batch)):
             os._exit(1)
         return super().__call__(batch)
 
@@ -286,7 +287,7 @@ BATCH, RETRIES = 2, 0  # the job's defaults are 16 and 1: each extra round or re
 
 
 def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(batch_ray, tiny_bundle, tmp_path, monkeypatch):
-    """A worker process that dies on one input (``CrashingTranscribeBatch`` calls os._exit, as a
+    """A worker process that dies on one input (``CrashingAcousticRows`` calls os._exit, as a
     kill for memory would end it) among real AN4 files: the job ends, that input has an error record,
     every other one is transcribed exactly once and as in-process."""
     good = sorted((AN4 / "wav" / "an4_clstk").rglob("*.raw"))[:7]
@@ -303,7 +304,7 @@ def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(batch_ra
             yield path, record, actor_s
 
     monkeypatch.setattr(batch_mod, "run_dataset", counting)
-    monkeypatch.setattr(batch_mod, "TranscribeBatch", CrashingTranscribeBatch)
+    monkeypatch.setattr(batch_mod, "AcousticRows", CrashingAcousticRows)
     t0 = time.perf_counter()
     summary = transcribe_inputs([str(f) for f in good] + [str(crash)], tmp_path / "out", bundle_path=tiny_bundle,
                                 decoder_config=DecoderConfig(kind="greedy"), vad=NO_VAD, batch_size=BATCH, batch_seconds=1e6,
@@ -320,3 +321,32 @@ def test_a_worker_that_dies_is_retried_boundedly_and_the_input_isolated(batch_ra
     reference = Recognizer(tiny_bundle, DecoderConfig(kind="greedy"), vad=NO_VAD)
     assert [rows[str(f)]["text"] for f in good] == [reference.transcribe_file(f).text for f in good]
     assert wall_s < 150, wall_s
+
+
+def test_staged_ray_job_equals_in_process_on_held_out_speech(batch_ray, tmp_path):
+    """The shipped model, beam + LM, voice activity on, real held-out AN4 speakers plus an
+    unreadable file: the Ray Data stages give the records that ``--local`` gives (text, word
+    times, errors), and the three stages run as three operators (not fused into one UDF)."""
+    from pipeline.batch.job import BatchJob, build_dataset
+    from workers.model.bundle import DEFAULT_BUNDLE
+
+    files = [f for s in ("fbbh", "mtos") for f in sorted((AN4 / "wav" / "an4_clstk" / s).glob("*.raw"))[:5]]
+    if len(files) < 10 or not (DEFAULT_BUNDLE / "weights.pt").is_file():
+        pytest.skip("needs AN4 and the shipped model")
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio\n")
+    inputs = [str(f) for f in files] + [str(bad)]
+    by = {}
+    for backend in ("ray", "local"):
+        summary = transcribe_inputs(inputs, tmp_path / backend, batch_size=4, backend=backend)
+        assert summary["ran"] == ("ray" if backend == "ray" else "in-process")
+        by[backend] = {r["path"]: {k: r[k] for k in ("text", "words", "error", "duration_s")} for r in _rows(tmp_path / backend)}
+    assert by["ray"] == by["local"]
+    assert by["ray"][str(bad)]["error"] and sum(bool(r["words"]) for r in by["ray"].values()) >= 9
+    ds = build_dataset([inputs[:2]], BatchJob(None, None, None, 0.0, "cpu"), 1, 0.0)
+    assert len(list(ds.iter_rows())) == 2
+    stats = ds.stats()
+    for op in ("MapBatches(analyse_rows)", "MapBatches(AcousticRows)", "MapBatches(DecodeRows)"):
+        assert op in stats
+    assert "MapBatches(analyse_rows)->MapBatches(AcousticRows)" not in stats
+    assert "MapBatches(AcousticRows)->MapBatches(DecodeRows)" not in stats

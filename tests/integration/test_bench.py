@@ -31,8 +31,17 @@ def test_bench_prints_every_figure(tmp_path: Path, capsys) -> None:
 
     batch = result["batch"]
     assert batch["files"] >= 3 and batch["audio_s"] >= 8 and batch["ray_errors"] == 0
-    for key in ("in_process_rtf", "ray_rtf", "ray_vs_in_process_speed", "ray_first_row_s", "ray_vs_in_process_speed_after_first_row"):
+    for key in ("in_process_rtfx", "ray_rtfx", "ray_vs_in_process_speed", "ray_first_row_s", "ray_vs_in_process_speed_after_first_row"):
         assert batch[key] > 0, key
+    # the cost model: its stage costs add up to the in-process speed measured on the same run
+    host, acoustic = batch["host_cpu_ms_per_audio_s"], batch["acoustic_ms_per_audio_s"]
+    assert host > 0 and acoustic > 0 and batch["predict_cpus"] == 16
+    by_stage = batch["host_cpu_ms_per_audio_s_by_stage"]
+    assert host == pytest.approx(by_stage["analyse"] + by_stage["decode"], abs=0.01)
+    assert by_stage["load"] + by_stage["features"] + by_stage["vad"] <= by_stage["analyse"] * 1.5
+    assert batch["host_capacity_rtfx"] == pytest.approx(16_000 / host, rel=0.01)
+    assert batch["predicted_in_process_one_thread_rtfx"] == pytest.approx(1000 / (host + acoustic), rel=0.01)
+    assert batch["prediction_error"] <= 0.30, batch
 
     runs = {r["streams"]: r for r in result["streaming"]}
     assert set(runs) == {1, 3}
@@ -43,6 +52,7 @@ def test_bench_prints_every_figure(tmp_path: Path, capsys) -> None:
         assert list(spans) == ["queue_and_send", "ingest", "to_features", "features", "to_acoustic", "acoustic",
                                "to_decoder", "decoder", "to_driver"]
         assert sum(s["p50_ms"] for s in spans.values()) > 0
+        assert run["stream_cpu_ms_per_stream_s"] > 0 and abs(run["predicted_streams"] - 16_000 / run["stream_cpu_ms_per_stream_s"]) <= 1
     for run in runs.values():  # the criterion, recomputed from the run's own figures
         meets = run["p95_ms"] is not None and run["p95_ms"] <= 150.0 and run["late_pushes"] == 0 and run["drain_after_audio_s"] <= 1.0
         assert run["kept_real_time"] == meets

@@ -34,6 +34,18 @@ def _silero() -> torch.jit.ScriptModule:
     return model._model  # the 16 kHz network, whose state is explicit: forward(x, state) -> (prob, state)
 
 
+@lru_cache(maxsize=1)
+def _silero_lstm() -> torch.nn.LSTM:
+    """The LSTM cell of silero's 16 kHz network as a one-layer ``torch.nn.LSTM`` with its weights,
+    so that a sequence of windows runs in one call."""
+    cell = _silero().decoder.rnn
+    lstm = torch.nn.LSTM(cell.weight_ih.shape[1], cell.weight_hh.shape[1], batch_first=True)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(lstm, f"{name}_l0").copy_(getattr(cell, name))
+    return lstm.eval()
+
+
 @dataclass
 class VadState:
     """What one stream carries between chunks: pending samples, 64 samples of context, the LSTM state."""
@@ -64,35 +76,70 @@ class SpeechDetector:
 
     def online_many(self, chunks: list[torch.Tensor], states: list[VadState]) -> list[tuple[torch.Tensor, VadState]]:
         """``online`` for several streams at once: chunk i (samples,) continues the stream of
-        ``states[i]``. The k-th windows of all the streams that have one go through the model
-        as one batch (its state is explicit, one row per stream), so a feature actor pays the
-        model's per-call cost once per window position rather than once per stream per
-        window. Each stream gets what ``online`` alone gives it, up to the float rounding of
-        batched matrix products (~1e-8 in a probability)."""
+        ``states[i]``. Returns per stream the speech probabilities (windows,) of the windows its
+        chunk completed, and its new state.
+
+        silero's network is a per-window encoder (STFT and convolutions, nothing carried
+        between windows) followed by one LSTM cell across windows and a per-window head. So
+        every window of every stream goes through the encoder in one batch, the LSTM runs over
+        each stream's windows in one ``torch.nn.LSTM`` call (its loop in C++, the streams as a
+        packed batch) and the head in one batch: about 0.1 ms of one core per second of audio
+        at batch sizes where calling the network window by window costs 5-15 ms. The
+        probabilities equal the network's own window-by-window ones up to float rounding
+        (~1e-6; tested), so a stream fed in chunks of any size gets those of the whole signal."""
         samples = [torch.cat([s.pending, c.float()]) for c, s in zip(chunks, states)]
         counts = [x.numel() // WINDOW_SAMPLES for x in samples]
-        probs = [torch.empty(n) for n in counts]
-        contexts = [s.context for s in states]
-        hidden = [s.state for s in states]
-        peaks = [s.peak for s in states]
+        inputs, peaks = [], []
+        for x, n, s in zip(samples, counts, states):
+            windows, peak = self._normalised_windows(x[: n * WINDOW_SAMPLES].reshape(n, WINDOW_SAMPLES), s.peak)
+            context = torch.cat([s.context[None], windows[:-1, -self.context_samples :]]) if n else s.context[None, :0]
+            inputs.append(torch.cat([context[:n], windows], dim=1))
+            peaks.append(peak)
+        probs, hidden = self._run(inputs, [s.state for s in states])
+        return [
+            (p, VadState(x[n * WINDOW_SAMPLES :].clone(), (i[-1, -self.context_samples :].clone() if n else s.context), h, peak))
+            for p, x, n, i, s, h, peak in zip(probs, samples, counts, inputs, states, hidden, peaks)
+        ]
+
+    def _normalised_windows(self, windows: torch.Tensor, peak: float) -> tuple[torch.Tensor, float]:
+        """(windows, 512) raw -> the same scaled as the detector hears them (causal level
+        normalisation: window k's gain depends on the running peak of windows 0..k and the
+        stream's ``peak`` before them), and the new running peak."""
+        if not len(windows):
+            return windows, peak
+        running = torch.cummax(windows.abs().amax(dim=1), dim=0).values.clamp(min=peak)
         max_gain = 10.0 ** (self.config.max_gain_db / 20.0)
+        gains = (self.config.target_peak / running.clamp(min=1e-9)).clamp(max=max_gain)
+        return windows * gains[:, None], float(running[-1])
+
+    def _run(self, inputs: list[torch.Tensor], states: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The network over streams' windows: ``inputs[i]`` (windows_i, 576) (64 context samples +
+        one window each), ``states[i]`` (2, 1, 128) the LSTM's (h, c) before them -> speech
+        probabilities (windows_i,) and the state after them, per stream."""
+        counts = [len(x) for x in inputs]
+        probs = [torch.empty(0) for _ in inputs]
+        hidden = list(states)
+        live = [i for i, n in enumerate(counts) if n]
+        if not live:
+            return probs, hidden
         with torch.no_grad():
-            for k in range(max(counts, default=0)):
-                rows = [i for i, n in enumerate(counts) if n > k]
-                windows = []
-                for i in rows:
-                    raw = samples[i][k * WINDOW_SAMPLES : (k + 1) * WINDOW_SAMPLES]
-                    # causal level normalisation: the gain depends on this window and the ones before it only
-                    peaks[i] = max(peaks[i], float(raw.abs().max()))
-                    windows.append(raw * min(max_gain, self.config.target_peak / max(peaks[i], 1e-9)))
-                out, h = self.model(torch.stack([torch.cat([contexts[i], w]) for i, w in zip(rows, windows)]),
-                                    torch.cat([hidden[i] for i in rows], dim=1))
-                for j, (i, w) in enumerate(zip(rows, windows)):
-                    probs[i][k] = out[j, 0]
-                    hidden[i] = h[:, j : j + 1]
-                    contexts[i] = w[-self.context_samples :]
-        return [(p, VadState(x[n * WINDOW_SAMPLES :].clone(), c.clone(), h.clone() if n else h, peak))
-                for p, x, n, c, h, peak in zip(probs, samples, counts, contexts, hidden, peaks)]
+            encoded = self.model.encoder(self.model.run_extractors(torch.cat([inputs[i] for i in live])))[..., 0]  # (N, 128)
+            sequences = torch.split(encoded, [counts[i] for i in live])
+            packed = torch.nn.utils.rnn.pack_sequence(list(sequences), enforce_sorted=False)
+            h0 = torch.cat([states[i][0] for i in live], dim=0)[None]  # (1, streams, 128)
+            c0 = torch.cat([states[i][1] for i in live], dim=0)[None]
+            out, (h_n, c_n) = self._lstm()(packed, (h0, c0))
+            padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)  # (streams, longest, 128)
+            head = self.model.decoder.decoder
+            logits = head(padded.reshape(-1, 128, 1)).reshape(len(live), -1)  # ReLU, 1x1 conv, sigmoid
+        for j, i in enumerate(live):
+            probs[i] = logits[j, : counts[i]].clone()
+            hidden[i] = torch.stack([h_n[0, j : j + 1], c_n[0, j : j + 1]])
+        return probs, hidden
+
+    def _lstm(self) -> torch.nn.LSTM:
+        """silero's LSTM cell as a one-layer ``torch.nn.LSTM`` (the same weights)."""
+        return _silero_lstm()
 
     def probabilities(self, wave: torch.Tensor) -> torch.Tensor:
         """(samples,) at 16 kHz -> (windows,) speech probabilities of the whole signal."""
@@ -101,6 +148,11 @@ class SpeechDetector:
     def speech(self, wave: torch.Tensor) -> torch.Tensor:
         """(samples,) -> (windows,) bool: speech or not."""
         return self.probabilities(wave) > self.config.threshold
+
+    def speech_many(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``speech`` of several whole signals (each (samples,) at 16 kHz) in one batch ->
+        (windows_i,) bool per signal, as ``speech`` gives each alone."""
+        return [p > self.config.threshold for p, _ in self.online_many(waves, [self.initial_state() for _ in waves])]
 
 
 def speech_detector(config: VadConfig, rate_hz: int) -> SpeechDetector | None:

@@ -255,3 +255,39 @@ def test_many_streams_at_once_get_what_each_gets_alone(detector: SpeechDetector,
     assert len(alone[3]) == 0 and len(alone[0]) > 50
     with pytest.raises(ValueError, match="one push per stream"):
         stage.push_many([("s0", waves[0][:512]), ("s0", waves[0][:512])])
+
+
+def _window_by_window(detector: SpeechDetector, wave: torch.Tensor) -> torch.Tensor:
+    """silero's network called once per 32 ms window, as its own streaming API does (the reference
+    the batched path must equal): the level-normalised window after 64 samples of the previous one."""
+    from workers.audio.vad import WINDOW_SAMPLES
+
+    cfg, model = detector.config, detector.model
+    context, state, peak, probs = torch.zeros(detector.context_samples), torch.zeros(2, 1, 128), 0.0, []
+    with torch.no_grad():
+        for k in range(wave.numel() // WINDOW_SAMPLES):
+            raw = wave[k * WINDOW_SAMPLES : (k + 1) * WINDOW_SAMPLES]
+            peak = max(peak, float(raw.abs().max()))
+            window = raw * min(10 ** (cfg.max_gain_db / 20), cfg.target_peak / max(peak, 1e-9))
+            prob, state = model(torch.cat([context, window])[None], state)
+            probs.append(float(prob))
+            context = window[-detector.context_samples :]
+    return torch.tensor(probs)
+
+
+def test_batched_network_equals_the_network_window_by_window(detector: SpeechDetector, speech_waves: list[torch.Tensor]) -> None:
+    """The encoder batched over all windows and the LSTM run as one sequence give silero's own
+    window-by-window probabilities (float rounding only), whole, in 100 ms chunks and for several
+    streams at once (a quiet one among them, so the level normalisation's gain is exercised)."""
+    waves = [*speech_waves[:3], apply_gain(speech_waves[3], -35.0)]
+    expected = [_window_by_window(detector, w) for w in waves]
+    for w, ref in zip(waves, expected):
+        assert torch.allclose(detector.probabilities(w), ref, atol=1e-5)
+        state, parts = detector.initial_state(), []
+        for start in range(0, w.numel(), 1600):
+            probs, state = detector.online(w[start : start + 1600], state)
+            parts.append(probs)
+        assert torch.allclose(torch.cat(parts), ref, atol=1e-5)
+    many = detector.speech_many(waves)
+    assert [m.tolist() for m in many] == [(ref > detector.config.threshold).tolist() for ref in expected]
+    assert detector.speech_many([]) == [] and detector.speech_many([torch.zeros(100)])[0].numel() == 0
