@@ -120,9 +120,18 @@ class Recognizer:
         self.right_context_frames = frames_for_ms(lookahead_ms, frame_ms) if chunk_ms is not None else 0
         self.extractor = MfccExtractor(self.bundle.features, self.bundle.normalizer)
         self.acoustic = AcousticStage(self.bundle.model, self.chunk_frames or 1, self.right_context_frames, self.device)
-        self.decoder = build_decoder(self.bundle, decoder_config or DecoderConfig())
+        self.decoder_config = decoder_config or DecoderConfig()
+        self._decoder: CtcDecoder | None = None
         self.vad_config = vad or VadConfig()
         self.vad = speech_detector(self.vad_config, self.bundle.features.sample_rate_hz)
+
+    @property
+    def decoder(self) -> CtcDecoder:
+        """The CTC search, built on first use (loading its lexicon and LM), so that a recogniser
+        that only reads and analyses audio (the batch job's analysis tasks) never loads them."""
+        if self._decoder is None:
+            self._decoder = build_decoder(self.bundle, self.decoder_config)
+        return self._decoder
 
     def load(self, path: str | Path, raw_format: RawFormat | None = None) -> torch.Tensor:
         """Read a file -> (samples,) at the model rate; ``AudioError`` names the file and the reason."""

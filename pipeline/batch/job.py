@@ -143,6 +143,7 @@ def run_in_process(batches: Sequence[Sequence[str]], job: BatchJob, *_: Any) -> 
     process on each batch of paths in turn; yields (path, record, actor_s) as ``run_dataset`` does."""
     with _native_stderr_silenced(not ray_session.VERBOSE):  # flashlight's LM banner, as Ray keeps it in its logs
         rec = Recognizer(**job.recognizer_kwargs(job.device))
+        _ = rec.decoder  # the lexicon and LM load here (under the silenced stderr), not in the first batch
     for paths in batches:
         items = acoustic_items(rec, analyse_paths(rec, paths, job.raw_format), job.raw_format)
         for item, record in zip(items, decode_items(rec, items)):
@@ -206,6 +207,14 @@ DECODE_ACTOR_CPUS = 0.25
 ACOUSTIC_ACTOR_CPUS = 0.5
 
 
+def analysis_tasks() -> int:
+    """Analysis tasks at once: one per CPU of the cluster but one (the acoustic and decode actors'),
+    at least one. Each task's worker process loads torch and the detector once and is reused; more
+    tasks than cores only start more of those processes (on 2 cores, 8 of them at once delayed a
+    job's first row from 5 to 24 s in a trial here)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+
+
 def run_dataset(
     batches: Sequence[Sequence[str]], job: BatchJob, concurrency: int, num_gpus: float, task_retries: int = TASK_RETRIES
 ) -> Iterator[tuple[str, dict, float]]:
@@ -237,7 +246,8 @@ def build_dataset(batches: Sequence[Sequence[str]], job: BatchJob, concurrency: 
     with warnings.catch_warnings():  # Ray 2.60 takes actor options only as these (deprecated) keyword arguments
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         ds = ds.map_batches(analyse_rows, fn_kwargs={"recognizer_kwargs": cpu_kwargs, "raw_format": job.raw_format},
-                            batch_size=1, batch_format="numpy", num_cpus=ANALYSE_TASK_CPUS, max_retries=task_retries)
+                            batch_size=1, batch_format="numpy", num_cpus=ANALYSE_TASK_CPUS, max_retries=task_retries,
+                            concurrency=analysis_tasks())
         ds = ds.map_batches(AcousticRows, fn_constructor_kwargs={"recognizer_kwargs": job.recognizer_kwargs(job.device),
                                                                  "raw_format": job.raw_format},
                             compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),

@@ -213,6 +213,7 @@ class DecodeRows:
 
     def __init__(self, recognizer_kwargs: dict) -> None:
         self.recognizer = Recognizer(**recognizer_kwargs)
+        _ = self.recognizer.decoder  # load the lexicon and LM now: a bad one fails the actor, not each input
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json

@@ -54,15 +54,27 @@ b = r["batch"]
 print(f"device: {r['device']}  decoder: {r['decoder']['kind']}")
 print(f"batch, {b['files']} files, {b['audio_s']} s of audio:")
 print(f"  in-process ({b['in_process_device']}): RTFx {b['in_process_rtfx']}")
-print("    RTFx per stage (audio s per s in it; the smallest limits):",
-      ", ".join(f"{k} {v}" for k, v in b["in_process_stage_rtfx"].items()))
-print(f"  Ray Data ({b['ray_actors']} actors): RTFx {b['ray_rtfx']} end to end, first row after {b['ray_first_row_s']} s,"
+print(f"  host CPU {b['host_cpu_ms_per_audio_s']} ms per audio s (one thread;",
+      ", ".join(f"{k} {v}" for k, v in b["host_cpu_ms_per_audio_s_by_stage"].items()) + ")")
+print(f"  acoustic {b['acoustic_ms_per_audio_s']} ms per audio s on {b['acoustic_device']} "
+      f"({b['acoustic_batch_files_mean']} files per batch): {1000 / b['acoustic_ms_per_audio_s']:.0f}x on one device")
+print(f"  Ray Data ({b['ray_acoustic_actors']} acoustic actors): RTFx {b['ray_rtfx']} end to end, first row after {b['ray_first_row_s']} s,"
       f" {b['ray_vs_in_process_speed_after_first_row']}x in-process after it; errors {b['ray_errors']}")
+# the cost model (pipeline/bench/cost.py) from those per-second costs, beside what this node measured
+from pipeline.bench import cost  # noqa: E402
+
+cpus = r["cpu_count"]
+predicted = cost.node_rtfx(b["host_cpu_ms_per_audio_s"], b["acoustic_ms_per_audio_s"], cpus, accelerators=1)
+print(f"  cost model for this node ({cpus} cores, 1 GPU): RTFx {predicted:.0f} predicted, {b['ray_rtfx']} measured "
+      f"(after the first row: {b['audio_s'] / max(1e-9, b['ray_after_first_row_s']):.0f}); "
+      f"{cpus} cores alone carry {cost.host_capacity_rtfx(b['host_cpu_ms_per_audio_s'], cpus):.0f}x of host work")
 print(f"streaming ({r['streaming_settings']['chunk_ms']:.0f} + {r['streaming_settings']['lookahead_ms']:.0f} ms, 100 ms pushes):")
 for s in r["streaming"]:
     worst = max(s["latency_breakdown"].items(), key=lambda kv: kv[1]["p95_ms"] or 0)
     print(f"  {s['streams']:4d} streams: push->partial p50 {s['p50_ms']} / p95 {s['p95_ms']} ms, late pushes {s['late_pushes']},"
-          f" drain {s['drain_after_audio_s']} s, kept real time: {s['kept_real_time']}; largest p95 span: {worst[0]} {worst[1]['p95_ms']} ms")
+          f" drain {s['drain_after_audio_s']} s, kept real time: {s['kept_real_time']}; largest p95 span: {worst[0]} {worst[1]['p95_ms']} ms;"
+          f" {s['stream_cpu_ms_per_stream_s']} ms CPU per stream-second outside the acoustic stage:"
+          f" {cost.streams_sustained(s['stream_cpu_ms_per_stream_s'], cpus)} streams predicted on {cpus} cores")
 print(f"max real-time streams: {r['max_realtime_streams']['streams']} ({r['max_realtime_streams']['criterion']})")
 print(f"peak RSS (driver + Ray workers, summed): {r['peak_rss_mb']} MB")
 EOF
