@@ -201,7 +201,7 @@ def acoustic_num_gpus(concurrency: int = 1) -> float:
 #: Logical CPUs that an analysis task, a decode actor and an acoustic actor ask of Ray (each
 #: runs one thread): below one, so that on a small machine the actor pools leave room for the
 #: analysis tasks. With an acoustic actor at one CPU, on 2 CPUs a job whose acoustic actor was
-#: killed hung in a trial here (its restart waited for a CPU behind the next job's tasks).
+#: killed, run after another job in the same Ray, hung in the crash test here; at 0.5 it passes.
 ANALYSE_TASK_CPUS = 0.25
 DECODE_ACTOR_CPUS = 0.25
 ACOUSTIC_ACTOR_CPUS = 0.5
@@ -210,8 +210,8 @@ ACOUSTIC_ACTOR_CPUS = 0.5
 def analysis_tasks() -> int:
     """Analysis tasks at once: one per CPU of the cluster but one (the acoustic and decode actors'),
     at least one. Each task's worker process loads torch and the detector once and is reused; more
-    tasks than cores only start more of those processes (on 2 cores, 8 of them at once delayed a
-    job's first row from 5 to 24 s in a trial here)."""
+    tasks than cores only start more of those processes (on 2 cores, without this bound the AN4
+    bench job's first row came after 24 s, with it after 5.7 s)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
 
 

@@ -19,6 +19,7 @@ its batch goes on.
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.batch.files import error_record, transcript_record
-from workers.audio.reader import RAW_SUFFIXES, AudioError, RawFormat
+from workers.audio.reader import RAW_SUFFIXES, AudioError, AudioReader, RawFormat
 from workers.recognizer import Recognizer
 
 
@@ -65,6 +66,11 @@ def _share_time(items: Sequence[BatchItem], t0: float) -> None:
         item.stage_s += share
 
 
+def _open(rec: Recognizer, path: str, raw_format: RawFormat | None) -> AudioReader:
+    """``path`` opened for reading at the model rate (header only); ``raw_format`` applies to headerless raw PCM files."""
+    return rec.open(path, raw_format if Path(path).suffix.lower() in RAW_SUFFIXES else None)
+
+
 def _each_or_all(fn: Callable[[list], list], inputs: list) -> list:
     """``fn`` over all ``inputs`` at once (one batch); if that raises, over each input alone, an
     exception becoming that input's result."""
@@ -91,8 +97,7 @@ def analyse_paths(rec: Recognizer, paths: Sequence[str], raw_format: RawFormat |
     readable: list[tuple[BatchItem, torch.Tensor]] = []
     for item in items:
         try:
-            fmt = raw_format if Path(item.path).suffix.lower() in RAW_SUFFIXES else None
-            with rec.open(item.path, fmt) as reader:  # reads the header only
+            with _open(rec, item.path, raw_format) as reader:  # reads the header only
                 if rec.is_long(reader.num_samples):
                     item.long = True
                 else:
@@ -127,8 +132,7 @@ def acoustic_items(rec: Recognizer, items: list[BatchItem], raw_format: RawForma
     for item in items:
         if item.long and item.record is None:
             try:
-                fmt = raw_format if Path(item.path).suffix.lower() in RAW_SUFFIXES else None
-                with rec.open(item.path, fmt) as reader:
+                with _open(rec, item.path, raw_format) as reader:
                     t = rec.transcribe_reader(reader)
                 item.record = transcript_record(item.path, t.text, t.duration_s, t.words)
             except Exception as exc:
@@ -190,8 +194,6 @@ def _recognizer(kwargs: dict) -> Recognizer:
 
 def analyse_rows(batch: dict[str, np.ndarray], recognizer_kwargs: dict, raw_format: RawFormat | None = None) -> dict[str, np.ndarray]:
     """Ray Data task: rows ``{"paths": json list}`` -> one row ``{"items": ...}`` (``analyse_paths``)."""
-    import json
-
     paths = [str(p) for row in batch["paths"] for p in json.loads(row)]
     return {"items": pack(analyse_paths(_recognizer(recognizer_kwargs), paths, raw_format))}
 
@@ -216,8 +218,6 @@ class DecodeRows:
         _ = self.recognizer.decoder  # load the lexicon and LM now: a bad one fails the actor, not each input
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import json
-
         items = unpack(batch)
         records = decode_items(self.recognizer, items)
         return {
