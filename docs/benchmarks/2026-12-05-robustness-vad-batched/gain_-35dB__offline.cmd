@@ -1,0 +1,1 @@
++ asr eval ../shared/data/an4 --split dev --decoder beam --model models/default --mode offline --perturb gain_db=-35 --worst 0 --json runs/robustness/vadbatched/gain_-35dB__offline.json

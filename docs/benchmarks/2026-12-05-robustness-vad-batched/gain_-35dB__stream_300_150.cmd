@@ -1,0 +1,1 @@
++ asr eval ../shared/data/an4 --split dev --decoder beam --model models/default --mode streaming --chunk-ms 300 --lookahead-ms 150 --perturb gain_db=-35 --worst 0 --json runs/robustness/vadbatched/gain_-35dB__stream_300_150.json

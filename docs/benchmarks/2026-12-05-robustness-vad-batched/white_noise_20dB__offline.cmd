@@ -1,0 +1,1 @@
++ asr eval ../shared/data/an4 --split dev --decoder beam --model models/default --mode offline --perturb noise_snr_db=20 --worst 0 --json runs/robustness/vadbatched/white_noise_20dB__offline.json
