@@ -15,7 +15,7 @@ from pipeline.batch.files import (
     read_records,
     render,
 )
-from pipeline.batch.job import BATCH_SECONDS, LOCAL_MAX_AUDIO_S, _check_options, transcribe_inputs
+from pipeline.batch.job import BATCH_FILES, BATCH_SECONDS, LOCAL_MAX_AUDIO_S, _check_options, transcribe_inputs
 from pipeline.config import AppConfig, AudioConfig, ConfigError, load_config
 from workers.audio.reader import RawFormat
 from workers.decoding.decoder import DecoderConfig
@@ -60,7 +60,7 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.set_defaults(backend="auto")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs already in transcripts.jsonl")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--batch-size", type=int, default=16, help="files per batch at most")
+    parser.add_argument("--batch-size", type=int, default=BATCH_FILES, help=f"files per batch at most (default {BATCH_FILES})")
     parser.add_argument("--batch-seconds", type=float, default=BATCH_SECONDS,
                         help="padded audio per batch at most: files x the longest, seconds (a longer file is alone)")
     parser.add_argument("--concurrency", type=int, default=1, help="acoustic actors (one GPU each when GPUs exist)")

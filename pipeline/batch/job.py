@@ -90,8 +90,13 @@ from workers.decoding.decoder import DecoderConfig
 from workers.model.bundle import load_bundle
 from workers.recognizer import Recognizer
 
-#: Default bound on a batch's padded audio (its files x the longest of them), seconds.
-BATCH_SECONDS = 120.0
+#: Default bound on a batch's padded audio (its files x the longest of them), seconds, and on its
+#: files. Measured on the 2,374 s AN4 bench job on 2 cores, one thread, `--local` / Ray end to end
+#: (2026-12-05): 16 files / 120 s: 11.1-11.7 / 17.4-17.6 s; 32 / 240 s: 10.1-10.4 / 14.0-14.8 s;
+#: 64 / 480 s: 10.1-10.5 / 12.7-13.5 s; 128 / 960 s: 11.3 / 13.8 s. Fewer, larger batches pay Ray's
+#: per-batch hand-offs fewer times and give a GPU more frames per call.
+BATCH_SECONDS = 480.0
+BATCH_FILES = 64
 #: A batch task whose worker process dies (killed for memory, crashed) is run again at most
 #: this many times by Ray Data; then the batch is split in halves and those are tried.
 TASK_RETRIES = 1
@@ -103,7 +108,7 @@ LOCAL_MAX_AUDIO_S = 300.0
 BACKENDS = ("auto", "local", "ray")
 
 
-def plan_batches(items: Sequence[InputFile], batch_seconds: float = BATCH_SECONDS, batch_size: int = 16) -> list[list[InputFile]]:
+def plan_batches(items: Sequence[InputFile], batch_seconds: float = BATCH_SECONDS, batch_size: int = BATCH_FILES) -> list[list[InputFile]]:
     """Inputs sorted by duration and cut into batches of at most ``batch_size`` files whose padded
     audio (files x the longest of them: what the acoustic model computes on) is at most
     ``batch_seconds``; a file longer than that is alone. Every input is in exactly one batch."""
@@ -394,7 +399,7 @@ def transcribe_inputs(
     lookahead_ms: float = 0,
     overwrite: bool = False,
     formats: Sequence[str] = (),
-    batch_size: int = 16,
+    batch_size: int = BATCH_FILES,
     concurrency: int = 1,
     raw_format: RawFormat | None = None,
     address: str | None = None,

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import AppConfig
 
 
-def measure_stage_costs(files: list[str], rec, batch_size: int = 16, batch_seconds: float | None = None) -> dict:
+def measure_stage_costs(files: list[str], rec, batch_size: int | None = None, batch_seconds: float | None = None) -> dict:
     """The batch stages in-process on one thread over ``files`` (planned into batches as a job
     plans them), each timed: CPU time (``time.thread_time``) of everything but the acoustic
     forward pass (analysis, search, records as JSON lines) and wall time of the forward pass on
@@ -22,7 +22,7 @@ def measure_stage_costs(files: list[str], rec, batch_size: int = 16, batch_secon
     ``acoustic_ms_per_audio_s``, the analysis broken into load / features / vad (a second pass,
     timed the same way), ``decode`` and the batch size the acoustic stage saw."""
     from pipeline.batch.files import collect_inputs
-    from pipeline.batch.job import BATCH_SECONDS, plan_batches
+    from pipeline.batch.job import BATCH_FILES, BATCH_SECONDS, plan_batches
     from pipeline.batch.stages import acoustic_items, analyse_paths, decode_items
 
     threads = torch.get_num_threads()
@@ -30,7 +30,7 @@ def measure_stage_costs(files: list[str], rec, batch_size: int = 16, batch_secon
     cpu_s = dict.fromkeys(("load", "features", "vad", "analyse", "decode"), 0.0)
     acoustic_s, audio_s, files_in_batches = 0.0, 0.0, []
     try:
-        batches = [[i.path for i in b] for b in plan_batches(collect_inputs(files), batch_seconds or BATCH_SECONDS, batch_size)]
+        batches = [[i.path for i in b] for b in plan_batches(collect_inputs(files), batch_seconds or BATCH_SECONDS, batch_size or BATCH_FILES)]
         analyse_paths(rec, batches[0][:1])  # warm up: first calls allocate lazily
         t_loop = time.perf_counter()
         for paths in batches:
