@@ -14,6 +14,18 @@ import torch
 from pipeline.config import AppConfig
 
 
+def first_files(utterances, seconds: float) -> tuple[list[str], float]:
+    """The audio paths of ``utterances`` (``workers.data.corpus.Utterance``) in order, up to the
+    first that brings their duration to ``seconds``; and that duration."""
+    files, total = [], 0.0
+    for u in utterances:
+        if total >= seconds:
+            break
+        files.append(u.audio)
+        total += u.duration_s
+    return files, total
+
+
 def measure_stage_costs(files: list[str], rec, batch_size: int | None = None, batch_seconds: float | None = None) -> dict:
     """The batch stages in-process on one thread over ``files`` (planned into batches as a job
     plans them), each timed: CPU time (``time.thread_time``) of everything but the acoustic

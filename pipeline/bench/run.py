@@ -241,7 +241,7 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
     """``asr bench`` (``--serve``: ``pipeline.bench.serve.run_bench_serve``, dispatched by the CLI)."""
     import dataclasses
 
-    from pipeline.bench.batch import bench_batch
+    from pipeline.bench.batch import bench_batch, first_files
     from pipeline.bench.stream_memory import run_in_subprocess
     from pipeline.cluster.session import ray_log_dir, shutdown_ray, start_local_ray
     from pipeline.streaming import StreamingPipeline
@@ -254,12 +254,7 @@ def run_bench(args: argparse.Namespace, config: AppConfig) -> int:
     if not utts:
         print(f"error: {args.data}: no utterances to benchmark", file=sys.stderr)
         return 2
-    files, total = [], 0.0
-    for u in utts:
-        if total >= args.seconds:
-            break
-        files.append(u.audio)
-        total += u.duration_s
+    files, _ = first_files(utts, args.seconds)
     rate = config.features.sample_rate_hz
     waves = [load_audio(f, rate).numpy() for f in files[:40]]
     result: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from pipeline.batch.job import transcribe_inputs
+from pipeline.bench.batch import first_files
 from pipeline.cluster.session import shutdown_ray, start_local_ray
 from pipeline.config import load_config
 from workers.data.corpus import read_corpus
@@ -26,12 +27,7 @@ def main() -> None:
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     settings = json.loads(sys.argv[4]) if len(sys.argv) > 4 else [[16, 120], [32, 240], [64, 480], [128, 960]]
     config = load_config()
-    files, total = [], 0.0
-    for u in read_corpus(corpus).utterances:
-        if total >= seconds:
-            break
-        files.append(u.audio)
-        total += u.duration_s
+    files, total = first_files(read_corpus(corpus).utterances, seconds)
 
     def run(backend: str, files_per_batch: int, batch_seconds: float) -> tuple[float, dict]:
         with tempfile.TemporaryDirectory() as out:
