@@ -233,6 +233,15 @@ def test_submit_needs_a_command_and_a_reachable_cluster(capsys):
     assert "could not submit" in capsys.readouterr().err
 
 
+def _driver_result(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON a driver printed after ``RESULT `` (Ray's log lines, such as the raylet's
+    "worker processes have been started" warning, reach the driver's stdout at any time, even
+    after the result)."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    return json.loads(lines[0].removeprefix("RESULT "))
+
+
 STREAM_DRIVER = """
 import json, sys
 import numpy as np, ray, soundfile as sf
@@ -270,7 +279,7 @@ while time.time() < deadline and not recorded.get("<lambda>"):
         name = t.func_or_class_name.split(".")[-1] if t.func_or_class_name else ""
         recorded[name] = recorded.get(name, 0) + 1
 calls = {k: v for k, v in recorded.items() if k in ("push_many", "process_many")}
-print(json.dumps({"final": [r.text for r in results if r.is_final], "placed": placed, "stage_calls_recorded": calls,
+print("RESULT " + json.dumps({"final": [r.text for r in results if r.is_final], "placed": placed, "stage_calls_recorded": calls,
                   "probe_recorded": recorded.get("<lambda>", 0)}))
 pipe.shutdown()
 """
@@ -283,7 +292,7 @@ def test_streaming_session_with_actors_on_both_nodes(cluster_runs, tiny_bundle):
 
     proc, wave = cluster_runs["stream"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _driver_result(proc)
     assert out["placed"]["AcousticActor"] == ["node2"], out
     assert out["placed"]["DecoderActor"] == ["head"], out
     assert out["probe_recorded"] >= 1 and out["stage_calls_recorded"] == {}, out
@@ -325,7 +334,7 @@ returncode = server.wait(timeout=120)
 ray.init(address=address)
 stages = ("IngestActor", "FeatureActor", "AcousticActor", "DecoderActor", "ServeReplica:asr:AsrIngress")
 left = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")]) if a.class_name in stages]
-print(json.dumps({"serving": serving, "returncode": returncode, "direct": stats["direct"],
+print("RESULT " + json.dumps({"serving": serving, "returncode": returncode, "direct": stats["direct"],
                   "final": [r["text"] for r in replies if "text" in r], "apps": list(serve.status().applications), "stage_actors_left": left}))
 """
 
@@ -341,7 +350,7 @@ def test_serve_on_the_cluster(cluster_runs, tiny_bundle):
 
     proc, wave = cluster_runs["serve"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _driver_result(proc)
     assert out["serving"].startswith("serving ws://127.0.0.1:"), out
     assert out["returncode"] == 0 and out["direct"] is False, out  # on a cluster: through the proxy
     assert out["apps"] == [] and out["stage_actors_left"] == [], out
