@@ -119,15 +119,19 @@ class DataConfig:
     max_train_utterances: int = 0  # 0: all; a small number makes smoke-test runs
     max_dev_utterances: int = 0
     lm_order: int = 3  # word n-gram order of the LM estimated from the training transcripts
-    # "cmudict": the bundle's lexicon also spells the CMU dictionary's ~125,000 English words, each
+    # "cmudict": the bundle's lexicon also spells the CMU dictionary's English words, each
     # with the LM's unigram floor (workers/decoding/english.py); "": the training words only
     dictionary: str = ""
+    # with "cmudict": keep its N most frequent words (wordfreq); 0: all ~125,000 (about 190 MB per decoder)
+    dictionary_max_words: int = 0
 
     def __post_init__(self) -> None:
         if self.lm_order < 1:
             raise ValueError(f"data.lm_order must be >= 1, got {self.lm_order}")
         if self.dictionary not in ("", "cmudict"):
             raise ValueError(f"data.dictionary must be 'cmudict' or '' (training words only), got {self.dictionary!r}")
+        if self.dictionary_max_words < 0:
+            raise ValueError(f"data.dictionary_max_words must be >= 0 (0: all), got {self.dictionary_max_words}")
         if not (self.use_an4 or self.use_fsdd or self.use_speechocean):
             raise ValueError("data.use_an4, data.use_fsdd and data.use_speechocean are all false: no training data")
 

@@ -109,20 +109,22 @@ def data_info(train: list[Utterance], dev: list[Utterance]) -> dict:
     }
 
 
-def language_model_files(run_dir: Path, texts: list[str], order: int = 3, dictionary: str = "") -> dict:
+def language_model_files(run_dir: Path, texts: list[str], order: int = 3, dictionary: str = "",
+                         dictionary_max_words: int = 0) -> dict:
     """Lexicon and ARPA LM estimated from the training transcripts (cached in the run dir, per order
-    and dictionary); with ``dictionary="cmudict"`` both also hold the CMU dictionary's words, which
-    the LM predicts at its unigram floor."""
+    and dictionary); with ``dictionary="cmudict"`` both also hold the CMU dictionary's words (its
+    ``dictionary_max_words`` most frequent, 0: all), which the LM predicts at its unigram floor."""
     from workers.decoding.lm import build_arpa, vocabulary, write_lexicon
 
     suffix = f"_{dictionary}" if dictionary else ""
+    suffix += f"{dictionary_max_words}" if dictionary and dictionary_max_words else ""
     lexicon, arpa = run_dir / f"lexicon{suffix}.txt", run_dir / f"lm_{order}gram{suffix}.arpa"
     if not (lexicon.is_file() and arpa.is_file()):
         extra: list[str] = []
         if dictionary == "cmudict":
             from workers.decoding.english import dictionary_words
 
-            extra = dictionary_words()
+            extra = dictionary_words(dictionary_max_words)
         write_lexicon(set(vocabulary(texts)) | set(extra), lexicon)
         build_arpa(texts, order=order, path=arpa, vocabulary=extra)
     return {"lexicon_path": lexicon, "lm_path": arpa}
@@ -143,7 +145,8 @@ def run_training(config: AppConfig, run_dir: str | Path, resume: bool = False, e
 
     def extras(_run_dir: Path) -> dict:
         try:
-            return language_model_files(run_dir, texts, config.data.lm_order, config.data.dictionary)
+            return language_model_files(run_dir, texts, config.data.lm_order, config.data.dictionary,
+                                        config.data.dictionary_max_words)
         except Exception as exc:  # the acoustic model is still worth exporting without an LM
             log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
             return {}
@@ -169,7 +172,8 @@ def run_training_distributed(config: AppConfig, run_dir: str | Path, workers: in
     write_manifest(dev, run_dir / "dev.jsonl")
     write_manifest(extra_dev, run_dir / "dev_extra.jsonl")
     try:
-        lm_files = language_model_files(run_dir, [u.text for u in train], config.data.lm_order, config.data.dictionary)
+        lm_files = language_model_files(run_dir, [u.text for u in train], config.data.lm_order, config.data.dictionary,
+                                        config.data.dictionary_max_words)
     except Exception as exc:  # the acoustic model is still worth exporting without an LM
         log(f"warning: no LM/lexicon in the bundle ({type(exc).__name__}: {exc})")
         lm_files = None
@@ -218,12 +222,12 @@ def _run_training(args, config: AppConfig, train_sources: list[str] | None, dev_
 
 
 def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int | None = None, dictionary: str | None = None,
-                    bundle_dir: str | Path | None = None) -> Path:
+                    bundle_dir: str | Path | None = None, dictionary_max_words: int | None = None) -> Path:
     """Re-export ``RUN_DIR/bundle`` (or ``bundle_dir``) to ``out_dir`` with the lexicon, LM and speaker
     lists of the run.
 
-    ``lm_order`` and ``dictionary`` default to ``data.lm_order`` / ``data.dictionary`` of
-    ``configs/default.yaml``.
+    ``lm_order``, ``dictionary`` and ``dictionary_max_words`` default to ``data.lm_order`` /
+    ``data.dictionary`` / ``data.dictionary_max_words`` of ``configs/default.yaml``.
     """
     from workers.data.corpus import read_manifest
     from workers.model.bundle import load_bundle, save_bundle
@@ -234,12 +238,13 @@ def finalize_bundle(run_dir: str | Path, out_dir: str | Path, lm_order: int | No
     names = ("dev.jsonl", "dev_extra.jsonl", "dev_an4.jsonl", "dev_fsdd.jsonl")
     dev = [u for name in names if (run_dir / name).is_file() for u in read_manifest(run_dir / name)]
     bundle = load_bundle(bundle_dir or run_dir / "bundle")
-    if lm_order is None or dictionary is None:
+    if lm_order is None or dictionary is None or dictionary_max_words is None:
         from pipeline.config import load_config
 
         data = load_config().data
         lm_order = data.lm_order if lm_order is None else lm_order
         dictionary = data.dictionary if dictionary is None else dictionary
-    files = language_model_files(run_dir, [u.text for u in train], lm_order, dictionary)
+        dictionary_max_words = data.dictionary_max_words if dictionary_max_words is None else dictionary_max_words
+    files = language_model_files(run_dir, [u.text for u in train], lm_order, dictionary, dictionary_max_words)
     info = {**bundle.info, **data_info(train, dev)}
     return save_bundle(out_dir, bundle.model, bundle.features, bundle.normalizer, info=info, **files)

