@@ -152,7 +152,7 @@ def ray_cli_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProces
         clone = folders["readme"] = folders["readme_one_file"] = root / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
         commands["readme"] = ([*asr, "transcribe", "examples/", "--out", "transcripts/", "--format", "txt", "--ray"], {"cwd": clone})
-        commands["readme_one_file"] = ([*asr, "transcribe", "examples/ex01_yes.wav"], {"cwd": clone})
+        commands["readme_one_file"] = ([*asr, "transcribe", "examples/ex06_five_six_seven_eight.wav"], {"cwd": clone})
     (root / "logs").mkdir()
     done = run_at_once(commands, root / "logs")
     return {name: (done[name], folders[name]) for name in commands}

@@ -19,7 +19,7 @@ from pipeline.cluster.session import DRIVER_STDERR_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-YES = EXAMPLES / "ex01_yes.wav"
+DIGITS = EXAMPLES / "ex06_five_six_seven_eight.wav"
 ENTER = EXAMPLES / "ex03_enter_one_two_three.wav"
 
 
@@ -33,11 +33,11 @@ def test_without_out_prints_path_and_text_per_input_and_errors(capsys, tmp_path,
     monkeypatch.chdir(REPO)
     bad = tmp_path / "empty.wav"
     bad.write_bytes(b"")
-    code, out, err = _run(capsys, str(ENTER.relative_to(REPO)), str(YES.relative_to(REPO)), str(bad))
+    code, out, err = _run(capsys, str(ENTER.relative_to(REPO)), str(DIGITS.relative_to(REPO)), str(bad))
     assert code == 1  # one input failed
     lines = out.splitlines()
     assert lines[0] == "examples/ex03_enter_one_two_three.wav: enter one two three"
-    assert lines[1] == "examples/ex01_yes.wav: yes"
+    assert lines[1] == "examples/ex06_five_six_seven_eight.wav: five six seven eight"
     assert lines[2].startswith(f"{bad}: error: ") and len(lines) == 3
     assert "ran: in-process" in err and "->" not in err  # the summary goes to stderr, names no output file
 
@@ -59,9 +59,9 @@ def test_without_out_prints_the_format(capsys, tmp_path, fmt):
 
 
 def test_without_out_two_srt_inputs_are_headed_and_two_formats_refused(capsys):
-    code, out, _ = _run(capsys, str(ENTER), str(YES), "--format", "srt")
+    code, out, _ = _run(capsys, str(ENTER), str(DIGITS), "--format", "srt")
     assert code == 0
-    assert out.count("==> ") == 2 and f"{ENTER.name} <==\n1\n00:00:00," in out and out.endswith("yes\n")
+    assert out.count("==> ") == 2 and f"{ENTER.name} <==\n1\n00:00:00," in out and out.endswith("five six seven eight\n")
     code, out, err = _run(capsys, str(ENTER), "--format", "txt,srt")
     assert code == 2 and out == "" and "one --format" in err
     code, _, err = _run(capsys, str(ENTER), "--local", "--address", "127.0.0.1:1")
@@ -139,6 +139,6 @@ def test_readme_main_job_on_a_fresh_clone(ray_cli_runs):
     assert (clone / "transcripts" / "ex03_enter_one_two_three.txt").read_text() == "enter one two three\n"
     settings = json.loads((clone / "transcripts" / "transcripts.jsonl").read_text().splitlines()[0])["settings"]
     assert settings["model"] == str(clone / "models" / "default")  # the clone's code and model ran
-    assert one_file.args[3:] == ["transcribe", "examples/ex01_yes.wav"]
+    assert one_file.args[3:] == ["transcribe", "examples/ex06_five_six_seven_eight.wav"]
     assert one_file.returncode == 0, one_file.stderr
-    assert one_file.stdout == "examples/ex01_yes.wav: yes\n"
+    assert one_file.stdout == "examples/ex06_five_six_seven_eight.wav: five six seven eight\n"

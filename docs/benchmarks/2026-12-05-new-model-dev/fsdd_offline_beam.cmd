@@ -1,0 +1,1 @@
++ asr eval ../shared/data/fsdd --split dev --decoder beam --model models/default
