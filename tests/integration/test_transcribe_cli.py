@@ -111,7 +111,7 @@ def test_version_names_package_and_model(capsys):
         main(["--version"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("asr (lcasr) 0.1.0; model: robust3 (") and "trained 2026-11-27" in out
+    assert out.startswith("asr (lcasr) 0.1.0; model: so2pad (") and "trained 2026-12-05" in out
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

@@ -29,9 +29,12 @@ from workers.recognizer import Recognizer, StreamingRecognizer, build_decoder, p
 from workers.stages import PHRASE_DECODER_CACHE, DecoderStage, RecognitionResult, StreamOptions
 
 FRAME_MS = 30.0
-#: Held-out utterances: the first three are recognised exactly by the default decoder; the
-#: others have misrecognised letters ("d a n i e l" -> "t a n i e l", "b y v m" -> "p i v m").
-TEXTS = ("three two seven", "one five two one three", "yes", "d a n i e l", "b y v m eight four", "v a l e")
+#: Held-out utterances: the first three are recognised exactly by the shipped model and the default
+#: decoder; the others have a misrecognised letter ("s m i t h" -> "s m i g h", "j s p s z" ->
+#: "j s p s v", "n e g l e y" -> "m e g l e y").
+TEXTS = ("three two seven", "one five two one three", "yes", "s m i t h", "j s p s z nine six nine", "n e g l e y")
+#: The misrecognised utterance the phrase-list tests correct.
+SPELLED = "j s p s z nine six nine"
 
 needs_model = pytest.mark.skipif(not (DEFAULT_BUNDLE / "weights.pt").is_file(), reason="no shipped model")
 
@@ -251,9 +254,9 @@ def test_word_confidences_on_real_speech(stage: DecoderStage, speech: dict[str, 
         if len(spoken) == len(result.words):
             for said, word in zip(spoken, result.words, strict=True):
                 (right if said == word.word else wrong).append(word.conf)
-    # misrecognised words ("t" for "d", "p i" for "b y", "p" for "v") are on average less certain
+    # misrecognised words ("g" for "t", "v" for "z", "m" for "n") are on average less certain
     assert len(wrong) >= 3 and len(right) >= 10
-    assert sum(wrong) / len(wrong) < sum(right) / len(right) - 0.1, (right, wrong)  # measured 0.79 against 0.95
+    assert sum(wrong) / len(wrong) < sum(right) / len(right) - 0.1, (right, wrong)  # with the model shipped on 2026-12-05: about 0.47 against 0.9
 
 
 @needs_model
@@ -285,7 +288,7 @@ def test_gating_keeps_confidences(bundle: Bundle, speech: dict[str, torch.Tensor
 
 @needs_model
 def test_nbest_alternatives_on_real_speech(stage: DecoderStage, speech: dict[str, torch.Tensor]) -> None:
-    em = speech["b y v m eight four"]
+    em = speech[SPELLED]
     plain = _final(_decode(stage, em))
     assert not plain.alternatives
     results = _decode(stage, em, StreamOptions(max_alternatives=3))
@@ -313,11 +316,11 @@ def test_nbest_alternatives_on_real_speech(stage: DecoderStage, speech: dict[str
 
 @needs_model
 def test_phrase_list_restricts_words(stage: DecoderStage, speech: dict[str, torch.Tensor]) -> None:
-    em = speech["b y v m eight four"]
-    assert _final(_decode(stage, em)).text != "b y v m eight four"  # misrecognised without the list
-    listed = StreamOptions(max_alternatives=2, phrase_list=("B Y", "v m", "eight four", "one two", "[unk]"))
+    em = speech[SPELLED]
+    assert _final(_decode(stage, em)).text != SPELLED  # misrecognised without the list
+    listed = StreamOptions(max_alternatives=2, phrase_list=("J S", "p s z", "nine six nine", "one two", "[unk]"))
     result = _final(_decode(stage, em, listed, stream="listed"))
-    assert result.text == "b y v m eight four"
+    assert result.text == SPELLED
     vocabulary = {w for p in listed.phrase_list for w in p.split()}
     assert all(w.word in vocabulary for a in result.alternatives for w in a.words)
     # a list without the spoken words: only its words come out
@@ -330,9 +333,9 @@ def test_phrase_list_restricts_words(stage: DecoderStage, speech: dict[str, torc
 
 @needs_model
 def test_interleaved_streams_keep_their_own_options(stage: DecoderStage, speech: dict[str, torch.Tensor]) -> None:
-    em = speech["b y v m eight four"]
+    em = speech[SPELLED]
     plain = _final(_decode(stage, em)).text
-    listed = StreamOptions(phrase_list=("b", "y", "v", "m", "eight", "four"))
+    listed = StreamOptions(phrase_list=("j", "s", "p", "z", "nine", "six"))
     results: dict[str, list[RecognitionResult]] = {"plain": [], "listed": []}
     for chunk in em.split(7):
         results["plain"] += stage.push("plain", chunk)
@@ -341,7 +344,7 @@ def test_interleaved_streams_keep_their_own_options(stage: DecoderStage, speech:
     for stream in results:
         results[stream] += stage.push(stream, em[:0], is_last=True)
     assert _final(results["plain"]).text == plain
-    assert _final(results["listed"]).text == "b y v m eight four"
+    assert _final(results["listed"]).text == SPELLED
     assert stage.stream_count == 0 and not stage._options
 
 
@@ -363,14 +366,14 @@ def test_streaming_recognizer_options(bundle: Bundle, an4_root: Path) -> None:
     from workers.audio.reader import load_audio
 
     speakers = set(load_config().data.an4_dev_speakers)
-    utt = next(u for u in read_an4(an4_root).utterances if u.speaker in speakers and u.text == "b y v m eight four")
+    utt = next(u for u in read_an4(an4_root).utterances if u.speaker in speakers and u.text == SPELLED)
     wave = load_audio(utt.audio).numpy().astype(np.float32)
-    options = StreamOptions(max_alternatives=2, phrase_list=("b y v m", "eight four"))
+    options = StreamOptions(max_alternatives=2, phrase_list=("j s p s z", "nine six nine"))
     rec = StreamingRecognizer(bundle, options=options)  # voice activity gating on
     for start in range(0, len(wave), 3200):
         rec.push(wave[start : start + 3200])
     finals = [r for r in rec.finish() if r.is_final]
-    assert [r.text for r in finals] == ["b y v m eight four"]
+    assert [r.text for r in finals] == [SPELLED]
     assert len(finals[0].alternatives) == 2 and all(w.conf is not None for w in finals[0].words)
 
 
@@ -381,15 +384,15 @@ def test_decoder_actor_builds_phrase_decoders_after_init(speech: dict[str, torch
     from pipeline.streaming.placement import read_bundle_files
 
     actor = DecoderActor(read_bundle_files(DEFAULT_BUNDLE), DecoderConfig(), 0.0, NO_VAD)  # bundle dir removed by now
-    em = speech["b y v m eight four"].numpy()
-    options = StreamOptions(max_alternatives=2, phrase_list=("b y v m eight four",))
+    em = speech[SPELLED].numpy()
+    options = StreamOptions(max_alternatives=2, phrase_list=(SPELLED,))
     items = [StageItem("listed", 0, False, em, options=options), StageItem("plain", 0, False, em)]
     items += [StageItem("listed", 1, True, em[:0]), StageItem("plain", 1, True, em[:0])]
     out = actor.push_many(0, items)
     assert all(i.error is None for i in out), [i.error for i in out]
     finals = {i.stream_id: r for i in out for r in i.data if r.is_final}
-    assert finals["listed"].text == "b y v m eight four" and len(finals["listed"].alternatives) >= 1
-    assert finals["plain"].text != "b y v m eight four" and not finals["plain"].alternatives
+    assert finals["listed"].text == SPELLED and len(finals["listed"].alternatives) >= 1
+    assert finals["plain"].text != SPELLED and not finals["plain"].alternatives
     assert actor.stage.stream_count == 0
     # unfit options fail that stream only
     bad = actor.push_many(0, [StageItem("bad", 0, False, em, options={"phrase_list": ["x"]})])
