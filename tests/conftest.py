@@ -20,6 +20,7 @@ from workers.audio.vad import VadConfig
 from workers.features.mfcc import FeatureConfig, Normalizer
 from workers.model.bilstm import BiLSTMCTC, ModelConfig
 from workers.model.bundle import save_bundle
+from workers.model.tokens import TOKEN_TO_ID, TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -32,6 +33,18 @@ NO_VAD = VadConfig(enabled=False)
 #: tests/test_stream_mic.py).
 NOISY = ("core_worker.cc", "Started a local Ray instance", "dashboard", "Loading the LM", "Running Dataset", "token", "Token",
          "WARNING", "ERROR", "Traceback")
+
+
+def emissions(frames: list[str | dict[str, float]], floor: float = 1e-4) -> torch.Tensor:
+    """``(len(frames), 29)`` log-probs: a character puts 1 - floor on its token, a dict
+    gives probabilities; the rest is spread evenly over the other tokens."""
+    probs = torch.zeros(len(frames), len(TOKENS))
+    for t, frame in enumerate(frames):
+        spec = {frame: 1.0} if isinstance(frame, str) else frame
+        for token, p in spec.items():
+            probs[t, TOKEN_TO_ID[token]] = p * (1 - floor)
+        probs[t][probs[t] == 0] = floor / (len(TOKENS) - len(spec))
+    return probs.log()
 
 
 def make_tiny_bundle(path: Path, seed: int = 0, hidden_size: int = 24, with_lm: bool = False) -> Path:

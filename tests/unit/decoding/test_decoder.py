@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import emissions
 
 from workers.decoding.decoder import CtcDecoder, DecoderConfig, Hypothesis, WordTiming, greedy_decode
 from workers.decoding.lm import build_arpa, vocabulary, write_lexicon, write_tokens
@@ -16,18 +17,6 @@ FRAME_MS = 30.0
 BAT_CORPUS = ["the bat sat", "a bat sat on the mat", "the cat sat on the mat", "the bat ate"]
 BET_CORPUS = [s.replace("bat", "bet") for s in BAT_CORPUS]
 WORDS = vocabulary(BAT_CORPUS + BET_CORPUS)
-
-
-def emissions(frames: list[str | dict[str, float]], floor: float = 1e-4) -> torch.Tensor:
-    """``(len(frames), 29)`` log-probs: a character puts 1 - floor on its token, a dict
-    gives probabilities; the rest is spread evenly over the other tokens."""
-    probs = torch.zeros(len(frames), len(TOKENS))
-    for t, frame in enumerate(frames):
-        spec = {frame: 1.0} if isinstance(frame, str) else frame
-        for token, p in spec.items():
-            probs[t, TOKEN_TO_ID[token]] = p * (1 - floor)
-        probs[t][probs[t] == 0] = floor / (len(TOKENS) - len(spec))
-    return probs.log()
 
 
 def noisy(path: str, seed: int) -> torch.Tensor:

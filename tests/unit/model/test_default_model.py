@@ -5,6 +5,7 @@ from __future__ import annotations
 import jiwer
 import pytest
 import torch
+from conftest import emissions
 
 from pipeline.config import load_config
 from workers.data.corpus import read_an4
@@ -57,18 +58,12 @@ def test_streaming_wer_on_held_out_speakers(held_out):
 def _spelled(text: str) -> torch.Tensor:
     """``(frames, 29)`` log-probs that spell ``text`` one character per frame (``|`` between
     words, a blank between repeated letters), 1e-4 spread over the other tokens."""
-    from workers.model.tokens import TOKEN_TO_ID, TOKENS
-
     frames: list[str] = ["-"]
     for char in text.replace(" ", "|"):
         if frames[-1] == char:
             frames.append("-")
         frames.append(char)
-    frames.append("-")
-    probs = torch.full((len(frames), len(TOKENS)), 1e-4 / (len(TOKENS) - 1))
-    for t, char in enumerate(frames):
-        probs[t, TOKEN_TO_ID[char]] = 1 - 1e-4
-    return probs.log()
+    return emissions([*frames, "-"])
 
 
 def test_shipped_vocabulary_is_english_beyond_the_training_texts():
